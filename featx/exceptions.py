@@ -1,0 +1,72 @@
+"""The one error hierarchy of featx.
+
+Every error featx raises on purpose is a :class:`FeatxError`. Subclasses also inherit the
+builtin exception they mean, so ``except ValueError`` keeps working for callers who do not know
+featx. The CLI catches :class:`FeatxError` only: anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+from sklearn.exceptions import NotFittedError
+
+__all__ = [
+    "CacheMismatchError",
+    "FeatxError",
+    "ImageDecodeError",
+    "MissingKeysError",
+    "NotFittedError",
+    "StoreError",
+    "UnknownLayerError",
+    "UnknownModelError",
+    "UnknownPoolingError",
+    "WeightsUnavailableError",
+    "suggest",
+]
+
+
+class FeatxError(Exception):
+    """Base class of every error featx raises on purpose."""
+
+
+class UnknownModelError(FeatxError, ValueError):
+    """A backbone name that is not in the registry."""
+
+
+class UnknownLayerError(FeatxError, ValueError):
+    """A layer alias or node name that the backbone does not have."""
+
+
+class UnknownPoolingError(FeatxError, ValueError):
+    """A pooling method that featx does not implement."""
+
+
+class WeightsUnavailableError(FeatxError, RuntimeError):
+    """Pretrained weights that cannot be loaded (offline, missing package, bad file)."""
+
+
+class ImageDecodeError(FeatxError, ValueError):
+    """An image that cannot be decoded; the message names the file and the reason."""
+
+
+class StoreError(FeatxError, OSError):
+    """A feature store that cannot be read or written."""
+
+
+class CacheMismatchError(FeatxError, ValueError):
+    """A feature store written with another extraction configuration than the one requested."""
+
+
+class MissingKeysError(FeatxError, KeyError):
+    """Rows asked of a feature store that it does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0]) if self.args else ""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
