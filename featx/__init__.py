@@ -1,0 +1,34 @@
+"""featx: small-data image classification with frozen, pretrained CNN features.
+
+Images go once through a frozen ImageNet-pretrained backbone; the chosen layers are pooled to
+vectors, cached, and fed to scikit-learn heads. The public names are imported lazily so that
+``import featx`` (and the torch-free modules such as :mod:`featx.store`) stay cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "extract": "featx.extraction",
+    "list_backbones": "featx.backbones",
+    "list_layers": "featx.backbones",
+    "load_backbone": "featx.backbones",
+    "FeatureStore": "featx.store",
+    "FeatxError": "featx.exceptions",
+}
+
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featx' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,117 @@
+"""Spatial pooling: turn a layer's output into one vector per image.
+
+A 4-D map ``(n, C, H, W)`` becomes ``(n, d)``:
+
+========  =====  =====================================================
+pooling   d      what
+========  =====  =====================================================
+avg       C      global average
+max       C      global maximum
+avgmax    2·C    average and maximum, concatenated
+spp       5·C    spatial pyramid of averages: the whole map (1×1), then
+                 a 2×2 grid (cells in row-major order, channel-major)
+========  =====  =====================================================
+
+A 2-D output ``(n, d)`` (``pre_logits``, ``logits``) passes through unchanged, whatever the pooling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from featx.exceptions import FeatxError, UnknownPoolingError, suggest
+
+__all__ = ["POOLINGS", "check_pooling", "pool", "pooled_dim", "feature_names"]
+
+POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax", "spp")
+
+_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5}
+
+
+def check_pooling(pooling: str) -> str:
+    """Return ``pooling`` if featx knows it, else raise :class:`UnknownPoolingError`.
+
+    Examples
+    --------
+    >>> check_pooling("spp")
+    'spp'
+    """
+    if pooling not in _WIDTH:
+        raise UnknownPoolingError(
+            f"Unknown pooling {pooling!r}: expected one of {', '.join(POOLINGS)}."
+            f"{suggest(pooling, POOLINGS)}"
+        )
+    return pooling
+
+
+def pooled_dim(shape: Sequence[int], pooling: str) -> int:
+    """Length of the pooled vector for a layer whose per-image output has ``shape``.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The output shape of one image, without the batch axis: ``(C, H, W)`` or ``(d,)``.
+    pooling : {"avg", "max", "avgmax", "spp"}
+
+    Examples
+    --------
+    >>> pooled_dim((320, 7, 7), "spp"), pooled_dim((1280,), "spp")
+    (1600, 1280)
+    """
+    check_pooling(pooling)
+    if len(shape) == 1:
+        return int(shape[0])
+    if len(shape) == 3:
+        return int(shape[0]) * _WIDTH[pooling]
+    raise FeatxError(
+        f"Cannot pool a layer output of shape {tuple(shape)}: expected (C, H, W) maps or (d,) "
+        "vectors. Choose a convolutional stage or 'pre_logits'."
+    )
+
+
+def pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool a batch of layer outputs to ``(n, d)`` vectors in the output's dtype.
+
+    Parameters
+    ----------
+    output : torch.Tensor of shape (n, C, H, W) or (n, d)
+    pooling : {"avg", "max", "avgmax", "spp"}
+
+    Returns
+    -------
+    torch.Tensor of shape (n, d)
+
+    Examples
+    --------
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> pool(x, "avgmax").tolist()
+    [[7.5, 15.0]]
+    >>> pool(x, "spp").tolist()
+    [[7.5, 2.5, 4.5, 10.5, 12.5]]
+    """
+    pooled_dim(tuple(output.shape[1:]), pooling)  # validates pooling and rank
+    if output.ndim == 2:
+        return output
+    if pooling == "avg":
+        return output.mean(dim=(2, 3))
+    if pooling == "max":
+        return output.amax(dim=(2, 3))
+    if pooling == "avgmax":
+        return torch.cat([output.mean(dim=(2, 3)), output.amax(dim=(2, 3))], dim=1)
+    grid = F.adaptive_avg_pool2d(output, 2).flatten(1)  # (n, C*4), channel-major
+    return torch.cat([output.mean(dim=(2, 3)), grid], dim=1)
+
+
+def feature_names(layer: str, pooling: str, dim: int) -> list[str]:
+    """Column names ``<layer>_<pooling>_<i>`` for a pooled layer (scikit-learn's feature names).
+
+    Examples
+    --------
+    >>> feature_names("stage4", "avg", 3)
+    ['stage4_avg_0', 'stage4_avg_1', 'stage4_avg_2']
+    """
+    prefix = f"{layer.replace('.', '_')}_{pooling}"
+    return [f"{prefix}_{i}" for i in range(dim)]

@@ -1,0 +1,91 @@
+"""A backbone's preprocessing, split where it is cheapest to run.
+
+Workers turn a decoded PIL image into a ``uint8`` tensor of the crop size (resize the shorter
+side, centre crop); the main process moves the batch to the device and normalises it there, so
+that only a quarter of the bytes cross process and device boundaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["Preprocess"]
+
+_INTERPOLATION = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize, centre-crop and normalisation that a backbone's weights expect.
+
+    Parameters
+    ----------
+    resize : int
+        Length the shorter image side is resized to.
+    crop : int
+        Side of the square centre crop fed to the network.
+    mean, std : tuple of float
+        Per-channel normalisation applied to pixel values scaled to [0, 1].
+    interpolation : {"bilinear", "bicubic", "nearest"}
+
+    Examples
+    --------
+    >>> p = Preprocess(resize=36, crop=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    >>> t = p.to_tensor(Image.new("RGB", (64, 48)))
+    >>> tuple(t.shape), t.dtype
+    ((3, 32, 32), torch.uint8)
+    >>> p.normalize(t[None]).shape
+    torch.Size([1, 3, 32, 32])
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_crop_pct(cls, crop: int, crop_pct: float, **kwargs) -> Preprocess:
+        """Build from timm's convention: resize to ``floor(crop / crop_pct)``."""
+        return cls(resize=int(math.floor(crop / crop_pct)), crop=crop, **kwargs)
+
+    def describe(self) -> dict:
+        """Plain-JSON description, recorded in the feature store's configuration."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """Smallest size a JPEG may be decoded at without losing what the resize keeps."""
+        return (self.resize, self.resize)
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """Resize the shorter side, centre-crop, return ``uint8`` of shape (3, crop, crop)."""
+        # Same arithmetic as torchvision's Resize(int) and CenterCrop, so features match theirs.
+        width, height = image.size
+        if width <= height:
+            size = (self.resize, int(self.resize * height / width))
+        else:
+            size = (int(self.resize * width / height), self.resize)
+        if size != image.size:
+            image = image.resize(size, _INTERPOLATION[self.interpolation])
+        left = int(round((size[0] - self.crop) / 2.0))
+        top = int(round((size[1] - self.crop) / 2.0))
+        image = image.crop((left, top, left + self.crop, top + self.crop))
+        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Scale a ``uint8`` batch (n, 3, H, W) to [0, 1] and normalise, on the batch's device."""
+        mean = torch.tensor(self.mean, device=batch.device, dtype=dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=batch.device, dtype=dtype).view(1, -1, 1, 1)
+        return (batch.to(dtype) / 255.0 - mean) / std

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from featx.exceptions import FeatxError, UnknownPoolingError
+from featx.pooling import POOLINGS, feature_names, pool, pooled_dim
+
+
+def test_pool_values_on_known_map():
+    """Check that each pooling computes the documented statistics on a known map."""
+    x = torch.arange(32.0).reshape(1, 2, 4, 4)
+    assert pool(x, "avg").tolist() == [[7.5, 23.5]]
+    assert pool(x, "max").tolist() == [[15.0, 31.0]]
+    assert pool(x, "avgmax").tolist() == [[7.5, 23.5, 15.0, 31.0]]
+    spp = pool(x, "spp")[0].tolist()
+    assert spp[:2] == [7.5, 23.5]
+    assert spp[2:6] == [2.5, 4.5, 10.5, 12.5]  # channel 0, 2×2 cells in row-major order
+    assert spp[6:] == [18.5, 20.5, 26.5, 28.5]
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pool_width_matches_pooled_dim(pooling):
+    """Check that pooled widths match pooled_dim for maps, odd sizes and vectors."""
+    for shape in [(3, 7, 5), (4, 1, 1), (6,)]:
+        out = pool(torch.randn(2, *shape), pooling)
+        assert out.shape == (2, pooled_dim(shape, pooling))
+
+
+def test_pool_vectors_pass_through():
+    """Check that 2-D outputs are returned unchanged whatever the pooling."""
+    x = torch.randn(3, 5)
+    for pooling in POOLINGS:
+        assert torch.equal(pool(x, pooling), x)
+
+
+def test_pool_unknown_pooling_suggests():
+    """Check that an unknown pooling names the valid ones and the closest match."""
+    with pytest.raises(UnknownPoolingError, match=r"Unknown pooling 'avrg'.*avg, max, avgmax, spp.*Did you mean 'avg'"):
+        pool(torch.randn(1, 2, 2, 2), "avrg")
+
+
+def test_pooled_dim_rejects_other_ranks():
+    """Check that a 2-D map without channels is refused with the expected shapes."""
+    with pytest.raises(FeatxError, match=r"shape \(4, 4\).*expected \(C, H, W\)"):
+        pooled_dim((4, 4), "avg")
+
+
+def test_feature_names_replace_dots():
+    """Check that feature names are valid identifiers built from layer and pooling."""
+    assert feature_names("blocks.4", "spp", 2) == ["blocks_4_spp_0", "blocks_4_spp_1"]
