@@ -1,0 +1,543 @@
+"""THE batched extraction loop.
+
+DataLoader workers decode and crop images to ``uint8`` tensors; the main process moves each
+batch to the device, normalises it, runs the frozen backbone once under
+``torch.inference_mode()`` (and autocast where the precision asks for it), and pools every
+requested layer from that one forward pass. Every consumer — the in-memory
+:func:`extract`, the feature store, the scikit-learn transformer, the CLI — reads batches from
+:func:`iter_batches`; there is no second loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featx.backbones import Backbone, Tap, load_backbone, resolve_layers, run_taps
+from featx.exceptions import FeatxError, ImageDecodeError
+from featx.images import ImageSource, content_key, describe, load_image, open_source
+from featx.pooling import check_pooling, pool
+from featx.preprocess import Preprocess
+
+__all__ = ["Batch", "ExtractionResult", "Request", "extract", "iter_batches", "resolve_device", "resolve_precision"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple's MPS, then the CPU; anything else is checked.
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise FeatxError(f"Unknown device {device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatxError(f"Device {device!r} was requested but CUDA is not available here; use device='auto' or 'cpu'.")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Resolve ``"auto"`` to the fastest precision that keeps features faithful on ``device``.
+
+    ``auto`` is ``fp16`` on CUDA and ``fp32`` elsewhere. ``bf16`` on a CPU runs under CPU autocast.
+
+    Examples
+    --------
+    >>> resolve_precision("auto", torch.device("cpu"))
+    'fp32'
+    """
+    if precision not in PRECISIONS:
+        raise FeatxError(f"Unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise FeatxError("precision='fp16' is not supported on the CPU: use 'bf16' or 'fp32'.")
+    return precision
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+# --------------------------------------------------------------------------- data loading
+
+
+class _Images(Dataset):
+    """Decodes and crops one image per item; a bad image comes back as its error message."""
+
+    def __init__(self, source, indices: Sequence[int], preprocess: Preprocess):
+        self.source = source
+        self.indices = list(indices)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        try:
+            image = load_image(self.source[index], draft_size=self.preprocess.draft_size)
+            return index, self.preprocess.to_tensor(image), None
+        except ImageDecodeError as exc:
+            return index, None, str(exc)
+
+
+def _collate(samples):
+    good = [(i, t) for i, t, _ in samples if t is not None]
+    errors = [(i, e) for i, _, e in samples if e is not None]
+    if good:
+        indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+        batch = torch.stack([t for _, t in good])
+    else:
+        indices, batch = torch.empty(0, dtype=torch.long), None
+    return indices, batch, errors
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Inside a worker process only: decoding is single-threaded, one core per worker.
+    torch.set_num_threads(1)
+
+
+def _auto_workers(source, n_items: int) -> int:
+    has_files = any(isinstance(source[i], (str, os.PathLike)) for i in range(min(n_items, 1)))
+    if not has_files or n_items < 64:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class Request:
+    """One (layer, pooling) output: ``name`` is what the user asked for, ``tap`` where it is read."""
+
+    layer: str
+    pooling: str
+    tap: Tap
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}/{self.pooling}"
+
+
+@dataclass
+class Batch:
+    """What one forward pass produced: source indices, pooled features per request, and skips."""
+
+    indices: np.ndarray
+    features: dict[Request, np.ndarray]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+def make_requests(backbone: str, layers, pooling) -> list[Request]:
+    """Validate layers and poolings; one :class:`Request` per (layer, pooling) pair."""
+    poolings = [pooling] if isinstance(pooling, str) else list(pooling)
+    poolings = [check_pooling(p) for p in (",".join(poolings)).split(",") if p]
+    if not poolings:
+        raise FeatxError("No pooling given: expected one or more of avg, max, avgmax, spp.")
+    pairs = resolve_layers(backbone, layers)
+    if not pairs:
+        raise FeatxError("No layer given: expected one or more layer names, or 'all'.")
+    return [Request(name, p, tap) for name, tap in pairs for p in poolings]
+
+
+def iter_batches(
+    backbone: Backbone,
+    source,
+    requests: Sequence[Request],
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 32,
+    device: torch.device,
+    precision: str,
+    num_workers: int | str = "auto",
+    on_error: str = "skip",
+    progress: bool | None = None,
+) -> Iterator[Batch]:
+    """Yield pooled features batch by batch: the single loop every consumer uses.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        Already moved to ``device`` (see :func:`prepare`).
+    source : ImageSource or sequence
+        Indexable images; ``source[i]`` is a path, PIL image or array.
+    requests : sequence of Request
+    indices : sequence of int, optional
+        Which items of ``source`` to run (default: all), in this order.
+    on_error : {"skip", "raise"}
+        A bad image is reported in :attr:`Batch.skipped`, or stops the loop with
+        :class:`~featx.exceptions.ImageDecodeError` naming the file. Batches already yielded
+        are the caller's and are never lost.
+    progress : bool, optional
+        Show a progress bar; by default only when stderr is a terminal.
+    """
+    if on_error not in ("skip", "raise"):
+        raise FeatxError(f"Unknown on_error {on_error!r}: expected 'skip' or 'raise'.")
+    if batch_size < 1:
+        raise FeatxError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    indices = list(range(len(source))) if indices is None else list(indices)
+    if not indices:
+        return
+    if num_workers == "auto":
+        num_workers = _auto_workers(source, len(indices))
+    loader = DataLoader(
+        _Images(source, indices, backbone.preprocess),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if num_workers else None,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+    taps = list(dict.fromkeys(r.tap for r in requests))
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name}", leave=False)
+    try:
+        for batch_indices, batch, errors in loader:
+            skipped = [(int(i), message) for i, message in errors]
+            if skipped and on_error == "raise":
+                raise ImageDecodeError(skipped[0][1])
+            features = {}
+            if batch is not None:
+                with torch.inference_mode():
+                    x = backbone.preprocess.normalize(batch.to(device, non_blocking=True))
+                    if device.type != "mps":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with _autocast(device, precision):
+                        outputs = run_taps(backbone.module, x, taps)
+                    for request in requests:
+                        pooled = pool(outputs[request.tap].float(), request.pooling)
+                        features[request] = pooled.cpu().numpy().astype(np.float32, copy=False)
+            if bar is not None:
+                bar.update(len(batch_indices) + len(skipped))
+            yield Batch(indices=batch_indices.numpy(), features=features, skipped=skipped)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def prepare(backbone: Backbone, device: torch.device) -> Backbone:
+    """Move a backbone to ``device`` in the memory format the loop feeds it."""
+    memory_format = torch.preserve_format if device.type == "mps" else torch.channels_last
+    backbone.module.to(device=device, memory_format=memory_format)
+    return backbone
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def store_config(backbone: Backbone, precision: str) -> dict:
+    """The extraction configuration a feature store is keyed by (its file name hashes this)."""
+    from featx import __version__
+
+    return {**backbone.config(), "precision": precision, "featx_version": __version__}
+
+
+def provenance() -> dict:
+    """Versions of the software that computed the features, recorded beside them."""
+    import platform
+
+    import numpy
+    import PIL
+    import torchvision
+
+    from featx import __version__
+
+    versions = {
+        "featx": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(ImportError):
+        import timm
+
+        versions["timm"] = timm.__version__
+    return versions
+
+
+def open_store(store, config: Mapping, *, dtype: str = "float32"):
+    """Open (or create) the feature store for ``config``.
+
+    ``store`` is ``True`` (the default cache folder: ``$FEATX_CACHE`` or ``./cache``), a folder,
+    a ``.h5`` file path, or an open :class:`~featx.store.FeatureStore`.
+    """
+    from featx.store import FeatureStore
+
+    if isinstance(store, FeatureStore):
+        return FeatureStore.open(config, path=store.path, dtype=store.dtype, provenance=provenance())
+    if store is True:
+        return FeatureStore.open(config, dtype=dtype, provenance=provenance())
+    path = Path(store)
+    if path.suffix == ".h5":
+        return FeatureStore.open(config, path=path, dtype=dtype, provenance=provenance())
+    return FeatureStore.open(config, cache_dir=path, dtype=dtype, provenance=provenance())
+
+
+class ExtractionResult(Mapping):
+    """Features of a source, held in a feature store and read on access.
+
+    A mapping from ``"<layer>/<pooling>"`` to float32 arrays of shape (n_kept, d), rows in
+    the order of :attr:`kept` (the source positions whose image could be decoded).
+
+    Attributes
+    ----------
+    store : FeatureStore
+    source : ImageSource
+    keys : list of str or None
+        Content key of every source item (``None`` when the file could not be read).
+    kept : ndarray of int
+        Positions of the source that have features.
+    skipped : list of (str, str)
+        ``(image, reason)`` for every image that was skipped.
+    n_computed : int
+        Images that went through the network in this run (the others came from the store).
+    seconds : float
+        Wall time of the run.
+    """
+
+    def __init__(self, *, store, source, keys, requests, skipped_positions, skipped, n_computed, seconds):
+        self.store = store
+        self.source = source
+        self.keys = keys
+        self.requests = list(requests)
+        bad = set(skipped_positions)
+        self.kept = np.array([i for i, key in enumerate(keys) if key is not None and i not in bad], dtype=np.int64)
+        self.skipped = skipped
+        self.n_computed = n_computed
+        self.seconds = seconds
+
+    @property
+    def kept_keys(self) -> list[str]:
+        return [self.keys[i] for i in self.kept]
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_computed / self.seconds if self.seconds > 0 else 0.0
+
+    def _request(self, name: str) -> Request:
+        for request in self.requests:
+            if request.key == name:
+                return request
+        raise KeyError(f"{name!r}: this extraction holds {', '.join(r.key for r in self.requests)}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        request = self._request(name)
+        return self.store.read(self.kept_keys, request.layer, request.pooling)
+
+    def __iter__(self):
+        return (r.key for r in self.requests)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def summary(self) -> str:
+        """Human-readable closing lines: counts, throughput, store, skipped files."""
+        lines = [
+            f"{len(self.keys)} images: {self.n_computed} computed, "
+            f"{len(self.kept) - min(self.n_computed, len(self.kept))} from the store, {len(self.skipped)} skipped; "
+            f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)",
+            f"store: {self.store.path}",
+        ]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} of {len(self.keys)} images:")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _content_keys(source, on_error: str) -> tuple[list[str | None], list[tuple[int, str]]]:
+    keys, skipped = [], []
+    for i in range(len(source)):
+        try:
+            keys.append(content_key(source[i]))
+        except ImageDecodeError as exc:
+            if on_error == "raise":
+                raise
+            keys.append(None)
+            skipped.append((i, str(exc)))
+    return keys, skipped
+
+
+def extract(
+    images,
+    *,
+    backbone: str | Backbone = "efficientnet_lite0",
+    layers: str | Sequence[str] = ("pre_logits",),
+    pooling: str | Sequence[str] = "avg",
+    weights: object = "DEFAULT",
+    store=None,
+    dtype: str = "float32",
+    on_error: str | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    num_workers: int | str = "auto",
+    progress: bool | None = None,
+):
+    """Extract pooled features from a frozen backbone, in memory or into a feature store.
+
+    Parameters
+    ----------
+    images : ImageSource, sequence of paths or PIL images, or array of shape (n, H, W) or (n, H, W, C)
+        ``uint8`` arrays are taken as 0–255, float arrays must lie in [0, 1]. For folders,
+        CSV files and built-in datasets, pass :func:`featx.images.open_source`'s result.
+    backbone : str or Backbone, default="efficientnet_lite0"
+        A name from ``featx models`` (or ``"timm:<name>"``), or a loaded backbone.
+    layers : str or sequence of str, default=("pre_logits",)
+        Layer aliases (``stem``, ``stage1`` …, ``pre_logits``, ``logits``), raw node names,
+        or ``"all"``.
+    pooling : str or sequence of str, default="avg"
+        ``avg``, ``max``, ``avgmax`` or ``spp``; several are computed from one forward pass.
+    weights : str, path or None, default="DEFAULT"
+        See :func:`featx.backbones.load_backbone`; ignored when ``backbone`` is loaded.
+    store : None, True, folder, ``.h5`` path or FeatureStore, default=None
+        ``None`` keeps everything in memory. Otherwise features go to the feature store of
+        this extraction configuration (``True``: the cache folder ``$FEATX_CACHE`` or
+        ``./cache``), only images and layers it lacks are computed, and every completed batch
+        is kept even if the run is interrupted.
+    dtype : {"float32", "float16"}, default="float32"
+        Storage precision of a new store.
+    on_error : {"raise", "skip"}, optional
+        What a bad image does: stop with an error naming it, or be skipped and reported.
+        Default: ``"raise"`` in memory, ``"skip"`` with a store.
+    batch_size : int, default=32
+    device : {"auto", "cpu", "cuda", "mps"} or torch.device, default="auto"
+    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+    num_workers : int or "auto", default="auto"
+        Decoding processes; ``"auto"`` uses the cores for image files, none for arrays.
+    progress : bool, optional
+        Progress bar; by default only on a terminal.
+
+    Returns
+    -------
+    dict of str to ndarray, or ExtractionResult
+        Keyed ``"<layer>/<pooling>"``, each float32 of shape (n_images, d). With a store, an
+        :class:`ExtractionResult`: the same mapping (rows of the images kept), read from the
+        store, plus the keys, skipped images and timing.
+
+    Raises
+    ------
+    ImageDecodeError
+        For a bad image when ``on_error="raise"``; the message names it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> images = np.random.default_rng(0).integers(0, 256, size=(4, 40, 40, 3), dtype=np.uint8)
+    >>> features = extract(images, backbone="featx_tiny_cnn", layers=["stage2", "pre_logits"],
+    ...                    pooling=["avg", "spp"], device="cpu")
+    >>> {key: value.shape for key, value in features.items()}
+    {'stage2/avg': (4, 32), 'stage2/spp': (4, 160), 'pre_logits/avg': (4, 32), 'pre_logits/spp': (4, 32)}
+    """
+    source = images if isinstance(images, ImageSource) else open_source(images)
+    if not isinstance(backbone, Backbone):
+        backbone = load_backbone(backbone, weights=weights)
+    requests = make_requests(backbone.name, layers, pooling)
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    on_error = on_error or ("raise" if store is None else "skip")
+    loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress)
+    if store is None:
+        prepare(backbone, device)
+        chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
+        for batch in iter_batches(backbone, source, requests, on_error="raise", **loop):
+            for request in requests:
+                chunks[request].append(batch.features[request])
+        return {
+            r.key: np.concatenate(chunks[r]) if chunks[r] else np.empty((0, 0), dtype=np.float32) for r in requests
+        }
+    return _extract_to_store(backbone, source, requests, store=store, dtype=dtype, on_error=on_error, loop=loop)
+
+
+def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop) -> ExtractionResult:
+    start = time.perf_counter()
+    feature_store = open_store(store, store_config(backbone, loop["precision"]), dtype=dtype)
+    keys, unreadable = _content_keys(source, on_error)
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            first.setdefault(key, i)
+    unique = list(first)
+    # Per (layer, pooling): the keys the store lacks. Only those are computed and written.
+    need = {}
+    for request in requests:
+        held = feature_store.contains(unique, request.layer, request.pooling) if unique else np.zeros(0, bool)
+        need[request] = {key for key, ok in zip(unique, held) if not ok}
+    todo = [r for r in requests if need[r]]
+    wanted = set().union(*need.values()) if need else set()
+    indices = [first[key] for key in unique if key in wanted]
+    failed: dict[str, str] = {}
+    n_computed = 0
+    if indices:
+        prepare(backbone, loop["device"])
+        with feature_store.writer():
+            for batch in iter_batches(backbone, source, todo, indices=indices, on_error=on_error, **loop):
+                for position, message in batch.skipped:
+                    failed[keys[position]] = message
+                batch_keys = [keys[i] for i in batch.indices]
+                groups: dict[tuple[bool, ...], dict] = {}
+                for request in todo:
+                    mask = tuple(key in need[request] for key in batch_keys)
+                    groups.setdefault(mask, {})[(request.layer, request.pooling)] = batch.features[request]
+                for mask, features in groups.items():
+                    rows = np.flatnonzero(mask)
+                    if len(rows):
+                        feature_store.write(
+                            [batch_keys[i] for i in rows], {entry: value[rows] for entry, value in features.items()}
+                        )
+                n_computed += len(batch_keys)
+            feature_store.consolidate()
+    skipped_positions = [i for i, _ in unreadable]
+    skipped = [(describe(source[i], i), message) for i, message in unreadable]
+    for i, key in enumerate(keys):
+        if key in failed:
+            skipped_positions.append(i)
+            skipped.append((describe(source[i], i), failed[key]))
+    return ExtractionResult(
+        store=feature_store,
+        source=source,
+        keys=keys,
+        requests=requests,
+        skipped_positions=skipped_positions,
+        skipped=skipped,
+        n_computed=n_computed,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featx.backbones import list_layers, load_backbone
+from featx.exceptions import FeatxError, ImageDecodeError, UnknownLayerError, UnknownPoolingError
+from featx.extraction import extract, resolve_device, resolve_precision
+from featx.pooling import POOLINGS
+
+from conftest import TINY
+
+
+def test_extract_shapes_match_layer_listing_for_every_alias_and_pooling():
+    """Check that extract returns, for every alias and pooling, the dimension list_layers announces."""
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 50, 60, 3), dtype=np.uint8)
+    for name in [TINY, "efficientnet_lite0"]:
+        layers = list_layers(name)
+        features = extract(
+            images,
+            backbone=name,
+            weights=None,
+            layers=[layer.alias for layer in layers],
+            pooling=list(POOLINGS),
+            device="cpu",
+        )
+        assert len(features) == len(layers) * len(POOLINGS)
+        for layer in layers:
+            for pooling in POOLINGS:
+                value = features[f"{layer.alias}/{pooling}"]
+                assert value.dtype == np.float32
+                assert value.shape == (2, layer.dims[pooling]), (layer.alias, pooling)
+
+
+def test_extract_does_not_depend_on_batch_size_or_neighbours(images):
+    """Check that an image's features are the same alone, in small batches and among other images."""
+    arrays, _ = images
+    full = extract(arrays, backbone=TINY, layers="all", pooling="spp", batch_size=12, device="cpu")
+    ones = extract(arrays, backbone=TINY, layers="all", pooling="spp", batch_size=1, device="cpu")
+    order = np.random.default_rng(1).permutation(len(arrays))
+    shuffled = extract(arrays[order], backbone=TINY, layers="all", pooling="spp", batch_size=5, device="cpu")
+    for key in full:
+        np.testing.assert_allclose(full[key], ones[key], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(full[key][order], shuffled[key], rtol=1e-5, atol=1e-5)
+
+
+def test_extract_uses_eval_mode_batch_statistics_would_differ(images):
+    """Check that features come from eval-mode BatchNorm: train-mode statistics give other values."""
+    arrays, _ = images
+    backbone = load_backbone(TINY)
+    features = extract(arrays, backbone=backbone, layers=["stage3"], device="cpu")["stage3/avg"]
+    x = backbone.preprocess.normalize(torch.stack([backbone.preprocess.to_tensor(Image.fromarray(a)) for a in arrays]))
+    module = backbone.module
+    with torch.inference_mode():
+        stem_out = module.stage3(module.stage2(module.stage1(module.stem(x)))).mean(dim=(2, 3))
+        np.testing.assert_allclose(features, stem_out.numpy(), rtol=1e-5, atol=1e-5)
+        module.train()
+        train_out = module.stage3(module.stage2(module.stage1(module.stem(x)))).mean(dim=(2, 3))
+        module.eval()
+    assert not np.allclose(features, train_out.numpy(), atol=1e-3)
+
+
+def test_extract_is_deterministic(images):
+    """Check that two runs give identical features."""
+    arrays, _ = images
+    a = extract(arrays, backbone=TINY, layers=["stage2", "pre_logits"], device="cpu")
+    b = extract(arrays, backbone=TINY, layers=["stage2", "pre_logits"], device="cpu")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_extract_accepts_paths_pil_and_arrays(images, image_folder):
+    """Check that paths, PIL images, RGB arrays and grayscale arrays are all accepted."""
+    arrays, _ = images
+    paths = sorted(str(p) for p in image_folder.rglob("*.png"))
+    pil = [Image.open(p) for p in paths]
+    from_paths = extract(paths, backbone=TINY, device="cpu")["pre_logits/avg"]
+    from_pil = extract(pil, backbone=TINY, device="cpu")["pre_logits/avg"]
+    np.testing.assert_allclose(from_paths, from_pil, rtol=1e-6, atol=1e-6)
+    gray = extract(arrays[..., 0], backbone=TINY, device="cpu")["pre_logits/avg"]
+    assert gray.shape == (len(arrays), 32)
+    rgb = extract(np.repeat(arrays[..., :1], 3, axis=-1), backbone=TINY, device="cpu")["pre_logits/avg"]
+    np.testing.assert_allclose(gray, rgb, rtol=1e-5, atol=1e-5)
+
+
+def test_extract_bad_image_names_the_file(tmp_path, image_folder):
+    """Check that an undecodable file stops in-memory extraction with its name in the message."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("this is not a jpeg")
+    paths = sorted(str(p) for p in image_folder.rglob("*.png"))[:2] + [str(bad)]
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        extract(paths, backbone=TINY, device="cpu")
+
+
+def test_extract_validates_layers_and_poolings(images):
+    """Check that unknown layers and poolings are refused before any work."""
+    arrays, _ = images
+    with pytest.raises(UnknownLayerError, match="Did you mean 'stage3'"):
+        extract(arrays, backbone=TINY, layers=["stage33"], device="cpu")
+    with pytest.raises(UnknownPoolingError, match="Did you mean 'max'"):
+        extract(arrays, backbone=TINY, pooling="maxx", device="cpu")
+
+
+def test_resolve_device_and_precision():
+    """Check device and precision resolution and their error messages."""
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(FeatxError, match="Unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(FeatxError, match="Unknown precision 'half'.*auto, fp32, bf16, fp16"):
+        resolve_precision("half", torch.device("cpu"))
+    with pytest.raises(FeatxError, match="'fp16' is not supported on the CPU"):
+        resolve_precision("fp16", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(FeatxError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_extract_bf16_close_to_fp32(images):
+    """Check that bf16 autocast on the CPU gives features close to fp32 ones."""
+    arrays, _ = images
+    fp32 = extract(arrays, backbone=TINY, layers=["stage3"], device="cpu", precision="fp32")["stage3/avg"]
+    bf16 = extract(arrays, backbone=TINY, layers=["stage3"], device="cpu", precision="bf16")["stage3/avg"]
+    cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
+    assert cosine.min() > 0.99
