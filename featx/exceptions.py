@@ -10,8 +10,6 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from sklearn.exceptions import NotFittedError
-
 __all__ = [
     "CacheMismatchError",
     "FeatxError",
@@ -19,6 +17,7 @@ __all__ = [
     "MissingKeysError",
     "NotFittedError",
     "StoreError",
+    "StoreInputError",
     "UnknownLayerError",
     "UnknownModelError",
     "UnknownPoolingError",
@@ -55,6 +54,10 @@ class StoreError(FeatxError, OSError):
     """A feature store that cannot be read or written."""
 
 
+class StoreInputError(FeatxError, ValueError):
+    """Arguments a feature store cannot accept: bad key, entry name, dtype, shape or values."""
+
+
 class CacheMismatchError(FeatxError, ValueError):
     """A feature store written with another extraction configuration than the one requested."""
 
@@ -64,6 +67,16 @@ class MissingKeysError(FeatxError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message with quotes around it
         return str(self.args[0]) if self.args else ""
+
+
+def __getattr__(name: str):
+    # scikit-learn's NotFittedError, re-exported lazily: importing sklearn costs a second, and
+    # torch-free modules such as featx.store import this one.
+    if name == "NotFittedError":
+        from sklearn.exceptions import NotFittedError
+
+        return NotFittedError
+    raise AttributeError(f"module 'featx.exceptions' has no attribute {name!r}")
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:
