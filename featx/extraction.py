@@ -262,11 +262,11 @@ def prepare(backbone: Backbone, device: torch.device) -> Backbone:
 # --------------------------------------------------------------------------- extraction
 
 
-def store_config(backbone: Backbone, precision: str) -> dict:
+def store_config(backbone: Backbone, precision: str, dtype: str = "float32") -> dict:
     """The extraction configuration a feature store is keyed by (its file name hashes this)."""
     from featx import __version__
 
-    return {**backbone.config(), "precision": precision, "featx_version": __version__}
+    return {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
 
 
 def provenance() -> dict:
@@ -489,7 +489,7 @@ def extract(
 
 def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop) -> ExtractionResult:
     start = time.perf_counter()
-    feature_store = open_store(store, store_config(backbone, loop["precision"]), dtype=dtype)
+    feature_store = open_store(store, store_config(backbone, loop["precision"], dtype), dtype=dtype)
     keys, unreadable = _content_keys(source, on_error)
     first: dict[str, int] = {}
     for i, key in enumerate(keys):

@@ -40,3 +40,125 @@ def test_format_table_aligns_columns():
     """Check that tables are aligned and floats rounded."""
     text = format_table([{"name": "a", "value": 0.123456}, {"name": "long", "value": 2.0}])
     assert text.splitlines() == ["name  value", "----  ------", "a     0.1235", "long  2.0000"]
+
+
+# --------------------------------------------------------------------------- extract and cache
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featx.store import FeatureStore
+
+
+def _folder(root: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+def _featx(*args, cache, **kwargs):
+    env = {**os.environ, "FEATX_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "featx", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+EXTRACT = ["--model", "featx_tiny_cnn", "--layers", "stage2,pre_logits", "--pool", "avg,spp",
+           "--batch-size", "2", "--workers", "0", "--device", "cpu"]
+
+
+def _interrupt_when_segments(proc, cache: Path, count: int, signum) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        segments = list(cache.glob("*.journal/seg-*.npz"))
+        if len(segments) >= count:
+            proc.send_signal(signum)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run ended before it could be interrupted: {proc.communicate()}")
+
+
+def _all_rows(cache: Path) -> dict:
+    [path] = cache.glob("*.h5")
+    with FeatureStore(path) as store:
+        keys = list(store.keys)
+        return {entry: dict(zip(keys, store.read(keys, *entry))) for entry in store.entries}
+
+
+def test_cli_extract_interrupted_then_resumed_equals_clean_run(tmp_path):
+    """Check that SIGINT and SIGTERM keep completed batches and a resumed run equals a clean one."""
+    data = _folder(tmp_path / "data", 400)
+    cache = tmp_path / "resumed"
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        proc = _featx("extract", str(data), *EXTRACT, cache=cache)
+        _interrupt_when_segments(proc, cache, 5 if signum == signal.SIGINT else 120, signum)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "run the same command again to resume" in err
+        partial = _all_rows(cache)
+        assert 0 < len(partial[("stage2", "avg")]) < 400
+    proc = _featx("extract", str(data), *EXTRACT, cache=cache)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "400 images" in out and "images/s" in out
+    clean = tmp_path / "clean"
+    proc = _featx("extract", str(data), *EXTRACT, cache=clean)
+    assert proc.communicate(timeout=300) and proc.returncode == 0
+    resumed, expected = _all_rows(cache), _all_rows(clean)
+    assert resumed.keys() == expected.keys()
+    for entry in expected:
+        assert resumed[entry].keys() == expected[entry].keys()
+        for key, row in expected[entry].items():
+            np.testing.assert_array_equal(resumed[entry][key], row)
+
+
+def test_cli_extract_json_and_cache_commands(tmp_path, capsys, monkeypatch):
+    """Check 'featx extract --json' and 'featx cache list | info | verify | rm'."""
+    data = _folder(tmp_path / "data", 6)
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_computed"] == 6 and report["features"]["stage2/spp"] == [6, 160]
+    store = report["store"]
+    assert main(["cache", "list", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["n_keys"] == 6
+    assert main(["cache", "info", store]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["backbone"] == "featx_tiny_cnn"
+    assert main(["cache", "verify", store]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["cache", "rm", store]) == 0
+    assert not Path(store).exists()
+
+
+def test_cli_extract_on_error_raise_names_file(tmp_path, capsys, monkeypatch):
+    """Check that --on-error raise stops with one line naming the bad file and exit code 1."""
+    data = _folder(tmp_path / "data", 3)
+    (data / "class0" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT, "--on-error", "raise"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "broken.jpg" in err
+
+
+def test_cli_cache_verify_needs_store(capsys):
+    """Check that 'featx cache verify' without a STORE says what is missing."""
+    assert main(["cache", "verify"]) == 1
+    assert "needs a STORE path" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_extract_digits_prints_throughput(capsys):
+    """Check that 'featx extract digits' with the real Lite0 works and prints its throughput."""
+    assert main(["extract", "digits", "--model", "efficientnet_lite0", "--layers", "stage3,pre_logits",
+                 "--per-class", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "30 images: 30 computed" in out and "images/s" in out

@@ -124,3 +124,121 @@ def test_extract_bf16_close_to_fp32(images):
     bf16 = extract(arrays, backbone=TINY, layers=["stage3"], device="cpu", precision="bf16")["stage3/avg"]
     cosine = (fp32 * bf16).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(bf16, axis=1)
     assert cosine.min() > 0.99
+
+
+# --------------------------------------------------------------------------- with a feature store
+
+
+def _hostile_folder(root):
+    """Good images of awkward kinds and bad files, in two class folders."""
+    rng = np.random.default_rng(0)
+    good = root / "good"
+    bad = root / "bad"
+    good.mkdir(parents=True)
+    bad.mkdir(parents=True)
+    pixels = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels[..., 0]).save(good / "gray.png")
+    Image.fromarray(np.dstack([pixels, np.full((48, 64), 128, np.uint8)])).save(good / "rgba.png")
+    Image.fromarray(pixels).convert("CMYK").save(good / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    Image.fromarray(pixels).save(good / "rotated.jpg", exif=exif.tobytes())
+    Image.fromarray(pixels).save(good / "plain.jpg")
+    data = (good / "plain.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.jpg").write_text("this is a text file")
+    return {"good": sorted(good.iterdir()), "bad": sorted(bad.iterdir())}
+
+
+def test_extract_to_store_skips_and_reports_bad_images(tmp_path):
+    """Check that awkward images are decoded, bad ones skipped with their reason, and rows kept."""
+    from featx.images import open_source
+
+    files = _hostile_folder(tmp_path / "data")
+    source = open_source(str(tmp_path / "data"))
+    result = extract(source, backbone=TINY, layers=["stage2"], store=tmp_path / "cache", device="cpu")
+    reasons = {name.rsplit("/", 1)[-1]: reason for name, reason in result.skipped}
+    assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.jpg"}
+    assert "empty file" in reasons["empty.jpg"] and "truncated" in reasons["truncated.jpg"]
+    assert "not an image" in reasons["notes.jpg"]
+    kept = [source[i].rsplit("/", 1)[-1] for i in result.kept]
+    assert sorted(kept) == sorted(p.name for p in files["good"])
+    assert result["stage2/avg"].shape == (len(files["good"]), 32)
+    assert "skipped 3 of 8 images" in result.summary()
+
+
+def test_extract_to_store_raise_names_file_and_keeps_batches(tmp_path):
+    """Check that on_error='raise' names the bad file and keeps the batches computed before it."""
+    from featx.images import open_source
+    from featx.store import FeatureStore
+
+    files = _hostile_folder(tmp_path / "data")
+    source = open_source([str(p) for p in files["good"]] + [str(files["bad"][0])])
+    with pytest.raises(ImageDecodeError, match=files["bad"][0].name):
+        extract(source, backbone=TINY, layers=["stage2"], store=tmp_path / "cache", device="cpu",
+                on_error="raise", batch_size=2)
+    [path] = (tmp_path / "cache").glob("*.h5")
+    assert len(FeatureStore(path).keys) == 4  # two full batches before the bad one
+
+
+def _counting(backbone):
+    calls = []
+    backbone.module.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    return calls
+
+
+def test_extract_to_store_second_run_runs_no_forward_pass(tmp_path, image_folder):
+    """Check that re-extracting stored images, or a renamed copy of one, runs no forward pass."""
+    from featx.images import open_source
+
+    first = extract(open_source(str(image_folder)), backbone=TINY, layers=["stage1", "pre_logits"],
+                    pooling=["avg", "max"], store=tmp_path / "cache", device="cpu")
+    assert first.n_computed == 12
+    copy = image_folder / "class0" / "renamed_copy.png"
+    copy.write_bytes(next((image_folder / "class0").glob("*.png")).read_bytes())
+    backbone = load_backbone(TINY)
+    calls = _counting(backbone)
+    again = extract(open_source(str(image_folder)), backbone=backbone, layers=["stage1", "pre_logits"],
+                    pooling=["avg", "max"], store=tmp_path / "cache", device="cpu")
+    assert calls == [] and again.n_computed == 0
+    assert len(again["pre_logits/max"]) == 13
+    for name in first:
+        by_key = dict(zip(again.kept_keys, again[name]))
+        for key, row in zip(first.kept_keys, first[name]):
+            np.testing.assert_array_equal(by_key[key], row)
+
+
+def test_extract_to_store_fills_in_new_layer_and_new_images_only(tmp_path, images):
+    """Check that a superset of images computes only new ones, and a new layer only that layer."""
+    arrays, _ = images
+    extract(arrays[:8], backbone=TINY, layers=["stage2"], store=tmp_path / "c", device="cpu")
+    backbone = load_backbone(TINY)
+    calls = _counting(backbone)
+    result = extract(arrays, backbone=backbone, layers=["stage2"], store=tmp_path / "c", device="cpu")
+    assert result.n_computed == 4 and sum(calls) == 4
+    calls.clear()
+    result = extract(arrays, backbone=backbone, layers=["stage2", "stage3"], store=tmp_path / "c", device="cpu")
+    assert result.n_computed == 12 and result.store.entries == [("stage2", "avg"), ("stage3", "avg")]
+    in_memory = extract(arrays, backbone=TINY, layers=["stage2", "stage3"], device="cpu")
+    for name in in_memory:
+        np.testing.assert_allclose(result[name], in_memory[name], rtol=1e-6, atol=1e-6)
+
+
+def test_extract_to_store_mismatched_store_file_is_refused(tmp_path, images):
+    """Check that a store file written with another configuration names existing and requested values."""
+    from featx.exceptions import CacheMismatchError
+
+    arrays, _ = images
+    result = extract(arrays[:2], backbone=TINY, layers=["stage2"], store=tmp_path / "c", device="cpu")
+    with pytest.raises(CacheMismatchError, match=r'precision: existing "fp32" but "bf16" was requested'):
+        extract(arrays[:2], backbone=TINY, layers=["stage2"], store=result.store.path, device="cpu", precision="bf16")
+
+
+def test_extract_to_store_float16(tmp_path, images):
+    """Check that a float16 store keeps features close to float32 ones, in a separate file."""
+    arrays, _ = images
+    f32 = extract(arrays, backbone=TINY, layers=["stage3"], store=tmp_path / "c", device="cpu")
+    f16 = extract(arrays, backbone=TINY, layers=["stage3"], store=tmp_path / "c", device="cpu", dtype="float16")
+    assert f16.store.path != f32.store.path and f16.store.dtype == "float16"
+    np.testing.assert_allclose(f16["stage3/avg"], f32["stage3/avg"], rtol=2e-3, atol=2e-3)
