@@ -105,7 +105,8 @@ class BackboneSpec:
     family: str
     offline: bool
     description: str
-    build: Callable[[object], tuple[nn.Module, str, Preprocess]] = field(repr=False)
+    resolve: Callable[[object], tuple[str, Preprocess]] = field(repr=False)
+    load: Callable[[object], nn.Module] = field(repr=False)
     architecture: Callable[[], nn.Module] = field(repr=False)
     aliases: Callable[[nn.Module], dict[str, str]] = field(repr=False)
     input_size: int = 224
@@ -114,7 +115,9 @@ class BackboneSpec:
 class Backbone:
     """A frozen, eval-mode network with its preprocessing and layer map.
 
-    Built by :func:`load_backbone`; not meant to be constructed directly.
+    Built by :func:`load_backbone`; not meant to be constructed directly. The network itself
+    is loaded on first access to :attr:`module`, so that work served entirely from a feature
+    store never reads weights; pickling drops it and it is loaded again when needed.
 
     Attributes
     ----------
@@ -126,11 +129,30 @@ class Backbone:
     preprocess : Preprocess
     """
 
-    def __init__(self, spec: BackboneSpec, module: nn.Module, weights: str, preprocess: Preprocess):
+    def __init__(self, spec: BackboneSpec, weights_arg: object, weights: str, preprocess: Preprocess):
         self.spec = spec
-        self.module = module
+        self.weights_arg = weights_arg
         self.weights = weights
         self.preprocess = preprocess
+        self._module: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        if self._module is None:
+            self._module = _freeze(self.spec.load(self.weights_arg))
+        return self._module
+
+    @property
+    def loaded(self) -> bool:
+        return self._module is not None
+
+    def __getstate__(self) -> dict:
+        # The spec holds functions: pickle it by name. The network is not pickled at all.
+        return {**self.__dict__, "spec": self.spec.name, "_module": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.spec = get_spec(state["spec"])
 
     @property
     def name(self) -> str:
@@ -237,17 +259,27 @@ def _offline_error(what: str, name: str, url: str) -> WeightsUnavailableError:
     )
 
 
-def _file_weights_name(path: Path) -> str:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return f"file:{path.name}:sha256={digest}"
+def _missing_file(path: Path, backbone: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"Weights file {str(path)!r} for {backbone!r} does not exist: pass the path of a state-dict "
+        f"file saved with torch.save(model.state_dict(), PATH), \"DEFAULT\", or None."
+    )
+
+
+def _file_weights_name(path: Path, backbone: str) -> str:
+    """Name a weights file by its content, so a changed file never reuses old features."""
+    if not path.is_file():
+        raise _missing_file(path, backbone)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"file:{path.name}:sha256={digest.hexdigest()[:16]}"
 
 
 def _load_state_dict_file(path: Path, backbone: str) -> dict:
     if not path.is_file():
-        raise WeightsUnavailableError(
-            f"Weights file {str(path)!r} for {backbone!r} does not exist: pass the path of a state-dict "
-            f"file saved with torch.save(model.state_dict(), PATH), \"DEFAULT\", or None."
-        )
+        raise _missing_file(path, backbone)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and torch errors all mean the same thing to the user
@@ -347,30 +379,37 @@ def _lite_architecture(variant: int) -> nn.Module:
     return timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
 
 
-def _lite_build(variant: int, weights: object) -> tuple[nn.Module, str, Preprocess]:
+def _lite_preprocess(variant: int) -> Preprocess:
     size, crop_pct = _LITE_SIZES[variant]
-    preprocess = Preprocess.from_crop_pct(size, crop_pct, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+    return Preprocess.from_crop_pct(size, crop_pct, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic")
+
+
+def _lite_resolve(variant: int, weights: object) -> tuple[str, Preprocess]:
+    preprocess = _lite_preprocess(variant)
+    if weights is None:
+        return RANDOM_INIT, preprocess
+    if weights in ("DEFAULT", "IMAGENET1K"):
+        return f"IMAGENET1K:{_lite_package_file(variant).stem}", preprocess
+    if _is_path(weights):
+        return _file_weights_name(Path(weights), f"efficientnet_lite{variant}"), preprocess
+    raise WeightsUnavailableError(
+        f"Unknown weights {weights!r} for 'efficientnet_lite{variant}': expected 'DEFAULT' (ImageNet, offline), "
+        f"a state-dict path, or None (random init)."
+    )
+
+
+def _lite_load(variant: int, weights: object) -> nn.Module:
     name = f"efficientnet_lite{variant}"
     with _seeded():
         model = _lite_architecture(variant)
     if weights is None:
-        return model, RANDOM_INIT, preprocess
-    if weights in ("DEFAULT", "IMAGENET1K"):
-        path = _lite_package_file(variant)
-        state = _load_state_dict_file(path, name)
-        _load_into(model, lite_state_dict_to_timm(state, model), repr(path.name), name)
-        return model, f"IMAGENET1K:{path.stem}", preprocess
-    if _is_path(weights):
-        path = Path(weights)
-        state = _load_state_dict_file(path, name)
-        if any(k.startswith("_blocks.") for k in state):
-            state = lite_state_dict_to_timm(state, model)
-        _load_into(model, state, repr(str(path)), name)
-        return model, _file_weights_name(path), preprocess
-    raise WeightsUnavailableError(
-        f"Unknown weights {weights!r} for {name!r}: expected 'DEFAULT' (ImageNet, offline), "
-        f"a state-dict path, or None (random init)."
-    )
+        return model
+    path = _lite_package_file(variant) if weights in ("DEFAULT", "IMAGENET1K") else Path(weights)
+    state = _load_state_dict_file(path, name)
+    if any(k.startswith("_blocks.") for k in state):
+        state = lite_state_dict_to_timm(state, model)
+    _load_into(model, state, repr(str(path)), name)
+    return model
 
 
 def _lite_aliases(model: nn.Module) -> dict[str, str]:
@@ -507,21 +546,29 @@ def _hub_checkpoint(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
-def _torchvision_build(name: str, weights: object) -> tuple[nn.Module, str, Preprocess]:
-    from torchvision.models import get_model, get_model_weights
+def _torchvision_resolve(name: str, weights: object) -> tuple[str, Preprocess]:
+    from torchvision.models import get_model_weights
 
-    if weights is None or _is_path(weights):
-        preprocess = _torchvision_preprocess(get_model_weights(name).DEFAULT)
+    if weights is None:
+        return RANDOM_INIT, _torchvision_preprocess(get_model_weights(name).DEFAULT)
+    if _is_path(weights):
+        return _file_weights_name(Path(weights), name), _torchvision_preprocess(get_model_weights(name).DEFAULT)
+    member = _torchvision_enum(name, str(weights))
+    return f"{type(member).__name__}.{member.name}", _torchvision_preprocess(member)
+
+
+def _torchvision_load(name: str, weights: object) -> nn.Module:
+    from torchvision.models import get_model
+
+    if weights is None:
         with _seeded():
-            model = get_model(name, weights=None, **_torchvision_kwargs(name, pretrained=weights is not None))
-        if weights is None:
-            return model, RANDOM_INIT, preprocess
+            return get_model(name, weights=None, **_torchvision_kwargs(name, pretrained=False))
+    model = get_model(name, weights=None, **_torchvision_kwargs(name, pretrained=True))
+    if _is_path(weights):
         path = Path(weights)
         _load_into(model, _load_state_dict_file(path, name), repr(str(path)), name)
-        return model, _file_weights_name(path), preprocess
-    if not isinstance(weights, str):
-        weights = str(weights)  # a torchvision enum member passed directly
-    member = _torchvision_enum(name, weights)
+        return model
+    member = _torchvision_enum(name, str(weights))
     resolved = f"{type(member).__name__}.{member.name}"
     checkpoint = _hub_checkpoint(member.url)
     if not checkpoint.is_file():
@@ -529,9 +576,8 @@ def _torchvision_build(name: str, weights: object) -> tuple[nn.Module, str, Prep
             raise _offline_error(resolved, name, member.url)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(member.url, str(checkpoint), progress=False)
-    model = get_model(name, weights=None, **_torchvision_kwargs(name, pretrained=True))
     _load_into(model, _load_state_dict_file(checkpoint, name), resolved, name)
-    return model, resolved, _torchvision_preprocess(member)
+    return model
 
 
 # --------------------------------------------------------------------------- timm
@@ -556,35 +602,46 @@ def _timm_preprocess(model: nn.Module) -> Preprocess:
     )
 
 
-def _timm_build(arch: str, weights: object) -> tuple[nn.Module, str, Preprocess]:
-    import timm
-
+def _timm_resolve(arch: str, weights: object) -> tuple[str, Preprocess]:
     name = f"timm:{arch}"
-    with _seeded():
-        model = timm.create_model(arch, pretrained=False)
+    with torch.device("meta"):
+        model = _timm_architecture(arch)
     preprocess = _timm_preprocess(model)
     if weights is None:
-        return model, RANDOM_INIT, preprocess
+        return RANDOM_INIT, preprocess
     if _is_path(weights):
-        path = Path(weights)
-        _load_into(model, _load_state_dict_file(path, name), repr(str(path)), name)
-        return model, _file_weights_name(path), preprocess
+        return _file_weights_name(Path(weights), name), preprocess
     if weights != "DEFAULT":
         raise WeightsUnavailableError(
             f"Unknown weights {weights!r} for {name!r}: expected 'DEFAULT' (timm's pretrained tag), "
             f"a state-dict path, or None. Choose a tag with the model name instead, e.g. 'timm:{arch}.a1_in1k'."
         )
-    hub_id = model.pretrained_cfg.get("hf_hub_id")
-    url = f"https://huggingface.co/{hub_id}" if hub_id else model.pretrained_cfg.get("url") or "https://huggingface.co"
+    return f"timm:{model.pretrained_cfg.get('hf_hub_id') or arch}", preprocess
+
+
+def _timm_load(arch: str, weights: object) -> nn.Module:
+    import timm
+
+    name = f"timm:{arch}"
+    if weights is None or _is_path(weights):
+        with _seeded():
+            model = timm.create_model(arch, pretrained=False)
+        if weights is not None:
+            path = Path(weights)
+            _load_into(model, _load_state_dict_file(path, name), repr(str(path)), name)
+        return model
+    with torch.device("meta"):
+        cfg = _timm_architecture(arch).pretrained_cfg
+    hub_id = cfg.get("hf_hub_id")
+    url = f"https://huggingface.co/{hub_id}" if hub_id else cfg.get("url") or "https://huggingface.co"
     cached = _timm_cached_file(hub_id)
     if cached is None and not _reachable(url):
         raise _offline_error(f"of timm model {arch!r}", name, url)
     try:
         overlay = {"file": str(cached)} if cached is not None else None
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay)
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as exc:  # network, hub and file errors: the user's fix is the same
         raise WeightsUnavailableError(f"Could not load the pretrained weights of {name!r}: {exc}") from exc
-    return model, f"timm:{hub_id or arch}", preprocess
 
 
 def _timm_cached_file(hub_id: str | None) -> Path | None:
@@ -645,8 +702,18 @@ def _tiny_architecture() -> nn.Module:
     return TinyCNN()
 
 
-def _tiny_build(weights: object) -> tuple[nn.Module, str, Preprocess]:
-    preprocess = Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear")
+_TINY_PREPROCESS = Preprocess(resize=32, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear")
+
+
+def _tiny_resolve(weights: object) -> tuple[str, Preprocess]:
+    if weights in (None, "DEFAULT"):
+        return RANDOM_INIT, _TINY_PREPROCESS
+    if _is_path(weights):
+        return _file_weights_name(Path(weights), "featx_tiny_cnn"), _TINY_PREPROCESS
+    raise WeightsUnavailableError(f"Unknown weights {weights!r} for 'featx_tiny_cnn': expected 'DEFAULT', a path or None.")
+
+
+def _tiny_load(weights: object) -> nn.Module:
     with _seeded():
         model = TinyCNN()
         # Non-trivial running statistics, so that forgetting eval() changes the features.
@@ -654,13 +721,10 @@ def _tiny_build(weights: object) -> tuple[nn.Module, str, Preprocess]:
             if isinstance(module, nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.2, 0.2)
                 module.running_var.uniform_(0.5, 2.0)
-    if weights in (None, "DEFAULT"):
-        return model, RANDOM_INIT, preprocess
-    if _is_path(weights):
+    if weights not in (None, "DEFAULT"):
         path = Path(weights)
         _load_into(model, _load_state_dict_file(path, "featx_tiny_cnn"), repr(str(path)), "featx_tiny_cnn")
-        return model, _file_weights_name(path), preprocess
-    raise WeightsUnavailableError(f"Unknown weights {weights!r} for 'featx_tiny_cnn': expected 'DEFAULT', a path or None.")
+    return model
 
 
 # --------------------------------------------------------------------------- registry
@@ -675,7 +739,8 @@ def _registry() -> dict[str, BackboneSpec]:
             family="efficientnet-lite",
             offline=True,
             description=f"EfficientNet-Lite{variant}, ImageNet-1k, {_LITE_SIZES[variant][0]} px (weights ship with featx)",
-            build=functools.partial(_lite_build, variant),
+            resolve=functools.partial(_lite_resolve, variant),
+            load=functools.partial(_lite_load, variant),
             architecture=functools.partial(_lite_architecture, variant),
             aliases=_lite_aliases,
             input_size=_LITE_SIZES[variant][0],
@@ -686,7 +751,8 @@ def _registry() -> dict[str, BackboneSpec]:
             family="torchvision",
             offline=False,
             description=f"torchvision {name}, ImageNet-1k (downloaded once, or weights=PATH)",
-            build=functools.partial(_torchvision_build, name),
+            resolve=functools.partial(_torchvision_resolve, name),
+            load=functools.partial(_torchvision_load, name),
             architecture=functools.partial(_torchvision_architecture, name),
             aliases=lambda _model, family=family: dict(_TORCHVISION_ALIASES[family]),
             input_size=299 if name == "inception_v3" else 224,
@@ -696,7 +762,8 @@ def _registry() -> dict[str, BackboneSpec]:
         family="test",
         offline=True,
         description="tiny seeded CNN for tests (32 px, random weights)",
-        build=_tiny_build,
+        resolve=_tiny_resolve,
+        load=_tiny_load,
         architecture=_tiny_architecture,
         aliases=lambda _model: {
             "stem": "stem",
@@ -743,7 +810,8 @@ def _timm_spec(arch: str) -> BackboneSpec:
         family="timm",
         offline=False,
         description=f"timm {arch}",
-        build=functools.partial(_timm_build, arch),
+        resolve=functools.partial(_timm_resolve, arch),
+        load=functools.partial(_timm_load, arch),
         architecture=functools.partial(_timm_architecture, arch),
         aliases=_timm_aliases,
         input_size=size,
@@ -915,7 +983,7 @@ def layer_shape(backbone: str, tap: Tap) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_backbone(name: str = "efficientnet_lite0", *, weights: object = "DEFAULT") -> Backbone:
+def load_backbone(name: str = "efficientnet_lite0", *, weights: object = "DEFAULT", lazy: bool = False) -> Backbone:
     """Build a frozen backbone on the CPU.
 
     Parameters
@@ -926,6 +994,9 @@ def load_backbone(name: str = "efficientnet_lite0", *, weights: object = "DEFAUL
         ``"DEFAULT"`` (the recommended pretrained weights, resolved and recorded by their real
         name), a torchvision enum member name such as ``"IMAGENET1K_V2"``, the path of a local
         state-dict file, or ``None`` for a seeded random init (tests).
+    lazy : bool, default=False
+        Resolve the weights name and preprocessing now, but read the weights only when the
+        network is first used.
 
     Returns
     -------
@@ -946,5 +1017,8 @@ def load_backbone(name: str = "efficientnet_lite0", *, weights: object = "DEFAUL
     (False, False)
     """
     spec = get_spec(name)
-    module, resolved, preprocess = spec.build(weights)
-    return Backbone(spec, _freeze(module), resolved, preprocess)
+    resolved, preprocess = spec.resolve(weights)
+    backbone = Backbone(spec, weights, resolved, preprocess)
+    if not lazy:
+        backbone.module  # noqa: B018 - load now, so that errors surface here
+    return backbone

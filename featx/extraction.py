@@ -469,7 +469,7 @@ def extract(
     """
     source = images if isinstance(images, ImageSource) else open_source(images)
     if not isinstance(backbone, Backbone):
-        backbone = load_backbone(backbone, weights=weights)
+        backbone = load_backbone(backbone, weights=weights, lazy=True)
     requests = make_requests(backbone.name, layers, pooling)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)

@@ -242,3 +242,24 @@ def test_extract_to_store_float16(tmp_path, images):
     f16 = extract(arrays, backbone=TINY, layers=["stage3"], store=tmp_path / "c", device="cpu", dtype="float16")
     assert f16.store.path != f32.store.path and f16.store.dtype == "float16"
     np.testing.assert_allclose(f16["stage3/avg"], f32["stage3/avg"], rtol=2e-3, atol=2e-3)
+
+
+def test_extract_to_store_warm_run_never_loads_weights(tmp_path, images):
+    """Check that a run served from the store does not read the weights at all."""
+    arrays, _ = images
+    extract(arrays, backbone=TINY, layers=["stage1"], store=tmp_path / "c", device="cpu")
+    backbone = load_backbone(TINY, lazy=True)
+    result = extract(arrays, backbone=backbone, layers=["stage1"], store=tmp_path / "c", device="cpu")
+    assert result.n_computed == 0 and not backbone.loaded
+
+
+def test_backbone_pickle_drops_the_network():
+    """Check that a pickled backbone carries no weights and reloads them on use."""
+    import pickle
+
+    backbone = load_backbone(TINY)
+    clone = pickle.loads(pickle.dumps(backbone))
+    assert backbone.loaded and not clone.loaded and clone.weights == backbone.weights
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(clone.module(x), backbone.module(x))
