@@ -11,6 +11,7 @@ requested layer from that one forward pass. Every consumer — the in-memory
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -300,10 +301,12 @@ def open_store(store, config: Mapping, *, dtype: str = "float32"):
     ``store`` is ``True`` (the default cache folder: ``$FEATX_CACHE`` or ``./cache``), a folder,
     a ``.h5`` file path, or an open :class:`~featx.store.FeatureStore`.
     """
-    from featx.store import FeatureStore
+    from featx.store import FeatureStore, canonical_json
 
     if isinstance(store, FeatureStore):
-        return FeatureStore.open(config, path=store.path, dtype=store.dtype, provenance=provenance())
+        if store.config == json.loads(canonical_json(config)) and store.dtype == dtype:
+            return store
+        return FeatureStore.open(config, path=store.path, dtype=dtype, provenance=provenance())
     if store is True:
         return FeatureStore.open(config, dtype=dtype, provenance=provenance())
     path = Path(store)
@@ -497,10 +500,8 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
             first.setdefault(key, i)
     unique = list(first)
     # Per (layer, pooling): the keys the store lacks. Only those are computed and written.
-    need = {}
-    for request in requests:
-        held = feature_store.contains(unique, request.layer, request.pooling) if unique else np.zeros(0, bool)
-        need[request] = {key for key, ok in zip(unique, held) if not ok}
+    held = feature_store.held(unique, [(r.layer, r.pooling) for r in requests]) if unique else {}
+    need = {r: {key for key, ok in zip(unique, held[(r.layer, r.pooling)]) if not ok} for r in requests}
     todo = [r for r in requests if need[r]]
     wanted = set().union(*need.values()) if need else set()
     indices = [first[key] for key in unique if key in wanted]

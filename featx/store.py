@@ -533,6 +533,13 @@ class _MainIndex:
     entries: dict[Entry, _MainEntry] = field(default_factory=dict)
 
 
+# Indexes (sorted keys, chunk offsets) of recently read main files, shared by the FeatureStore
+# instances of one process. A main file is never modified in place and every rewrite gets a new
+# identity (inode, mtime, generation), so an entry can be stale only in being unused.
+_MAIN_INDEXES: dict[str, _MainIndex] = {}
+_MAIN_INDEXES_KEPT = 8
+
+
 @dataclass(frozen=True)
 class _Segment:
     name: str
@@ -1046,6 +1053,10 @@ class FeatureStore:
         ident = _main_ident(f)
         if self._main_cache is not None and self._main_cache.ident == ident:
             return self._main_cache
+        shared = _MAIN_INDEXES.get(str(self.path))
+        if shared is not None and shared.ident == ident:  # another instance already indexed this file
+            self._main_cache = shared
+            return shared
         index = _MainIndex(ident)
         group = f.get("features")
         if isinstance(group, h5py.Group):
@@ -1058,6 +1069,9 @@ class FeatureStore:
                         if len(shape) == 2:
                             index.entries[(layer, pooling)] = _MainEntry(dim=int(shape[1]), n=int(shape[0]))
         self._main_cache = index
+        _MAIN_INDEXES[str(self.path)] = index
+        while len(_MAIN_INDEXES) > _MAIN_INDEXES_KEPT:
+            _MAIN_INDEXES.pop(next(iter(_MAIN_INDEXES)))
         return index
 
     def _run(self, fn: Callable[[_View], T], attempts: int = 4) -> T:
@@ -1485,8 +1499,34 @@ class FeatureStore:
         >>> tmp.cleanup()
         """
         entry = _check_entry((layer, pooling))
+        return self.held(keys, [entry])[entry]
+
+    def held(self, keys: Iterable[str], entries: Iterable[Entry]) -> dict[Entry, np.ndarray]:
+        """Tell which keys have features, for several entries from one look at the store.
+
+        Parameters
+        ----------
+        keys : sequence of str of length n_keys
+        entries : iterable of (layer, pooling)
+
+        Returns
+        -------
+        dict of (layer, pooling) to ndarray of shape (n_keys,), dtype bool
+
+        Examples
+        --------
+        >>> import tempfile, numpy as np
+        >>> from featx.store import FeatureStore
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> store = FeatureStore.open({"backbone": "featx_tiny_cnn"}, cache_dir=tmp.name)
+        >>> store.write(["a" * 32], {("stage1", "avg"): np.ones((1, 4))})
+        >>> store.held(["a" * 32], [("stage1", "avg"), ("stage2", "avg")])
+        {('stage1', 'avg'): array([ True]), ('stage2', 'avg'): array([False])}
+        >>> tmp.cleanup()
+        """
+        wanted = list(dict.fromkeys(_check_entry(e) for e in entries))
         query = _key_array(keys)
-        return self._run(lambda view: view.locate(entry, query)[0] > 0)
+        return self._run(lambda view: {entry: view.locate(entry, query)[0] > 0 for entry in wanted})
 
     def missing(self, keys: Iterable[str], entries: Iterable[Entry]) -> list[str]:
         """Return the keys that lack at least one of the entries: what an extraction must compute.
@@ -1518,16 +1558,10 @@ class FeatureStore:
         query = _key_array(keys)
         _, first = np.unique(query, return_index=True)
         query = query[np.sort(first)]
-
-        def lacking(view: _View) -> np.ndarray:
-            out = np.zeros(query.size, bool)
-            for entry in wanted:
-                out |= view.locate(entry, query)[0] == 0
-            return out
-
         if not wanted or query.size == 0:
             return []
-        return query[self._run(lacking)].astype(f"U{_KEY_LEN}").tolist()
+        lacking = ~np.logical_and.reduce(list(self.held(query, wanted).values()))
+        return query[lacking].astype(f"U{_KEY_LEN}").tolist()
 
     def read(self, keys: Iterable[str], layer: str, pooling: str) -> np.ndarray:
         """Return the features of the keys for one entry, as float32, in the order asked.
