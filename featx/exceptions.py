@@ -12,12 +12,14 @@ from collections.abc import Iterable
 
 __all__ = [
     "CacheMismatchError",
+    "EvaluationError",
     "FeatxError",
     "ImageDecodeError",
     "MissingKeysError",
     "NotFittedError",
     "StoreError",
     "StoreInputError",
+    "UnknownHeadError",
     "UnknownLayerError",
     "UnknownModelError",
     "UnknownPoolingError",
@@ -32,6 +34,14 @@ class FeatxError(Exception):
 
 class UnknownModelError(FeatxError, ValueError):
     """A backbone name that is not in the registry."""
+
+
+class UnknownHeadError(FeatxError, ValueError):
+    """A head name that is not one of featx.heads.HEADS."""
+
+
+class EvaluationError(FeatxError, ValueError):
+    """Features, labels or settings that a head cannot be fitted or evaluated with."""
 
 
 class UnknownLayerError(FeatxError, ValueError):

@@ -11,19 +11,18 @@ Probabilities of the SVMs come from ``CalibratedClassifierCV(svm, method="temper
 ensemble=False)`` added by :func:`fit_head`: scikit-learn 1.9 deprecates
 ``SVC(probability=True)`` and names this as its replacement, ``LinearSVC`` has no probabilities
 at all, and temperature scaling divides the decision values by one fitted number, so the
-arg-max, hence every prediction, is the one :func:`evaluate` scored.
+arg-max, hence every prediction, is the one :func:`evaluate` scored. Temperature scaling needs
+scikit-learn >= 1.8.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections import Counter
 from numbers import Integral, Real
 
 import numpy as np
-from joblib import Parallel, delayed
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -38,9 +37,10 @@ from sklearn.model_selection import GridSearchCV, RepeatedStratifiedKFold, Strat
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.parallel import Parallel, delayed
 from threadpoolctl import threadpool_limits
 
-from featx.exceptions import FeatxError, suggest
+from featx.exceptions import EvaluationError, FeatxError, UnknownHeadError, suggest
 
 __all__ = [
     "HEADS",
@@ -65,21 +65,13 @@ HEADS: tuple[str, ...] = ("logreg", "linear-svm", "rbf-svm")
 _GRID = {
     "logreg": {"classifier__C": (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)},
     "linear-svm": {"classifier__C": (1e-3, 1e-2, 1e-1, 1.0)},
-    "rbf-svm": {"classifier__C": (0.1, 1.0, 10.0), "classifier__gamma": (0.25, 1.0, 4.0)},
+    "rbf-svm": {"classifier__C": (1.0, 10.0), "classifier__gamma": (0.25, 1.0, 4.0)},
 }
 _RELATIVE = {"logreg": {"classifier__C"}, "linear-svm": {"classifier__C"},
              "rbf-svm": {"classifier__gamma"}}
 _MAX_ITER = {"logreg": 500, "linear-svm": 1000}
 # LinearSVC at tol=1e-3 scored as at its default 1e-4 on those features, 20 % faster.
 _LINEAR_SVM_TOL = 1e-3
-
-
-class UnknownHeadError(FeatxError, ValueError):
-    """A head name that is not one of :data:`HEADS`."""
-
-
-class EvaluationError(FeatxError, ValueError):
-    """Features, labels or settings that a head cannot be fitted or evaluated with."""
 
 
 def _check_head(head: str) -> str:
@@ -150,7 +142,7 @@ def make_head(
     >>> make_head("svm")
     Traceback (most recent call last):
     ...
-    featx.heads.UnknownHeadError: Unknown head 'svm'. Did you mean 'rbf-svm'? Choose one of logreg, linear-svm, rbf-svm.
+    featx.exceptions.UnknownHeadError: Unknown head 'svm'. Did you mean 'rbf-svm'? Choose one of logreg, linear-svm, rbf-svm.
     """
     _check_head(head)
     pca = _check_pca(pca)
@@ -199,7 +191,7 @@ def param_grid(head: str = "logreg", *, n_features: float | None = None) -> dict
 
         - ``"logreg"``: ``classifier__C`` = (1e-3 … 1e2) / n_features, 6 values;
         - ``"linear-svm"``: ``classifier__C`` = (1e-3 … 1) / n_features, 4 values;
-        - ``"rbf-svm"``: ``classifier__C`` = 0.1, 1, 10 and ``classifier__gamma`` =
+        - ``"rbf-svm"``: ``classifier__C`` = 1, 10 and ``classifier__gamma`` =
           (0.25, 1, 4) / n_features, where 1 / n_features is ``gamma="scale"`` on standardised
           features.
 
@@ -245,8 +237,10 @@ def _check_X_y(X, y):
         )
     if X.dtype.kind not in "fiub":
         raise EvaluationError(f"X must hold numbers; got dtype {X.dtype}.")
-    if X.dtype.kind != "f":
-        X = X.astype(np.float64)
+    if X.dtype not in (np.float32, np.float64):  # float16 stores, integer arrays
+        X = X.astype(np.float32 if X.dtype == np.float16 else np.float64)
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise EvaluationError(f"X is empty: shape {X.shape}.")
     y = np.asarray(y)
     if y.ndim != 1:
         raise EvaluationError(f"y must be a 1-D array of labels; got shape {y.shape}.")
@@ -287,6 +281,21 @@ def _check_classes(y, *, min_members: int = 2):
     return classes, counts
 
 
+def _check_class_weight(class_weight, classes) -> None:
+    if isinstance(class_weight, dict):
+        unknown = [k for k in class_weight if k not in set(classes.tolist())]
+        if unknown:
+            raise EvaluationError(
+                f"class_weight names labels that are not in y: {unknown}; "
+                f"the classes are {[str(c) for c in classes]}."
+            )
+    elif class_weight not in (None, "balanced"):
+        raise EvaluationError(
+            f"class_weight must be None, 'balanced' or a dict of label to weight; "
+            f"got {class_weight!r}."
+        )
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if not isinstance(value, Integral) or isinstance(value, bool) or value < minimum:
         raise EvaluationError(f"{name} must be an integer >= {minimum}; got {value!r}.")
@@ -324,10 +333,10 @@ def _grid_for(X, head, *, tune, l2_normalize, pca, random_state):
     return param_grid(head, n_features=reference)
 
 
-def _check_pca_size(pca, n_train: int, n_features: int) -> None:
+def _check_pca_size(pca, n_train: int, n_features: int, where: str = "X") -> None:
     if isinstance(pca, int) and pca > min(n_train, n_features):
         raise EvaluationError(
-            f"pca={pca} components, but a training fold has {n_train} samples and X has "
+            f"pca={pca} components, but {where} has {n_train} samples and X has "
             f"{n_features} features; choose pca <= {min(n_train, n_features)} or a variance "
             "fraction such as pca=0.95."
         )
@@ -360,7 +369,7 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
         n_train = len(y)
         if folds is not None and (grid is not None or calibrate):
             n_train = min(len(train) for train, _ in folds.split(X, y))
-        _check_pca_size(pca, n_train, X.shape[1])
+        _check_pca_size(pca, n_train, X.shape[1], where="a training fold")
     with warnings.catch_warnings(record=True) as caught, threadpool_limits(1):
         warnings.simplefilter("always", ConvergenceWarning)
         if grid is not None and folds is not None:
@@ -394,18 +403,19 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
 
 
 def _evaluate_fold(X, y, train, test, **kwargs):
-    start = time.perf_counter()
+    """Fit on one outer training part, predict its test fold."""
     pipeline, params, info = _fit_one(X[train], y[train], calibrate=False, **kwargs)
     with threadpool_limits(1):
         y_pred = pipeline.predict(X[test])
-    return y_pred, params, info, time.perf_counter() - start
+    return y_pred, params, info
 
 
 def _convergence_note(head, n_not_converged, n_fits):
     return (
-        f"{n_not_converged} of {n_fits} fits stopped at max_iter={_MAX_ITER.get(head)} before "
-        "converging (ConvergenceWarning silenced); these are mostly weakly regularised grid "
-        "points, and the scores of a fold may be slightly pessimistic."
+        f"{n_not_converged} of {n_fits} {head} fits stopped at their iteration limit "
+        f"(max_iter={_MAX_ITER.get(head)}) before converging; this sums up their "
+        "ConvergenceWarnings. These are mostly weakly regularised grid points; the scores may "
+        "be slightly pessimistic."
     )
 
 
@@ -414,6 +424,55 @@ def _settings(class_weight, l2_normalize, pca, tune, random_state, inner_cv):
         class_weight = {str(k): float(v) for k, v in class_weight.items()}
     return {"class_weight": class_weight, "l2_normalize": bool(l2_normalize), "pca": pca,
             "tune": bool(tune), "inner_cv": inner_cv, "random_state": random_state}
+
+
+def _per_class(matrix: np.ndarray, names: list[str]) -> dict:
+    per_class = {}
+    for i, name in enumerate(names):
+        predicted, actual, hits = matrix[:, i].sum(), matrix[i, :].sum(), matrix[i, i]
+        precision = float(hits / predicted) if predicted else 0.0
+        recall = float(hits / actual) if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": float(f1),
+                           "support": int(actual)}
+    return per_class
+
+
+def score_predictions(y_true, y_pred, *, classes) -> dict:
+    """Score predictions against true labels: the metrics every featx report uses.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples,)
+    classes : array-like of shape (n_classes,)
+        Every class, in the order of the confusion matrix (classes absent from ``y_true``
+        still get a row).
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``classes`` (str),
+        ``per_class`` (precision, recall, f1, support) and ``confusion_matrix`` (rows true,
+        columns predicted).
+
+    Examples
+    --------
+    >>> report = score_predictions(["a", "b", "b"], ["a", "b", "a"], classes=["a", "b"])
+    >>> round(report["accuracy"], 3), report["confusion_matrix"]
+    (0.667, [[1, 0], [1, 1]])
+    """
+    classes = np.asarray(classes)
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    matrix = confusion_matrix(y_true, y_pred, labels=classes)
+    names = [str(c) for c in classes]
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
+        "classes": names,
+        "per_class": _per_class(matrix, names),
+        "confusion_matrix": matrix.tolist(),
+    }
 
 
 def evaluate(
@@ -523,6 +582,8 @@ def evaluate(
     inner_cv = _check_int("inner_cv", inner_cv, 2)
     X, y = _check_X_y(X, y)
     classes, counts = _check_classes(y)
+    _check_pca_size(pca, len(X), X.shape[1])
+    _check_class_weight(class_weight, classes)
     names = [str(c) for c in classes]
     notes = []
 
@@ -556,14 +617,12 @@ def evaluate(
     fold_accuracy, fold_balanced, fold_f1, best_params = [], [], [], []
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     reduced, untuned, n_fits, n_not_converged = [], [], 0, 0
-    for (train, test), (y_pred, params, info, _) in zip(splits, results):
-        y_true = y[test]
-        fold_accuracy.append(float(accuracy_score(y_true, y_pred)))
-        fold_balanced.append(float(balanced_accuracy_score(y_true, y_pred)))
-        fold_f1.append(
-            float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0))
-        )
-        matrix += confusion_matrix(y_true, y_pred, labels=classes)
+    for (train, test), (y_pred, params, info) in zip(splits, results):
+        scores = score_predictions(y[test], y_pred, classes=classes)
+        fold_accuracy.append(scores["accuracy"])
+        fold_balanced.append(scores["balanced_accuracy"])
+        fold_f1.append(scores["macro_f1"])
+        matrix += np.asarray(scores["confusion_matrix"], dtype=np.int64)
         best_params.append(params)
         n_fits += info["n_fits"]
         n_not_converged += info["n_not_converged"]
@@ -591,14 +650,7 @@ def evaluate(
     if n_not_converged:
         notes.append(_convergence_note(head, n_not_converged, n_fits))
 
-    per_class = {}
-    for i, name in enumerate(names):
-        predicted, actual, hits = matrix[:, i].sum(), matrix[i, :].sum(), matrix[i, i]
-        precision = float(hits / predicted) if predicted else 0.0
-        recall = float(hits / actual) if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": float(f1),
-                           "support": int(actual)}
+    per_class = _per_class(matrix, names)
     counted = Counter(tuple(sorted(p.items())) for p in best_params)
     chosen = dict(counted.most_common(1)[0][0]) if best_params else {}
 
@@ -695,6 +747,8 @@ def fit_head(
     inner_cv = _check_int("inner_cv", inner_cv, 2)
     X, y = _check_X_y(X, y)
     classes, counts = _check_classes(y)
+    _check_pca_size(pca, len(X), X.shape[1])
+    _check_class_weight(class_weight, classes)
     if counts.min() < inner_cv:
         small = ", ".join(f"{str(n)!r} ({int(c)})" for n, c in zip(classes, counts) if c < inner_cv)
         warnings.warn(
