@@ -331,6 +331,8 @@ class ExtractionResult(Mapping):
         Positions of the source that have features.
     skipped : list of (str, str)
         ``(image, reason)`` for every image that was skipped.
+    skipped_positions : list of int
+        Their positions in the source, in the same order.
     n_computed : int
         Images that went through the network in this run (the others came from the store).
     seconds : float
@@ -342,6 +344,7 @@ class ExtractionResult(Mapping):
         self.source = source
         self.keys = keys
         self.requests = list(requests)
+        self.skipped_positions = list(skipped_positions)
         bad = set(skipped_positions)
         self.kept = np.array([i for i, key in enumerate(keys) if key is not None and i not in bad], dtype=np.int64)
         self.skipped = skipped

@@ -1,0 +1,160 @@
+"""Compare layers, poolings, heads and backbones on one labelled data set.
+
+Built from the other modules: one :func:`featx.extract` per backbone (every requested layer and
+pooling from one forward pass per image, through the feature store), then
+:func:`featx.heads.evaluate` per (layer, pooling, head). It owns no loop of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from featx.backbones import load_backbone
+from featx.exceptions import FeatxError
+from featx.extraction import extract
+from featx.heads import evaluate
+from featx.images import ImageSource, open_source
+
+__all__ = ["best_row", "compare_layers", "kept_labels"]
+
+
+def _names(value) -> list[str]:
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    return list(value)
+
+
+def kept_labels(result) -> np.ndarray:
+    """Labels of the images an extraction kept; raises if the source has none."""
+    source = result.source
+    if source.labels is None:
+        raise FeatxError(
+            f"{source.name} has no labels: this needs a folder of class sub-folders, a CSV with a "
+            f"'label' column, or a built-in dataset."
+        )
+    return source.labels[result.kept]
+
+
+def compare_layers(
+    source,
+    *,
+    backbones: str | Sequence[str] = ("efficientnet_lite0",),
+    layers: str | Sequence[str] = "all",
+    poolings: str | Sequence[str] = ("avg",),
+    heads: str | Sequence[str] = ("logreg",),
+    cv: int = 5,
+    repeats: int = 1,
+    random_state: int = 0,
+    weights: object = "DEFAULT",
+    store=True,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    num_workers: int | str = "auto",
+    on_error: str = "skip",
+    progress: bool | None = None,
+    n_jobs: int | None = None,
+    report=None,
+) -> list[dict]:
+    """Cross-validate a head on every (backbone, layer, pooling) of a labelled image set.
+
+    Parameters
+    ----------
+    source : ImageSource or anything :func:`featx.images.open_source` accepts
+        Labelled images.
+    backbones : str or sequence of str, default=("efficientnet_lite0",)
+    layers : str or sequence of str, default="all"
+        Layer names, or ``"all"`` (every alias but ``logits``), for every backbone.
+    poolings : str or sequence of str, default=("avg",)
+    heads : str or sequence of str, default=("logreg",)
+        Heads of :mod:`featx.heads`.
+    cv, repeats, random_state
+        Outer cross-validation of :func:`featx.heads.evaluate`.
+    weights, store, batch_size, device, precision, num_workers, on_error, progress
+        Extraction options of :func:`featx.extract`; ``store=True`` uses the cache folder.
+    n_jobs : int, optional
+        Outer folds evaluated in parallel.
+    report : callable, optional
+        Called with each row as soon as it is ready (progress for long comparisons).
+
+    Returns
+    -------
+    list of dict
+        One row per (backbone, layer, pooling, head), in backbone and depth order: ``model``,
+        ``layer``, ``depth`` (0 = first layer listed), ``pooling``, ``head``, ``dim``,
+        ``accuracy_mean``, ``accuracy_std``, ``balanced_accuracy``, ``macro_f1``,
+        ``chosen_params``, ``n_images``, ``n_classes``, ``cv``, ``extraction_time`` (seconds
+        this run spent extracting for the backbone, 0 when all came from the store),
+        ``fit_time``, and ``notes``.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> rng = np.random.default_rng(0)
+    >>> images = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    >>> images[6:] //= 4  # the second class is darker
+    >>> rows = compare_layers(open_source(images, labels=[0] * 6 + [1] * 6), backbones="featx_tiny_cnn",
+    ...                       layers=["stage1", "pre_logits"], cv=3, device="cpu", store=tempfile.mkdtemp())
+    >>> [(row["layer"], row["dim"], row["accuracy_mean"]) for row in rows]
+    [('stage1', 16, 1.0), ('pre_logits', 32, 1.0)]
+    """
+    source = source if isinstance(source, ImageSource) else open_source(source)
+    rows = []
+    for name in _names(backbones):
+        backbone = load_backbone(name, weights=weights, lazy=True)
+        start = time.perf_counter()
+        result = extract(
+            source,
+            backbone=backbone,
+            layers=layers,
+            pooling=_names(poolings),
+            store=store,
+            on_error=on_error,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        extraction_time = time.perf_counter() - start if result.n_computed else 0.0
+        y = kept_labels(result)
+        depths = {}
+        for request in result.requests:
+            depths.setdefault(request.layer, len(depths))
+        for request in result.requests:
+            X = result[request.key]
+            for head in _names(heads):
+                evaluation = evaluate(X, y, head=head, cv=cv, repeats=repeats, random_state=random_state, n_jobs=n_jobs)
+                row = {
+                    "model": backbone.name,
+                    "layer": request.layer,
+                    "depth": depths[request.layer],
+                    "pooling": request.pooling,
+                    "head": head,
+                    "dim": int(X.shape[1]),
+                    "accuracy_mean": evaluation["accuracy_mean"],
+                    "accuracy_std": evaluation["accuracy_std"],
+                    "balanced_accuracy": evaluation["balanced_accuracy"],
+                    "macro_f1": evaluation["macro_f1"],
+                    "chosen_params": evaluation["chosen_params"],
+                    "n_images": int(len(y)),
+                    "n_classes": evaluation["n_classes"],
+                    "cv": evaluation["cv"],
+                    "extraction_time": extraction_time,
+                    "fit_time": evaluation["fit_time"],
+                    "notes": evaluation["notes"],
+                }
+                rows.append(row)
+                if report is not None:
+                    report(row)
+    return rows
+
+
+def best_row(rows: Sequence[dict]) -> dict:
+    """The row with the highest mean accuracy (the earliest, i.e. shallowest, on a tie)."""
+    if not rows:
+        raise FeatxError("No rows to choose from: nothing was evaluated.")
+    return max(rows, key=lambda row: (row["accuracy_mean"], -row["depth"]))

@@ -1,0 +1,284 @@
+"""Model files: fit a head on a labelled image set, save it, load it, predict and evaluate.
+
+A :class:`FeatxModel` is a fitted :class:`~featx.transformers.CNNFeatures` (the extraction
+configuration, without weights) and a fitted head pipeline. Its :attr:`~FeatxModel.pipeline` is
+an ordinary scikit-learn pipeline from images to labels; :func:`predict` and
+:func:`evaluate_model` go through the feature store, so images seen before cost no forward pass.
+
+Model files are joblib pickles: load only files from a source you trust, as you would run code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import joblib
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from featx.backbones import load_backbone
+from featx.compare import kept_labels
+from featx.exceptions import FeatxError
+from featx.extraction import extract
+from featx.heads import fit_head, score_predictions
+from featx.images import ImageSource, describe, open_source
+from featx.transformers import CNNFeatures
+
+__all__ = ["FeatxModel", "evaluate_model", "fit_model", "load_model", "predict", "save_model"]
+
+FORMAT = "featx-model"
+FORMAT_VERSION = 1
+
+
+class ModelFileError(FeatxError, ValueError):
+    """A model file that cannot be used: not a featx model, another version, or a backbone it cannot build."""
+
+
+@dataclass
+class FeatxModel:
+    """A fitted image classifier: frozen-CNN features and a scikit-learn head.
+
+    Attributes
+    ----------
+    features : CNNFeatures
+        Fitted; holds the backbone, weights, layer(s), pooling(s) and precision.
+    head : sklearn.pipeline.Pipeline
+        The fitted head (scaler → classifier), trained on ``features`` output.
+    classes : list of str
+    info : dict
+        ``featx_version``, ``created``, ``head``, ``chosen_params``, ``trained_on``,
+        ``n_images``, ``weights``.
+    """
+
+    features: CNNFeatures
+    head: Pipeline
+    classes: list[str]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The scikit-learn pipeline from images to labels."""
+        return Pipeline([("cnnfeatures", self.features), ("head", self.head)])
+
+    def extraction_kwargs(self) -> dict:
+        f = self.features
+        return {
+            "backbone": f.backbone_,
+            "layers": list(dict.fromkeys(r.layer for r in f.requests_)),
+            "pooling": list(dict.fromkeys(r.pooling for r in f.requests_)),
+            "batch_size": f.batch_size,
+            "device": f.device_,
+            "precision": f.precision_,
+            "num_workers": f.num_workers,
+            "store": None if f.cache in (None, False) else f.cache,
+        }
+
+    def describe(self) -> str:
+        f = self.features
+        return (
+            f"{self.info.get('head')} on {f.backbone} {f.layer}/{f.pooling} ({f.weights_}), "
+            f"{len(self.classes)} classes, trained on {self.info.get('n_images')} images"
+        )
+
+
+def _features_matrix(result, requests) -> np.ndarray:
+    blocks = [np.asarray(result[r.key], dtype=np.float32) for r in requests]
+    return np.hstack(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def fit_model(
+    source,
+    *,
+    backbone: str = "efficientnet_lite0",
+    layer="pre_logits",
+    pooling="avg",
+    head: str = "logreg",
+    weights: object = "DEFAULT",
+    inner_cv: int = 3,
+    random_state: int = 0,
+    class_weight=None,
+    store=True,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    num_workers="auto",
+    on_error: str = "skip",
+    progress: bool | None = None,
+) -> tuple[FeatxModel, object]:
+    """Tune a head by inner cross-validation on all of ``source`` and refit it.
+
+    Parameters
+    ----------
+    source : ImageSource or anything :func:`featx.images.open_source` accepts
+        Labelled images.
+    backbone, layer, pooling, weights
+        What to extract (see :class:`~featx.transformers.CNNFeatures`).
+    head : {"logreg", "linear-svm", "rbf-svm"}, default="logreg"
+    inner_cv, random_state, class_weight
+        See :func:`featx.heads.fit_head`.
+    store, batch_size, device, precision, num_workers, on_error, progress
+        Extraction options of :func:`featx.extract`.
+
+    Returns
+    -------
+    model : FeatxModel
+    extraction : ExtractionResult
+        What the extraction did (counts, skipped images, timing).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> rng = np.random.default_rng(0)
+    >>> images = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    >>> images[6:] //= 4
+    >>> model, _ = fit_model(open_source(images, labels=["light"] * 6 + ["dark"] * 6), backbone="featx_tiny_cnn",
+    ...                      layer="stage1", device="cpu", store=tempfile.mkdtemp())
+    >>> model.classes, predict(model, images[:2])[0]["label"]
+    (['dark', 'light'], 'light')
+    """
+    source = source if isinstance(source, ImageSource) else open_source(source)
+    features = CNNFeatures(
+        backbone,
+        weights=weights,
+        layer=layer,
+        pooling=pooling,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        cache=store,
+        num_workers=num_workers,
+    ).fit()
+    result = extract(
+        source,
+        backbone=features.backbone_,
+        layers=list(dict.fromkeys(r.layer for r in features.requests_)),
+        pooling=list(dict.fromkeys(r.pooling for r in features.requests_)),
+        store=store,
+        on_error=on_error,
+        batch_size=batch_size,
+        device=features.device_,
+        precision=features.precision_,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    y = kept_labels(result)
+    X = _features_matrix(result, features.requests_)
+    fitted, params = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state, class_weight=class_weight)
+    from featx import __version__
+
+    model = FeatxModel(
+        features=features,
+        head=fitted,
+        classes=[str(c) for c in fitted.classes_],
+        info={
+            "featx_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "head": head,
+            "chosen_params": params,
+            "trained_on": source.name,
+            "n_images": int(len(y)),
+            "weights": features.weights_,
+        },
+    )
+    return model, result
+
+
+def save_model(model: FeatxModel, path: str | os.PathLike) -> None:
+    """Write a model file (a joblib pickle: the head and the extraction configuration, no weights)."""
+    from featx import __version__
+
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "featx_version": __version__, "model": model}
+    joblib.dump(payload, path)
+
+
+def load_model(path: str | os.PathLike) -> FeatxModel:
+    """Read a model file and check that this installation can use it.
+
+    Raises
+    ------
+    ModelFileError
+        If the file is not a featx model, was written by another featx major version, or needs
+        a backbone or weights this machine cannot provide (the message says which and how).
+    """
+    from featx import __version__
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"Model file {str(path)!r} does not exist; create one with 'featx fit DATA -o {path}'.")
+    try:
+        payload = joblib.load(path)
+    except Exception as exc:  # unpickling errors of every kind mean "not a model file we can read"
+        raise ModelFileError(f"Cannot read model file {str(path)!r} ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{str(path)!r} is not a featx model file; create one with 'featx fit'.")
+    saved = str(payload.get("featx_version"))
+    if payload.get("format_version") != FORMAT_VERSION or saved.split(".")[0] != __version__.split(".")[0]:
+        raise ModelFileError(
+            f"Model file {str(path)!r} was written by featx {saved} (format {payload.get('format_version')}); "
+            f"this is featx {__version__} (format {FORMAT_VERSION}). Refit it with 'featx fit'."
+        )
+    model = payload["model"]
+    features = model.features
+    try:
+        backbone = load_backbone(features.backbone, weights=features.weights, lazy=True)
+    except FeatxError as exc:
+        raise ModelFileError(f"Model file {str(path)!r} needs backbone {features.backbone!r}: {exc}") from exc
+    if backbone.weights != features.weights_:
+        raise ModelFileError(
+            f"Model file {str(path)!r} was trained with weights {features.weights_!r}, but here "
+            f"{features.backbone!r} resolves to {backbone.weights!r}: install the same weights or refit the model."
+        )
+    features.backbone_ = backbone
+    return model
+
+
+def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool | None = None) -> list[dict]:
+    """Predict labels and class probabilities of images, through the feature store.
+
+    Returns
+    -------
+    list of dict
+        One row per input image, in order: ``image``, ``label`` (``None`` when skipped),
+        ``error`` (the reason, for skipped images), and ``p_<class>`` per class.
+    """
+    source = images if isinstance(images, ImageSource) else open_source(images)
+    result = extract(source, on_error=on_error, progress=progress, **model.extraction_kwargs())
+    rows = [{"image": describe(source[i], i), "label": None, "error": None} for i in range(len(source))]
+    for position, (_, reason) in zip(result.skipped_positions, result.skipped):
+        rows[position]["error"] = reason
+    if len(result.kept):
+        X = _features_matrix(result, model.features.requests_)
+        proba = model.head.predict_proba(X)
+        labels = model.head.classes_[proba.argmax(axis=1)]
+        for i, p, label in zip(result.kept, proba, labels):
+            rows[i]["label"] = str(label)
+            rows[i].update({f"p_{c}": float(v) for c, v in zip(model.classes, p)})
+    return rows
+
+
+def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None) -> dict:
+    """Score a model on held-out labelled images.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``,
+        ``classes``, ``n_images`` and ``skipped``.
+    """
+    source = source if isinstance(source, ImageSource) else open_source(source)
+    result = extract(source, on_error=on_error, progress=progress, **model.extraction_kwargs())
+    y = kept_labels(result)
+    unknown = sorted(set(y) - set(model.classes))
+    if unknown:
+        raise FeatxError(
+            f"{source.name} holds classes the model was not trained on: {unknown}; the model knows {model.classes}."
+        )
+    X = _features_matrix(result, model.features.requests_)
+    report = score_predictions(y, model.head.predict(X), classes=model.classes)
+    report.update(
+        n_images=int(len(y)),
+        skipped=[{"image": name, "reason": reason} for name, reason in result.skipped],
+        model=model.describe(),
+    )
+    return report
