@@ -12,6 +12,9 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
+    "CNNFeatures": "featx.transformers",
+    "compare_layers": "featx.compare",
+    "evaluate": "featx.heads",
     "extract": "featx.extraction",
     "list_backbones": "featx.backbones",
     "list_layers": "featx.backbones",

@@ -102,22 +102,31 @@ def cmd_layers(args) -> int:
     return 0
 
 
-def demo(*, model: str = "efficientnet_lite0", per_class: int = 30, out=print) -> dict:
-    """The main job until heads land: layers of the default backbone and digits features."""
-    from featx.extraction import extract
+CV_COLUMNS = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "balanced_accuracy", "fit_time"]
+
+
+def demo(*, model: str = "efficientnet_lite0", per_class: int | None = None, cv: int = 5, out=print) -> list[dict]:
+    """The main job: digits through a backbone, every stage, logistic regression per layer."""
+    from featx.compare import best_row, compare_layers
     from featx.images import open_source
 
+    start = time.perf_counter()
     out(f"Layers of {model}:")
     out(format_table(layer_rows(model)))
     source = open_source("digits", per_class=per_class)
-    out(f"\nExtracting every stage of {len(source)} digits images ({per_class} per class) …")
-    start = time.perf_counter()
-    features = extract(source, backbone=model, layers="all", pooling="avg")
-    seconds = time.perf_counter() - start
-    rows = [{"features": key, "shape": value.shape} for key, value in features.items()]
-    out(format_table(rows))
-    out(f"{len(source)} images in {seconds:.1f} s ({len(source) / seconds:.1f} images/s)")
-    return {"n_images": len(source), "seconds": seconds, "shapes": {k: v.shape for k, v in features.items()}}
+    out(
+        f"\nscikit-learn's digits: {len(source)} images of {source.n_classes} classes (8x8 pixels, unlike "
+        f"ImageNet). Features of every stage, then {cv}-fold cross-validated logistic regression per layer …"
+    )
+    rows = compare_layers(source, backbones=model, layers="all", poolings="avg", heads="logreg", cv=cv)
+    out(format_table(rows, CV_COLUMNS))
+    best = best_row(rows)
+    out(
+        f"\nbest layer: {best['layer']} ({best['pooling']} pooling, {best['dim']} features): "
+        f"accuracy {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}"
+    )
+    out(f"total time: {time.perf_counter() - start:.1f} s (run it again: the features come from the store)")
+    return rows
 
 
 def cmd_demo(args) -> int:
@@ -231,6 +240,117 @@ def cmd_cache(args) -> int:
     return 0 if args.action != "verify" or report["ok"] else 1
 
 
+def _source_problems(source) -> None:
+    for path, reason in source.problems:
+        print(f"featx: warning: {path}: {reason}", file=sys.stderr)
+
+
+def _report_skipped(skipped) -> None:
+    if skipped:
+        print(f"featx: skipped {len(skipped)} images:", file=sys.stderr)
+        for name, reason in skipped:
+            print(f"  {name}: {reason}", file=sys.stderr)
+
+
+def cmd_cv(args) -> int:
+    from featx.compare import best_row, compare_layers
+
+    source = _open_data(args)
+    _source_problems(source)
+    kwargs = _extraction_kwargs(args)
+    rows = compare_layers(
+        source,
+        backbones=kwargs.pop("backbone"),
+        layers=args.layers,
+        poolings=args.pool,
+        heads=args.head,
+        cv=args.cv,
+        repeats=args.repeats,
+        random_state=args.seed,
+        n_jobs=args.jobs,
+        **kwargs,
+    )
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(format_table(rows, CV_COLUMNS))
+    best = best_row(rows)
+    print(
+        f"\nbest: {best['layer']} / {best['pooling']} / {best['head']}: accuracy {best['accuracy_mean']:.3f} "
+        f"± {best['accuracy_std']:.3f} ({best['n_images']} images, {best['cv']}-fold)"
+    )
+    return 0
+
+
+def cmd_fit(args) -> int:
+    from featx.models import fit_model, save_model
+
+    source = _open_data(args)
+    _source_problems(source)
+    kwargs = _extraction_kwargs(args)
+    model, result = fit_model(
+        source,
+        layer=args.layers,
+        pooling=args.pool,
+        head=args.head,
+        inner_cv=args.cv,
+        random_state=args.seed,
+        **kwargs,
+    )
+    _report_skipped(result.skipped)
+    save_model(model, args.output)
+    print(f"{model.describe()}; chosen {model.info['chosen_params']}")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    from featx.images import open_source
+    from featx.models import load_model, predict
+
+    model = load_model(args.model_file)
+    images = args.images[0] if len(args.images) == 1 else list(args.images)
+    source = open_source(images, allow_outside_root=args.allow_outside_root)
+    _source_problems(source)
+    rows = predict(model, source)
+    columns = ["image", "label", "error", *(f"p_{c}" for c in model.classes)]
+    handle = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    finally:
+        if args.output:
+            handle.close()
+    failed = [row for row in rows if row["error"]]
+    if args.output:
+        print(f"{len(rows) - len(failed)} predictions written to {args.output}", file=sys.stderr)
+    _report_skipped([(row["image"], row["error"]) for row in failed])
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from featx.models import evaluate_model, load_model
+
+    model = load_model(args.model_file)
+    source = _open_data(args)
+    _source_problems(source)
+    report = evaluate_model(model, source)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(report["model"])
+    print(
+        f"held-out accuracy {report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
+        f"macro-F1 {report['macro_f1']:.4f} on {report['n_images']} images"
+    )
+    print(format_table([{"class": c, **v} for c, v in report["per_class"].items()]))
+    _report_skipped([(s["image"], s["reason"]) for s in report["skipped"]])
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -270,6 +390,19 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
 
 
 
+def _add_head_options(p: argparse.ArgumentParser, *, several: bool) -> None:
+    g = p.add_argument_group("head")
+    g.add_argument(
+        "--head",
+        default="logreg",
+        help=("comma-separated: " if several else "") + "logreg, linear-svm or rbf-svm (default: %(default)s)",
+    )
+    g.add_argument("--cv", type=int, default=5 if several else 3, help="cross-validation folds (default: %(default)s)")
+    if several:
+        g.add_argument("--repeats", type=int, default=1, help="repetitions of the outer folds (default: %(default)s)")
+        g.add_argument("--jobs", type=int, default=None, help="outer folds in parallel (default: 1; -1: all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="featx",
@@ -281,12 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the main job: digits through efficientnet_lite0",
-        description="List the default backbone's layers and extract features of scikit-learn's digits.",
+        help="the main job: digits through efficientnet_lite0, every layer cross-validated",
+        description="List the default backbone's layers, extract every stage of scikit-learn's digits "
+        "and cross-validate a logistic regression per layer; prints the table and the best layer.",
         epilog="Example: featx demo",
     )
     p.add_argument("--model", default="efficientnet_lite0", help="backbone (default: %(default)s)")
-    p.add_argument("--per-class", type=int, default=30, help="digits per class (default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=None, help="digits per class (default: all)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -322,6 +456,56 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extraction_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser(
+        "cv",
+        help="cross-validate heads on layers of a labelled data set",
+        description="Extract what the store lacks, then evaluate each (layer, pooling, head) by nested, "
+        "stratified cross-validation and print a table.",
+        epilog="Example: featx cv fashion-mnist --per-class 100 --layers all --pool avg --head logreg --json",
+    )
+    _add_data_options(p)
+    _add_extraction_options(p, layers_default="all")
+    _add_head_options(p, several=True)
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser(
+        "fit",
+        help="tune and fit a head on all of DATA, save the model",
+        description="Tune the head's hyper-parameters by cross-validation on DATA, refit on all of it, and "
+        "save one model file (the head, the extraction configuration, the class names, the featx version). "
+        "Model files are pickles: share and load them only as you would code.",
+        epilog="Example: featx fit data/train --layers stage4 --pool spp --head logreg -o model.joblib",
+    )
+    _add_data_options(p)
+    _add_extraction_options(p)
+    _add_head_options(p, several=False)
+    p.add_argument("-o", "--output", required=True, help="model file to write")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict labels of images with a saved model",
+        description="Write image, predicted label and class probabilities as CSV, reusing the feature store.",
+        epilog="Example: featx predict model.joblib data/new -o predictions.csv",
+    )
+    p.add_argument("model_file", metavar="MODEL", help="a model file written by 'featx fit'")
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files, a folder, or a CSV with a path column")
+    p.add_argument("-o", "--output", default=None, help="CSV file to write (default: standard output)")
+    p.add_argument("--allow-outside-root", action="store_true", help="accept CSV paths outside the CSV's folder")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="held-out accuracy of a saved model on labelled data",
+        description="Score a saved model on a labelled folder, CSV or built-in dataset.",
+        epilog="Example: featx fit data/train -o m.joblib && featx evaluate m.joblib data/val",
+    )
+    p.add_argument("model_file", metavar="MODEL", help="a model file written by 'featx fit'")
+    _add_data_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "cache",

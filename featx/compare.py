@@ -7,8 +7,13 @@ pooling from one forward pass per image, through the feature store), then
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -17,8 +22,9 @@ from featx.exceptions import FeatxError
 from featx.extraction import extract
 from featx.heads import evaluate
 from featx.images import ImageSource, open_source
+from featx.store import canonical_json
 
-__all__ = ["best_row", "compare_layers", "kept_labels"]
+__all__ = ["best_row", "cached_evaluate", "compare_layers", "kept_labels"]
 
 
 def _names(value) -> list[str]:
@@ -38,6 +44,41 @@ def kept_labels(result) -> np.ndarray:
     return source.labels[result.kept]
 
 
+def _reports_folder(store) -> Path | None:
+    return None if store is None else Path(str(store.path) + ".reports")
+
+
+def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, **settings) -> dict:
+    """:func:`featx.heads.evaluate`, with its report kept in ``folder`` under a hash of the inputs.
+
+    The hash covers the feature bytes, the labels, every setting and the versions of featx and
+    scikit-learn, so a report is reused only for the identical computation (evaluate is
+    deterministic). ``n_jobs`` does not change the report and is not part of the key.
+    """
+    if folder is None:
+        return evaluate(X, y, n_jobs=n_jobs, **settings)
+    import sklearn
+
+    from featx import __version__
+
+    X = np.ascontiguousarray(X)
+    digest = hashlib.sha256()
+    digest.update(canonical_json({**settings, "shape": list(X.shape), "dtype": str(X.dtype),
+                                  "featx": __version__, "sklearn": sklearn.__version__}).encode())
+    digest.update(X.tobytes())
+    digest.update("\0".join(str(label) for label in y).encode())
+    path = folder / f"{digest.hexdigest()[:32]}.json"
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):  # unreadable: recompute and rewrite it
+            return {**json.loads(path.read_text()), "from_cache": True}
+    report = {**evaluate(X, y, n_jobs=n_jobs, **settings), "from_cache": False}
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(report))
+    os.replace(temporary, path)
+    return report
+
+
 def compare_layers(
     source,
     *,
@@ -50,6 +91,7 @@ def compare_layers(
     random_state: int = 0,
     weights: object = "DEFAULT",
     store=True,
+    dtype: str = "float32",
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "auto",
@@ -73,8 +115,10 @@ def compare_layers(
         Heads of :mod:`featx.heads`.
     cv, repeats, random_state
         Outer cross-validation of :func:`featx.heads.evaluate`.
-    weights, store, batch_size, device, precision, num_workers, on_error, progress
+    weights, store, dtype, batch_size, device, precision, num_workers, on_error, progress
         Extraction options of :func:`featx.extract`; ``store=True`` uses the cache folder.
+        With a store, evaluation reports are kept beside it too (keyed by a hash of the
+        features, labels and settings), so a repeated comparison is read back, not refitted.
     n_jobs : int, optional
         Outer folds evaluated in parallel.
     report : callable, optional
@@ -88,7 +132,8 @@ def compare_layers(
         ``accuracy_mean``, ``accuracy_std``, ``balanced_accuracy``, ``macro_f1``,
         ``chosen_params``, ``n_images``, ``n_classes``, ``cv``, ``extraction_time`` (seconds
         this run spent extracting for the backbone, 0 when all came from the store),
-        ``fit_time``, and ``notes``.
+        ``fit_time`` (of the evaluation, when it was computed), ``from_cache`` (the report was
+        read back) and ``notes``.
 
     Examples
     --------
@@ -112,6 +157,7 @@ def compare_layers(
             layers=layers,
             pooling=_names(poolings),
             store=store,
+            dtype=dtype,
             on_error=on_error,
             batch_size=batch_size,
             device=device,
@@ -127,7 +173,16 @@ def compare_layers(
         for request in result.requests:
             X = result[request.key]
             for head in _names(heads):
-                evaluation = evaluate(X, y, head=head, cv=cv, repeats=repeats, random_state=random_state, n_jobs=n_jobs)
+                evaluation = cached_evaluate(
+                    X,
+                    y,
+                    folder=_reports_folder(result.store),
+                    head=head,
+                    cv=cv,
+                    repeats=repeats,
+                    random_state=random_state,
+                    n_jobs=n_jobs,
+                )
                 row = {
                     "model": backbone.name,
                     "layer": request.layer,
@@ -145,6 +200,7 @@ def compare_layers(
                     "cv": evaluation["cv"],
                     "extraction_time": extraction_time,
                     "fit_time": evaluation["fit_time"],
+                    "from_cache": evaluation.get("from_cache", False),
                     "notes": evaluation["notes"],
                 }
                 rows.append(row)

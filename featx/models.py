@@ -73,6 +73,7 @@ class FeatxModel:
             "precision": f.precision_,
             "num_workers": f.num_workers,
             "store": None if f.cache in (None, False) else f.cache,
+            "dtype": self.info.get("dtype", "float32"),
         }
 
     def describe(self) -> str:
@@ -100,6 +101,7 @@ def fit_model(
     random_state: int = 0,
     class_weight=None,
     store=True,
+    dtype: str = "float32",
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "auto",
@@ -118,7 +120,7 @@ def fit_model(
     head : {"logreg", "linear-svm", "rbf-svm"}, default="logreg"
     inner_cv, random_state, class_weight
         See :func:`featx.heads.fit_head`.
-    store, batch_size, device, precision, num_workers, on_error, progress
+    store, dtype, batch_size, device, precision, num_workers, on_error, progress
         Extraction options of :func:`featx.extract`.
 
     Returns
@@ -156,6 +158,7 @@ def fit_model(
         layers=list(dict.fromkeys(r.layer for r in features.requests_)),
         pooling=list(dict.fromkeys(r.pooling for r in features.requests_)),
         store=store,
+        dtype=dtype,
         on_error=on_error,
         batch_size=batch_size,
         device=features.device_,
@@ -180,6 +183,7 @@ def fit_model(
             "trained_on": source.name,
             "n_images": int(len(y)),
             "weights": features.weights_,
+            "dtype": dtype,
         },
     )
     return model, result
@@ -269,7 +273,7 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
     source = source if isinstance(source, ImageSource) else open_source(source)
     result = extract(source, on_error=on_error, progress=progress, **model.extraction_kwargs())
     y = kept_labels(result)
-    unknown = sorted(set(y) - set(model.classes))
+    unknown = sorted(set(map(str, y)) - set(model.classes))
     if unknown:
         raise FeatxError(
             f"{source.name} holds classes the model was not trained on: {unknown}; the model knows {model.classes}."

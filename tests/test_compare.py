@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from featx.compare import best_row, cached_evaluate, compare_layers
+from featx.exceptions import FeatxError
+from featx.images import open_source
+
+from conftest import TINY, make_images
+
+
+def test_compare_layers_one_row_per_combination(tmp_path):
+    """Check one row per (layer, pooling, head) with the documented keys and dims."""
+    arrays, labels = make_images(n_per_class=6)
+    rows = compare_layers(open_source(arrays, labels=labels), backbones=TINY, layers=["stage1", "pre_logits"],
+                          poolings=["avg", "spp"], heads=["logreg", "linear-svm"], cv=3, device="cpu", store=tmp_path)
+    assert len(rows) == 8
+    assert {(r["layer"], r["pooling"], r["head"]) for r in rows} == {
+        (l, p, h) for l in ["stage1", "pre_logits"] for p in ["avg", "spp"] for h in ["logreg", "linear-svm"]
+    }
+    spp = next(r for r in rows if r["layer"] == "stage1" and r["pooling"] == "spp")
+    assert spp["dim"] == 80 and spp["depth"] == 0 and spp["n_images"] == 18
+    assert all(0 <= r["accuracy_mean"] <= 1 for r in rows)
+
+
+def test_compare_layers_second_run_reads_reports(tmp_path):
+    """Check that a repeated comparison reads its reports back with identical figures."""
+    arrays, labels = make_images(n_per_class=6)
+    source = open_source(arrays, labels=labels)
+    first = compare_layers(source, backbones=TINY, layers=["stage2"], cv=3, device="cpu", store=tmp_path)
+    second = compare_layers(source, backbones=TINY, layers=["stage2"], cv=3, device="cpu", store=tmp_path)
+    assert not first[0]["from_cache"] and second[0]["from_cache"]
+    assert first[0]["accuracy_mean"] == second[0]["accuracy_mean"]
+    third = compare_layers(source, backbones=TINY, layers=["stage2"], cv=2, device="cpu", store=tmp_path)
+    assert not third[0]["from_cache"]
+
+
+def test_cached_evaluate_key_covers_labels(tmp_path):
+    """Check that other labels on the same features are never served a stale report."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20, 3))
+    y = np.repeat(["a", "b"], 10)
+    assert not cached_evaluate(X, y, folder=tmp_path, cv=2, inner_cv=2)["from_cache"]
+    assert not cached_evaluate(X, y[::-1], folder=tmp_path, cv=2, inner_cv=2)["from_cache"]
+    assert cached_evaluate(X, y, folder=tmp_path, cv=2, inner_cv=2)["from_cache"]
+
+
+def test_compare_layers_needs_labels(tmp_path):
+    """Check that an unlabelled source is refused with what is needed."""
+    arrays, _ = make_images(n_per_class=2)
+    with pytest.raises(FeatxError, match="has no labels"):
+        compare_layers(arrays, backbones=TINY, layers=["stage1"], device="cpu", store=tmp_path)
+
+
+def test_best_row_prefers_shallower_on_ties():
+    """Check that the best row is the most accurate, the shallowest on a tie."""
+    rows = [{"accuracy_mean": 0.9, "depth": 2}, {"accuracy_mean": 0.9, "depth": 1}, {"accuracy_mean": 0.8, "depth": 0}]
+    assert best_row(rows)["depth"] == 1
+    with pytest.raises(FeatxError, match="No rows"):
+        best_row([])

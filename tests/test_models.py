@@ -1,0 +1,101 @@
+import joblib
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+
+from featx.exceptions import FeatxError
+from featx.images import open_source
+from featx.models import ModelFileError, evaluate_model, fit_model, load_model, predict, save_model
+
+from conftest import TINY, make_images
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Train and validation folders of class sub-folders, plus one broken file to predict."""
+    arrays, labels = make_images(n_per_class=8, n_classes=3, seed=1)
+    roots = {"train": tmp_path / "train", "val": tmp_path / "val"}
+    for i, (array, label) in enumerate(zip(arrays, labels)):
+        root = roots["val" if i % 4 == 0 else "train"]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(root / label / f"{i:02d}.png")
+    return roots
+
+
+def test_fit_save_load_predict_round_trip_matches_in_memory_pipeline(folders, tmp_path):
+    """Check that predictions after save and load equal the in-memory pipeline's."""
+    model, result = fit_model(str(folders["train"]), backbone=TINY, layer="stage2", pooling="spp", device="cpu")
+    assert result.n_computed == 18 and model.classes == ["class0", "class1", "class2"]
+    path = tmp_path / "model.joblib"
+    save_model(model, path)
+    assert path.stat().st_size < 1_000_000
+    loaded = load_model(path)
+    val = open_source(str(folders["val"]))
+    rows = predict(loaded, val)
+    expected = model.pipeline.predict([str(p) for p in val.items])
+    assert [row["label"] for row in rows] == list(expected)
+    assert all(abs(sum(v for k, v in row.items() if k.startswith("p_")) - 1) < 1e-6 for row in rows)
+    report = evaluate_model(loaded, val)
+    assert report["accuracy"] == pytest.approx(float(np.mean(expected == val.labels)))
+    assert report["n_images"] == 6 and sum(map(sum, report["confusion_matrix"])) == 6
+
+
+def test_predict_reports_bad_images_and_keeps_order(folders, tmp_path):
+    """Check that a bad image gets an error row in place and the others are predicted."""
+    model, _ = fit_model(str(folders["train"]), backbone=TINY, layer="stage1", device="cpu")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"")
+    good = sorted(str(p) for p in folders["val"].rglob("*.png"))[:2]
+    rows = predict(model, [good[0], str(bad), good[1]])
+    assert [row["label"] is None for row in rows] == [False, True, False]
+    assert "empty file" in rows[1]["error"]
+
+
+def test_evaluate_model_unknown_class_is_refused(folders, tmp_path):
+    """Check that held-out data with a class the model never saw is refused by name."""
+    model, _ = fit_model(str(folders["train"]), backbone=TINY, layer="stage1", device="cpu")
+    extra = folders["val"] / "class9"
+    extra.mkdir()
+    Image.new("RGB", (40, 40)).save(extra / "x.png")
+    with pytest.raises(FeatxError, match=r"classes the model was not trained on: \['class9'\]"):
+        evaluate_model(model, str(folders["val"]))
+
+
+def test_fit_model_needs_labels(folders):
+    """Check that fitting on an unlabelled source says what is needed."""
+    paths = [str(p) for p in folders["val"].rglob("*.png")]
+    with pytest.raises(FeatxError, match="has no labels"):
+        fit_model(paths, backbone=TINY, device="cpu")
+
+
+def test_load_model_refuses_other_files(tmp_path):
+    """Check that a missing file, a non-model pickle and an old format are refused with the fix."""
+    with pytest.raises(ModelFileError, match="does not exist.*featx fit"):
+        load_model(tmp_path / "none.joblib")
+    joblib.dump(LogisticRegression(), tmp_path / "other.joblib")
+    with pytest.raises(ModelFileError, match="not a featx model file"):
+        load_model(tmp_path / "other.joblib")
+    joblib.dump({"format": "featx-model", "format_version": 0, "featx_version": "0.0.1"}, tmp_path / "old.joblib")
+    with pytest.raises(ModelFileError, match=r"written by featx 0\.0\.1.*Refit"):
+        load_model(tmp_path / "old.joblib")
+    (tmp_path / "garbage.joblib").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelFileError, match="Cannot read model file"):
+        load_model(tmp_path / "garbage.joblib")
+
+
+def test_load_model_checks_the_weights_still_resolve(folders, tmp_path):
+    """Check that a model whose weights file changed is refused, naming both weights."""
+    import torch
+
+    from featx.backbones import load_backbone
+
+    weights = tmp_path / "tiny.pth"
+    torch.save(load_backbone(TINY).module.state_dict(), weights)
+    model, _ = fit_model(str(folders["train"]), backbone=TINY, weights=str(weights), layer="stage1", device="cpu")
+    save_model(model, tmp_path / "m.joblib")
+    state = load_backbone(TINY).module.state_dict()
+    state["classifier.bias"] += 1
+    torch.save(state, weights)
+    with pytest.raises(ModelFileError, match=r"trained with weights 'file:tiny\.pth:sha256=.*resolves to"):
+        load_model(tmp_path / "m.joblib")
