@@ -252,12 +252,47 @@ def _report_skipped(skipped) -> None:
             print(f"  {name}: {reason}", file=sys.stderr)
 
 
+def _auto_candidates(source, args, kwargs):
+    """Every (layer, pooling) feature set of DATA for --layers auto, from one extraction."""
+    from featx.compare import kept_labels
+    from featx.extraction import extract
+
+    result = extract(source, layers="all", pooling=args.pool, **kwargs)
+    _report_skipped(result.skipped)
+    candidates = {r.key: result[r.key] for r in result.requests}
+    return candidates, kept_labels(result), result
+
+
+def cmd_cv_auto(args, source, kwargs) -> int:
+    from featx.compare import evaluate_auto
+
+    candidates, y, result = _auto_candidates(source, args, kwargs)
+    rows = []
+    for head in [h for h in args.head.split(",") if h]:
+        report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed)
+        layer, pooling = report["chosen"].split("/")
+        rows.append({"model": args.model, "layer": "auto", "chosen_layer": layer, "pooling": pooling, "head": head,
+                     "accuracy_mean": report["accuracy_mean"], "accuracy_std": report["accuracy_std"],
+                     "balanced_accuracy": report["balanced_accuracy"], "chosen_per_fold": report["chosen_per_fold"],
+                     "n_images": report["n_samples"], "cv": report["cv"], "fit_time": report["fit_time"]})
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(format_table(rows, ["model", "layer", "chosen_layer", "pooling", "head", "accuracy_mean", "accuracy_std"]))
+    for row in rows:
+        print(f"{row['head']}: layer chosen by inner cross-validation in each outer fold: "
+              f"{', '.join(row['chosen_per_fold'])} (accuracy includes that choice)")
+    return 0
+
+
 def cmd_cv(args) -> int:
     from featx.compare import best_row, compare_layers
 
     source = _open_data(args)
     _source_problems(source)
     kwargs = _extraction_kwargs(args)
+    if args.layers == "auto":
+        return cmd_cv_auto(args, source, kwargs)
     rows = compare_layers(
         source,
         backbones=kwargs.pop("backbone"),
@@ -288,6 +323,14 @@ def cmd_fit(args) -> int:
     source = _open_data(args)
     _source_problems(source)
     kwargs = _extraction_kwargs(args)
+    if args.layers == "auto":
+        from featx.compare import select_layer
+
+        candidates, y, _ = _auto_candidates(source, args, kwargs)
+        chosen, scores = select_layer(candidates, y, head=args.head, cv=args.cv, random_state=args.seed)
+        print(f"--layers auto: chose {chosen} by {args.cv}-fold cross-validation "
+              f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())})")
+        args.layers, args.pool = chosen.split("/")
     model, result = fit_model(
         source,
         layer=args.layers,
@@ -351,6 +394,63 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from featx.compare import best_row, compare_layers, write_comparison
+
+    source = _open_data(args)
+    _source_problems(source)
+    kwargs = _extraction_kwargs(args)
+    kwargs.pop("backbone")
+    rows = compare_layers(
+        source,
+        backbones=args.models,
+        layers=args.layers,
+        poolings=args.pool,
+        heads=args.head,
+        cv=args.cv,
+        repeats=args.repeats,
+        random_state=args.seed,
+        n_jobs=args.jobs,
+        **kwargs,
+    )
+    paths = write_comparison(rows, args.out)
+    columns = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "extraction_time", "fit_time"]
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_table(rows, columns))
+        best = best_row(rows)
+        print(f"\nbest: {best['model']} {best['layer']} / {best['pooling']} / {best['head']}: "
+              f"accuracy {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}")
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_advise(args) -> int:
+    from featx.advise import advise
+    from featx.compare import compare_layers
+
+    source = _open_data(args)
+    _source_problems(source)
+    comparison = None
+    if args.measure:
+        comparison = compare_layers(source, backbones=args.model, layers="all", poolings="avg", heads="logreg",
+                                    cv=args.cv, random_state=args.seed, device=args.device)
+    report = advise(source, backbone=args.model, device=args.device, comparison=comparison)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"{report['data']}: {report['n_images']} images, {report['n_classes']} classes, "
+          f"{report['images_per_class']:.0f} per class ({report['size']} data)")
+    print(f"similarity to ImageNet: {report['similarity']} (shift {report['similarity_score']:.3f}; "
+          f"below {report['threshold']} is similar)")
+    print(f"quadrant: {report['quadrant']}")
+    print(f"recommendation: {report['recommendation']}")
+    if "measurement" in report:
+        print(report["measurement"])
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -374,7 +474,10 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
     g.add_argument("--model", default="efficientnet_lite0", help="backbone (default: %(default)s; see 'featx models')")
     g.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, a state-dict path, or none")
     g.add_argument(
-        "--layers", default=layers_default, help="comma-separated aliases or nodes, or all (default: %(default)s)"
+        "--layers",
+        default=layers_default,
+        help="comma-separated aliases or nodes, all, or (cv, fit) auto: chosen by inner cross-validation "
+        "among all layers and the --pool values (default: %(default)s)",
     )
     g.add_argument("--pool", default="avg", help="comma-separated: avg, max, avgmax, spp (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
@@ -469,6 +572,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_head_options(p, several=True)
     p.add_argument("--json", action="store_true", help="print a JSON list of rows")
     p.set_defaults(func=cmd_cv)
+
+    p = sub.add_parser(
+        "compare",
+        help="compare layers, poolings and backbones: table, CSV, JSON and plot",
+        description="Cross-validate a head on every layer (and pooling, head, backbone) of DATA; each image "
+        "goes through each backbone once. Writes DIR/compare.csv, compare.json and compare.png (accuracy "
+        "against depth with error bars).",
+        epilog="Example: featx compare fashion-mnist --per-class 100 --models efficientnet_lite0,efficientnet_lite2 "
+        "--layers all --pool avg,spp --out results",
+    )
+    _add_data_options(p)
+    _add_extraction_options(p, layers_default="all")
+    p.add_argument("--models", default="efficientnet_lite0", help="comma-separated backbones (default: %(default)s)")
+    _add_head_options(p, several=True)
+    p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "advise",
+        help="which layer or strategy fits your data (size x similarity to ImageNet)",
+        description="Count images per class, measure how far the images' statistics are from ImageNet's, "
+        "place the data in the classic transfer-learning table and say what to do.",
+        epilog="Example: featx advise data/train --measure",
+    )
+    _add_data_options(p)
+    p.add_argument("--model", default="efficientnet_lite0", help="backbone to advise for (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("--measure", action="store_true", help="also cross-validate every layer and compare with the table")
+    p.add_argument("--cv", type=int, default=5, help="folds for --measure (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_advise)
 
     p = sub.add_parser(
         "fit",

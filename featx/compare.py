@@ -20,11 +20,20 @@ import numpy as np
 from featx.backbones import load_backbone
 from featx.exceptions import FeatxError
 from featx.extraction import extract
-from featx.heads import evaluate
+from featx.heads import evaluate, fit_head, score_predictions
 from featx.images import ImageSource, open_source
 from featx.store import canonical_json
 
-__all__ = ["best_row", "cached_evaluate", "compare_layers", "kept_labels"]
+__all__ = [
+    "best_row",
+    "cached_evaluate",
+    "compare_layers",
+    "evaluate_auto",
+    "kept_labels",
+    "plot_comparison",
+    "select_layer",
+    "write_comparison",
+]
 
 
 def _names(value) -> list[str]:
@@ -207,6 +216,132 @@ def compare_layers(
                 if report is not None:
                     report(row)
     return rows
+
+
+def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", cv: int = 3,
+                 random_state: int = 0) -> tuple[str, dict[str, float]]:
+    """Choose among feature sets by cross-validation on ``(X, y)`` only.
+
+    Each candidate is scored by :func:`featx.heads.evaluate` with the head's default
+    hyper-parameters (the choice of layer comes first; C is tuned afterwards on the chosen one).
+    Ties go to the first candidate, i.e. the shallowest layer.
+
+    Returns
+    -------
+    chosen : str
+    scores : dict of str to float
+    """
+    scores = {
+        name: evaluate(X, y, head=head, cv=cv, tune=False, random_state=random_state)["accuracy_mean"]
+        for name, X in candidates.items()
+    }
+    chosen = max(scores, key=lambda name: (scores[name], -list(scores).index(name)))
+    return chosen, scores
+
+
+def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", cv: int = 5, inner_cv: int = 3,
+                  random_state: int = 0) -> dict:
+    """Nested cross-validation of 'choose the layer, then tune and fit the head'.
+
+    In every outer fold, :func:`select_layer` picks a candidate on the training part only, the
+    head is tuned and fitted there (:func:`featx.heads.fit_head`) and scored on the held-out
+    part; the accuracy therefore includes the cost of choosing the layer.
+
+    Returns
+    -------
+    dict
+        ``accuracy_mean``, ``accuracy_std``, ``balanced_accuracy``, ``macro_f1``,
+        ``chosen_per_fold``, ``chosen`` (the most frequent), ``cv``, ``n_samples``.
+    """
+    from collections import Counter
+
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y)
+    names = list(candidates)
+    _, counts = np.unique(y, return_counts=True)
+    n_splits = int(min(cv, counts.min()))
+    if n_splits < 2:
+        raise FeatxError("--layers auto needs at least two images in every class.")
+    splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
+    folds, chosen_per_fold = [], []
+    start = time.perf_counter()
+    classes = np.unique(y)
+    for train, test in splitter.split(np.zeros(len(y)), y):
+        chosen, _ = select_layer({n: candidates[n][train] for n in names}, y[train], head=head, cv=inner_cv,
+                                 random_state=random_state)
+        model, _ = fit_head(candidates[chosen][train], y[train], head=head, inner_cv=inner_cv, random_state=random_state)
+        folds.append(score_predictions(y[test], model.predict(candidates[chosen][test]), classes=classes))
+        chosen_per_fold.append(chosen)
+    accuracy = [f["accuracy"] for f in folds]
+    return {
+        "accuracy_mean": float(np.mean(accuracy)),
+        "accuracy_std": float(np.std(accuracy)),
+        "balanced_accuracy": float(np.mean([f["balanced_accuracy"] for f in folds])),
+        "macro_f1": float(np.mean([f["macro_f1"] for f in folds])),
+        "chosen_per_fold": chosen_per_fold,
+        "chosen": Counter(chosen_per_fold).most_common(1)[0][0],
+        "cv": n_splits,
+        "n_samples": int(len(y)),
+        "fit_time": time.perf_counter() - start,
+    }
+
+
+def plot_comparison(rows: Sequence[dict], path, *, title: str | None = None) -> None:
+    """Draw accuracy against layer depth, one line per (backbone, pooling, head), with error bars.
+
+    The x axis lists the layer aliases in depth order; error bars are ± one standard deviation
+    over the outer folds. Drawn on a bare matplotlib Figure (Agg rendering, no display and no
+    pyplot state).
+    """
+    from matplotlib.figure import Figure
+
+    layers: list[str] = []
+    for row in sorted(rows, key=lambda r: r["depth"]):
+        if row["layer"] not in layers:
+            layers.append(row["layer"])
+    figure = Figure(figsize=(8, 4.8), dpi=120)
+    axes = figure.subplots()
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["pooling"], row["head"]), []).append(row)
+    several_heads = len({key[2] for key in groups}) > 1
+    for (model, pooling, head), group in groups.items():
+        group = sorted(group, key=lambda r: layers.index(r["layer"]))
+        x = [layers.index(r["layer"]) for r in group]
+        label = f"{model} · {pooling}" + (f" · {head}" if several_heads else "")
+        axes.errorbar(x, [r["accuracy_mean"] for r in group], yerr=[r["accuracy_std"] for r in group],
+                      marker="o", capsize=3, label=label)
+    best = best_row(rows)
+    axes.annotate(f"best {best['accuracy_mean']:.3f}", (layers.index(best["layer"]), best["accuracy_mean"]),
+                  textcoords="offset points", xytext=(0, 10), ha="center", fontsize=9)
+    axes.set_xticks(range(len(layers)), layers)
+    axes.set_xlabel("layer (early → late)")
+    axes.set_ylabel("cross-validated accuracy")
+    n = rows[0]["n_images"]
+    axes.set_title(title or f"Accuracy by layer depth ({n} images, {rows[0]['cv']}-fold CV, ± 1 std)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def write_comparison(rows: Sequence[dict], folder) -> dict:
+    """Write ``compare.csv``, ``compare.json`` and ``compare.png`` into ``folder``; return their paths."""
+    import csv
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {kind: folder / f"compare.{kind}" for kind in ("csv", "json", "png")}
+    columns = [k for k in rows[0] if k not in ("notes", "chosen_params")] + ["chosen_params"]
+    with paths["csv"].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "chosen_params": json.dumps(row["chosen_params"])})
+    paths["json"].write_text(json.dumps(list(rows), indent=2))
+    plot_comparison(rows, paths["png"])
+    return paths
 
 
 def best_row(rows: Sequence[dict]) -> dict:

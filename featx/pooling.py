@@ -13,6 +13,9 @@ spp       5·C    spatial pyramid of averages: the whole map (1×1), then
 ========  =====  =====================================================
 
 A 2-D output ``(n, d)`` (``pre_logits``, ``logits``) passes through unchanged, whatever the pooling.
+
+``avgsq`` (the spatial mean of squares, C values) is internal: with ``avg`` it gives the
+per-channel moments that :mod:`featx.advise` compares with a network's BatchNorm statistics.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ __all__ = ["POOLINGS", "check_pooling", "pool", "pooled_dim", "feature_names"]
 
 POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax", "spp")
 
-_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5}
+_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5, "avgsq": 1}
 
 
 def check_pooling(pooling: str) -> str:
@@ -101,6 +104,8 @@ def pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
         return output.amax(dim=(2, 3))
     if pooling == "avgmax":
         return torch.cat([output.mean(dim=(2, 3)), output.amax(dim=(2, 3))], dim=1)
+    if pooling == "avgsq":
+        return output.square().mean(dim=(2, 3))
     grid = F.adaptive_avg_pool2d(output, 2).flatten(1)  # (n, C*4), channel-major
     return torch.cat([output.mean(dim=(2, 3)), grid], dim=1)
 

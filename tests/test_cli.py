@@ -243,3 +243,42 @@ def test_cli_cv_fashion_mnist_best_layer_reaches_083(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["n_images"] == 1000
     assert max(r["accuracy_mean"] for r in rows) >= 0.83, rows
+
+
+def test_cli_compare_writes_table_csv_json_png(tmp_path, capsys, monkeypatch):
+    """Check that 'featx compare' prints the table and writes the three files."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    train, _ = _split_folders(tmp_path)
+    out = tmp_path / "results"
+    assert main(["compare", str(train), "--models", "featx_tiny_cnn", "--device", "cpu", "--workers", "0",
+                 "--layers", "stage1,stage2,pre_logits", "--pool", "avg,spp", "--cv", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "best: featx_tiny_cnn" in printed and "compare.png" in printed
+    assert {p.name for p in out.iterdir()} == {"compare.csv", "compare.json", "compare.png"}
+    assert len(json.loads((out / "compare.json").read_text())) == 6
+
+
+def test_cli_cv_and_fit_with_layers_auto(tmp_path, capsys, monkeypatch):
+    """Check that --layers auto chooses a layer by inner CV in cv (nested) and in fit."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    train, _ = _split_folders(tmp_path)
+    assert main(["cv", str(train), *TINY_OPTS, "--layers", "auto", "--cv", "3", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["layer"] == "auto" and len(row["chosen_per_fold"]) == 3
+    assert row["chosen_layer"] in {"stem", "stage1", "stage2", "stage3", "pre_logits"}
+    model = tmp_path / "auto.joblib"
+    assert main(["fit", str(train), *TINY_OPTS, "--layers", "auto", "--cv", "3", "-o", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "--layers auto: chose" in out and model.is_file()
+
+
+def test_cli_advise_json_keys(tmp_path, capsys, monkeypatch):
+    """Check that 'featx advise --json' has the documented keys (similarity measure stubbed)."""
+    from featx import advise as advise_module
+
+    monkeypatch.setattr(advise_module, "imagenet_shift", lambda *a, **k: 0.05)
+    train, _ = _split_folders(tmp_path)
+    assert main(["advise", str(train), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["similarity"] == "similar" and report["quadrant"] == "small data, similar to ImageNet"
+    assert {"images_per_class", "similarity_score", "recommendation"} <= set(report)

@@ -57,3 +57,36 @@ def test_best_row_prefers_shallower_on_ties():
     assert best_row(rows)["depth"] == 1
     with pytest.raises(FeatxError, match="No rows"):
         best_row([])
+
+
+def test_write_comparison_files_and_plot(tmp_path):
+    """Check that CSV, JSON and a non-empty PNG are written for several backbones and poolings."""
+    rows = [
+        {"model": m, "layer": l, "depth": d, "pooling": p, "head": "logreg", "dim": 8, "accuracy_mean": 0.5 + d / 10,
+         "accuracy_std": 0.02, "balanced_accuracy": 0.5, "macro_f1": 0.5, "chosen_params": {"classifier__C": 1.0},
+         "n_images": 30, "n_classes": 3, "cv": 3, "extraction_time": 1.0, "fit_time": 0.1, "notes": []}
+        for m in ["a", "b"] for p in ["avg", "spp"] for d, l in enumerate(["stem", "stage1", "pre_logits"])
+    ]
+    from featx.compare import write_comparison
+
+    paths = write_comparison(rows, tmp_path / "out")
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["png"].stat().st_size > 10_000
+    import csv
+    import json
+
+    assert len(list(csv.DictReader(paths["csv"].open()))) == 12
+    assert json.loads(paths["json"].read_text())[0]["layer"] == "stem"
+
+
+def test_select_layer_and_evaluate_auto_choose_informative_features():
+    """Check that the informative feature set is chosen, inside every outer fold."""
+    from featx.compare import evaluate_auto, select_layer
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b", "c"], 12)
+    informative = rng.normal(size=(36, 5)) + 3 * (y[:, None] == np.array(["a", "b", "c", "a", "b"]))
+    candidates = {"stem/avg": rng.normal(size=(36, 5)), "stage2/avg": informative}
+    chosen, scores = select_layer(candidates, y, cv=3)
+    assert chosen == "stage2/avg" and scores["stage2/avg"] > scores["stem/avg"]
+    report = evaluate_auto(candidates, y, cv=3)
+    assert report["chosen_per_fold"] == ["stage2/avg"] * 3 and report["accuracy_mean"] > 0.9
