@@ -451,6 +451,26 @@ def cmd_advise(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from featx.bench import run_bench
+
+    report = run_bench(args.folder, model=args.model, n=args.n, batch_size=args.batch_size, device=args.device,
+                       out=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(
+        f"\n{report['n_images']} images, {report['model']} on {report['device']} ({report['precision']}, "
+        f"{report['cpu_count']} cores):\n"
+        f"  naive loop   {report['naive_images_per_s']:8.1f} images/s  (peak RSS {report['naive_peak_rss_mb']:.0f} MB)\n"
+        f"  featx        {report['featx_images_per_s']:8.1f} images/s  (peak RSS {report['peak_rss_mb']:.0f} MB)\n"
+        f"  model only   {report['model_only_images_per_s']:8.1f} images/s\n"
+        f"  speedup vs naive {report['speedup_vs_naive']:.2f}x, "
+        f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -641,6 +661,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark extraction against the naive loop and the model-only limit",
+        description="On the same images (DIR, or N generated 500x375 JPEGs), measure in one run the naive "
+        "tutorial loop, featx's extraction into a fresh store, and the model's forward pass alone; print "
+        "images/s, the ratios and peak memory.",
+        epilog="Example: featx bench --n 512 --json",
+    )
+    p.add_argument("folder", nargs="?", default=None, metavar="DIR", help="a folder of class sub-folders of images")
+    p.add_argument("--model", default="efficientnet_lite0", help="backbone (default: %(default)s)")
+    p.add_argument("--n", type=int, default=256, help="images to generate without DIR (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "cache",

@@ -1,0 +1,192 @@
+"""Benchmark: featx's extraction against the naive loop and the model's own limit.
+
+Three measurements on the same images, each in a fresh process (so that peak memory is its own):
+
+(a) ``naive``: the PyTorch transfer-learning tutorial's loop: torchvision ``ImageFolder`` with
+    ``Resize``/``CenterCrop``/``ToTensor``/``Normalize``, a ``DataLoader`` with one worker per
+    core, the fp32 model in its default memory format under ``torch.no_grad()``;
+(b) ``featx``: :func:`featx.extract` into a fresh feature store (hashing, decoding, the
+    forward pass, pooling and the durable writes all counted);
+(c) ``model_only``: the forward pass alone on random tensors at featx's precision and memory
+    format: the limit no loader can beat.
+
+Nothing here asserts a time: the figures are printed for people to compare, side by side, from
+one run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["make_jpegs", "run_bench"]
+
+
+def make_jpegs(folder: str | os.PathLike, n: int, *, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """Write ``n`` photo-like JPEGs (smooth colour fields with texture) in two class folders."""
+    from PIL import Image
+
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for i in range(n):
+        target = folder / f"class{i % 2}"
+        target.mkdir(parents=True, exist_ok=True)
+        fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6.28)]
+        base = np.stack([np.sin(fx * xx + phase + c) * np.cos(fy * yy - c) for c in range(3)], axis=-1)
+        pixels = 127.5 + 90 * base + rng.normal(0, 20, size=(height, width, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(target / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024.0
+
+
+def _naive(folder: str, model: str, batch_size: int, device: str) -> dict:
+    import torch
+    from torchvision import datasets, transforms
+
+    from featx.backbones import load_backbone
+
+    backbone = load_backbone(model)
+    p = backbone.preprocess
+    transform = transforms.Compose(
+        [
+            transforms.Resize(p.resize, interpolation=transforms.InterpolationMode(p.interpolation)),
+            transforms.CenterCrop(p.crop),
+            transforms.ToTensor(),
+            transforms.Normalize(p.mean, p.std),
+        ]
+    )
+    dataset = datasets.ImageFolder(folder, transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=os.cpu_count() or 1)
+    net = backbone.module.to(device)
+    start = time.perf_counter()
+    n = 0
+    with torch.no_grad():
+        for x, _ in loader:
+            net(x.to(device))
+            n += len(x)
+    return {"images_per_s": n / (time.perf_counter() - start), "n": n}
+
+
+def _featx(folder: str, model: str, batch_size: int, device: str) -> dict:
+    from featx.extraction import extract
+    from featx.images import open_source
+
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        result = extract(open_source(folder), backbone=model, layers=["pre_logits"], store=cache,
+                         batch_size=batch_size, device=device, progress=False)
+        seconds = time.perf_counter() - start
+    return {"images_per_s": result.n_computed / seconds, "n": result.n_computed}
+
+
+def _model_only(folder: str, model: str, batch_size: int, device: str, n: int) -> dict:
+    import torch
+
+    from featx.backbones import load_backbone
+    from featx.extraction import _autocast, prepare, resolve_device, resolve_precision
+
+    backbone = load_backbone(model)
+    dev = resolve_device(device)
+    precision = resolve_precision("auto", dev)
+    prepare(backbone, dev)
+    size = backbone.preprocess.crop
+    x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
+    batches = max(1, n // batch_size)
+    with torch.inference_mode(), _autocast(dev, precision):
+        backbone.module(x)  # warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(batches):
+            backbone.module(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return {"images_per_s": batches * batch_size / (time.perf_counter() - start), "precision": precision}
+
+
+def _child(kind: str, args: tuple, queue) -> None:
+    try:
+        result = {"_naive": _naive, "_featx": _featx, "_model_only": _model_only}[kind](*args)
+        result["peak_rss_mb"] = _peak_rss_mb()
+        queue.put(result)
+    except BaseException as exc:  # reported to the parent, which raises it
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def _isolated(kind: str, *args) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(kind, args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    if "error" in result:
+        raise RuntimeError(f"benchmark step {kind.strip('_')} failed: {result['error']}")
+    return result
+
+
+def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, batch_size: int = 32,
+              device: str = "auto", out=print) -> dict:
+    """Measure naive, featx and model-only throughput on the same images, side by side.
+
+    Parameters
+    ----------
+    folder : path, optional
+        A folder of class sub-folders of images; by default ``n`` generated 500×375 JPEGs.
+    model : str, default="efficientnet_lite0"
+    n : int, default=256
+        Images to generate (ignored with ``folder``).
+
+    Returns
+    -------
+    dict
+        ``naive_images_per_s``, ``featx_images_per_s``, ``model_only_images_per_s``,
+        ``speedup_vs_naive``, ``fraction_of_model_limit``, ``peak_rss_mb`` (featx's run),
+        ``naive_peak_rss_mb``, ``n_images``, ``model``, ``device``, ``precision``, ``cpu_count``.
+    """
+    from featx.extraction import resolve_device
+
+    device = str(resolve_device(device))
+    with tempfile.TemporaryDirectory() as tmp:
+        if folder is None:
+            out(f"generating {n} JPEGs of 500×375 …")
+            folder = make_jpegs(Path(tmp) / "images", n)
+        folder = str(folder)
+        out(f"(a) naive loop (ImageFolder + DataLoader + fp32 model) on {model} …")
+        naive = _isolated("_naive", folder, model, batch_size, device)
+        out(f"    {naive['images_per_s']:.1f} images/s")
+        out("(b) featx extraction into a fresh store …")
+        ours = _isolated("_featx", folder, model, batch_size, device)
+        out(f"    {ours['images_per_s']:.1f} images/s")
+        out("(c) model-only forward pass on random tensors …")
+        limit = _isolated("_model_only", folder, model, batch_size, device, ours["n"])
+        out(f"    {limit['images_per_s']:.1f} images/s at {limit['precision']}")
+    return {
+        "model": model,
+        "device": device,
+        "precision": limit["precision"],
+        "n_images": ours["n"],
+        "batch_size": batch_size,
+        "cpu_count": os.cpu_count(),
+        "naive_images_per_s": naive["images_per_s"],
+        "featx_images_per_s": ours["images_per_s"],
+        "model_only_images_per_s": limit["images_per_s"],
+        "speedup_vs_naive": ours["images_per_s"] / naive["images_per_s"],
+        "fraction_of_model_limit": ours["images_per_s"] / limit["images_per_s"],
+        "peak_rss_mb": ours["peak_rss_mb"],
+        "naive_peak_rss_mb": naive["peak_rss_mb"],
+    }

@@ -1,0 +1,33 @@
+import json
+
+from PIL import Image
+
+from featx.bench import make_jpegs, run_bench
+from featx.cli import main
+
+
+def test_make_jpegs_writes_class_folders(tmp_path):
+    """Check that generated benchmark images are 500x375 JPEGs in class folders."""
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    files = sorted(folder.rglob("*.jpg"))
+    assert len(files) == 4 and {f.parent.name for f in files} == {"class0", "class1"}
+    with Image.open(files[0]) as image:
+        assert image.size == (500, 375) and image.format == "JPEG"
+
+
+def test_run_bench_reports_documented_keys(tmp_path):
+    """Check that the benchmark runs the three measurements and reports every documented key."""
+    folder = make_jpegs(tmp_path / "imgs", 8)
+    report = run_bench(folder, model="featx_tiny_cnn", batch_size=4, device="cpu", out=lambda line: None)
+    for key in ["naive_images_per_s", "featx_images_per_s", "model_only_images_per_s", "speedup_vs_naive",
+                "fraction_of_model_limit", "peak_rss_mb"]:
+        assert report[key] > 0, key
+    assert report["n_images"] == 8
+    assert report["speedup_vs_naive"] == report["featx_images_per_s"] / report["naive_images_per_s"]
+
+
+def test_cli_bench_json(tmp_path, capsys):
+    """Check that 'featx bench DIR --json' prints the report as JSON."""
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    assert main(["bench", str(folder), "--model", "featx_tiny_cnn", "--batch-size", "2", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_images"] == 4
