@@ -156,10 +156,17 @@ def advise(
         rows = [row for row in comparison if row["model"] == backbone] or list(comparison)
         best = best_row(rows)
         depth = max(row["depth"] for row in rows) or 1
-        late = best["depth"] / depth >= 0.75
         expected_late = similarity == "similar"
+
+        def is_late(row):
+            return row["depth"] / depth >= 0.75
+
+        late = is_late(best)
+        # Layers within one standard deviation of the best are as good as measured: the table is
+        # contradicted only when none of them lies where it says.
+        tied = [row for row in rows if row["accuracy_mean"] >= best["accuracy_mean"] - best["accuracy_std"]]
         report["measured_best"] = {k: best[k] for k in ("model", "layer", "pooling", "head", "accuracy_mean")}
-        report["agrees"] = late == expected_late
+        report["agrees"] = any(is_late(row) == expected_late for row in tied)
         where = "a late layer" if late else "an earlier layer"
         report["measurement"] = (
             f"measured best: {best['layer']} ({best['accuracy_mean']:.3f}), {where}"

@@ -413,7 +413,7 @@ def cmd_compare(args) -> int:
         n_jobs=args.jobs,
         **kwargs,
     )
-    paths = write_comparison(rows, args.out)
+    paths = write_comparison(rows, args.out, title=source.name)
     columns = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "extraction_time", "fit_time"]
     if args.json:
         _print_json(rows)

@@ -290,6 +290,8 @@ def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg",
 def plot_comparison(rows: Sequence[dict], path, *, title: str | None = None) -> None:
     """Draw accuracy against layer depth, one line per (backbone, pooling, head), with error bars.
 
+    ``title`` names the data set in the plot's title.
+
     The x axis lists the layer aliases in depth order; error bars are ± one standard deviation
     over the outer folds. Drawn on a bare matplotlib Figure (Agg rendering, no display and no
     pyplot state).
@@ -313,21 +315,26 @@ def plot_comparison(rows: Sequence[dict], path, *, title: str | None = None) -> 
         axes.errorbar(x, [r["accuracy_mean"] for r in group], yerr=[r["accuracy_std"] for r in group],
                       marker="o", capsize=3, label=label)
     best = best_row(rows)
-    axes.annotate(f"best {best['accuracy_mean']:.3f}", (layers.index(best["layer"]), best["accuracy_mean"]),
-                  textcoords="offset points", xytext=(0, 10), ha="center", fontsize=9)
+    axes.annotate(f"best {best['accuracy_mean']:.3f}",
+                  (layers.index(best["layer"]), best["accuracy_mean"] + best["accuracy_std"]),
+                  textcoords="offset points", xytext=(0, 6), ha="center", fontsize=9)
     axes.set_xticks(range(len(layers)), layers)
     axes.set_xlabel("layer (early → late)")
     axes.set_ylabel("cross-validated accuracy")
     n = rows[0]["n_images"]
-    axes.set_title(title or f"Accuracy by layer depth ({n} images, {rows[0]['cv']}-fold CV, ± 1 std)")
+    subject = f"{title}: " if title else ""
+    axes.set_title(f"{subject}accuracy by layer depth ({n} images, {rows[0]['cv']}-fold CV, ± 1 std)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path)
 
 
-def write_comparison(rows: Sequence[dict], folder) -> dict:
-    """Write ``compare.csv``, ``compare.json`` and ``compare.png`` into ``folder``; return their paths."""
+def write_comparison(rows: Sequence[dict], folder, *, title: str | None = None) -> dict:
+    """Write ``compare.csv``, ``compare.json`` and ``compare.png`` into ``folder``; return their paths.
+
+    ``title`` (e.g. the data set's name) goes into the plot's title.
+    """
     import csv
 
     folder = Path(folder)
@@ -340,7 +347,7 @@ def write_comparison(rows: Sequence[dict], folder) -> dict:
         for row in rows:
             writer.writerow({**row, "chosen_params": json.dumps(row["chosen_params"])})
     paths["json"].write_text(json.dumps(list(rows), indent=2))
-    plot_comparison(rows, paths["png"])
+    plot_comparison(rows, paths["png"], title=title)
     return paths
 
 

@@ -38,10 +38,12 @@ def test_advise_reports_disagreement_with_measurement(monkeypatch):
     monkeypatch.setattr(advise_module, "imagenet_shift", lambda *a, **k: 0.9)
     source = open_source(np.zeros((4, 8, 8), np.uint8), labels=["a", "a", "b", "b"])
     rows = [{"model": "efficientnet_lite0", "layer": f"stage{d}", "pooling": "avg", "head": "logreg",
-             "depth": d, "accuracy_mean": 0.5 + d / 20} for d in range(6)]
+             "depth": d, "accuracy_mean": 0.5 + d / 20, "accuracy_std": 0.01} for d in range(6)]
     report = advise(source, comparison=rows)
     assert report["measured_best"]["layer"] == "stage5" and report["agrees"] is False
     assert "disagrees with the table" in report["measurement"]
+    rows[3]["accuracy_mean"] = 0.745  # an earlier layer within one std of the best: no contradiction
+    assert advise(source, comparison=rows)["agrees"] is True
 
 
 def test_advise_needs_labels():
