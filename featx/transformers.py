@@ -181,6 +181,11 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features=None):
         """Names ``<layer>_<pooling>_<i>`` of the output columns.
 
+        Parameters
+        ----------
+        input_features : ignored
+            Accepted for the scikit-learn API; images have no input feature names.
+
         Returns
         -------
         ndarray of str of shape (n_features_out_,)

@@ -1,0 +1,89 @@
+"""The scripts in pipelines/ run end to end: once as a user runs them (a subprocess), and in
+process (through their ``main``) for the cheaper checks of options and exit codes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import TINY, make_images
+
+GRID_SEARCH = Path(__file__).resolve().parents[1] / "pipelines" / "grid_search.py"
+
+
+@pytest.fixture
+def png_folder(tmp_path):
+    """3 classes × 6 synthetic PNGs in class sub-folders."""
+    arrays, labels = make_images(n_per_class=6, n_classes=3)
+    root = tmp_path / "pngs"
+    for i, (array, label) in enumerate(zip(arrays, labels)):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(root / label / f"img{i:02d}.png")
+    return root
+
+
+def run_script(script: Path, *args: str, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FEATX_CACHE": str(cache)}
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def load_script(script: Path):
+    spec = importlib.util.spec_from_file_location(f"pipelines_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_search_prints_ratio_and_best_params(png_folder, tmp_path):
+    """Check that grid_search.py exits 0, prints the timings, ratio, best params and table, and cleans up."""
+    cache = tmp_path / "cache"
+    done = run_script(GRID_SEARCH, str(png_folder), "--model", TINY, "--layers", "stage1,stage2,pre_logits",
+                      "--C", "0.1,1", "--cv", "2", cache=cache, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "18 images of" in out and "(3 classes)" in out
+    assert "extraction (one pass, 3 layers, fresh store):" in out
+    assert "grid search (6 points × 2 folds + refit = 13 fits, fresh store, BLAS threads: 1):" in out
+    assert "ratio grid / extraction: " in out
+    assert "best params: layer=" in out and "best score: " in out
+    rows = [line.split()[:2] for line in out.splitlines() if line.startswith(("stage1 ", "stage2 ", "pre_logits "))]
+    grid = [[layer, c] for layer in ("stage1", "stage2", "pre_logits") for c in ("0.1000", "1.0000")]
+    assert sorted(rows) == sorted(grid)  # one table row per grid point
+    assert list(cache.iterdir()) == []  # the two fresh stores are removed
+
+
+def test_grid_search_json(png_folder, tmp_path, capsys):
+    """Check that --json gives the figures as data a script can read."""
+    code = load_script(GRID_SEARCH).main([str(png_folder), "--model", TINY, "--layers", "stage2,stage3", "--C", "1",
+                                          "--cv", "2", "--json", "--cache", str(tmp_path / "stores")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_images"] == 18 and report["n_computed"] == 18 and report["n_fits"] == 5
+    assert report["ratio"] == pytest.approx(report["grid_s"] / report["extract_s"])
+    assert report["best_params"]["layer"] in ("stage2", "stage3") and report["best_params"]["C"] == 1.0
+    assert len(report["results"]) == 2 and report["best_score"] > 0.9
+    assert list((tmp_path / "stores").iterdir()) == []
+
+
+def test_grid_search_featx_error_exits_1(png_folder, capsys):
+    """Check that a featx error (a layer the model lacks) is one line on stderr and exit code 1."""
+    code = load_script(GRID_SEARCH).main([str(png_folder), "--model", TINY, "--layers", "stage3,stage4", "--cv", "2"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: Unknown layer 'stage4'") and err.count("\n") == 1
+
+
+def test_grid_search_rejects_bad_c(png_folder, capsys):
+    """Check that a malformed --C is an argparse usage error (exit code 2) naming the value."""
+    with pytest.raises(SystemExit) as exc:
+        load_script(GRID_SEARCH).main([str(png_folder), "--C", "0.1,big"])
+    assert exc.value.code == 2 and "'0.1,big'" in capsys.readouterr().err
