@@ -68,8 +68,8 @@ class Preprocess:
         """Smallest size a JPEG may be decoded at without losing what the resize keeps."""
         return (self.resize, self.resize)
 
-    def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """Resize the shorter side, centre-crop, return ``uint8`` of shape (3, crop, crop)."""
+    def crop_array(self, image: Image.Image) -> np.ndarray:
+        """Resize the shorter side and centre-crop: ``uint8`` array of shape (crop, crop, 3)."""
         # Same arithmetic as torchvision's Resize(int) and CenterCrop, so features match theirs.
         width, height = image.size
         if width <= height:
@@ -81,8 +81,16 @@ class Preprocess:
         left = int(round((size[0] - self.crop) / 2.0))
         top = int(round((size[1] - self.crop) / 2.0))
         image = image.crop((left, top, left + self.crop, top + self.crop))
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return np.array(image.convert("RGB"), dtype=np.uint8)
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """:meth:`crop_array` as a ``uint8`` tensor of shape (3, crop, crop).
+
+        The tensor is a channels-last view of the (H, W, 3) pixels: no copy is made, and a
+        batch stacked from (H, W, 3) arrays and permuted is already in the channels-last memory
+        format the network runs in.
+        """
+        return torch.from_numpy(self.crop_array(image)).permute(2, 0, 1)
 
     def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Scale a ``uint8`` batch (n, 3, H, W) to [0, 1] and normalise, on the batch's device."""
