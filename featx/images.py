@@ -64,9 +64,10 @@ _HASH_CHUNK = 1 << 20
 _EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _TRANSPARENCY_MODES = frozenset({"1", "L", "P", "RGB"})
-# Exceptions PIL and its plugins raise for damaged data (besides OSError).
+# Exceptions PIL and its plugins raise for damaged data (besides OSError). TypeError: a damaged
+# TIFF tag can hand PIL a rational where it seeks to an offset (found by tests/test_reliability.py).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
-                  IndexError, KeyError, NotImplementedError)  # fmt: skip
+                  IndexError, KeyError, NotImplementedError, TypeError)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -1042,7 +1043,8 @@ def _open_table(table: str, delimiter: str, allow_outside_root: bool) -> ImageSo
         raise FeatxError(
             f"the {kind} file {table!r} lists {len(outside)} path(s) outside its folder {base!r}, "
             f"e.g. {outside[0]!r}: paths must be relative to the table's folder and stay inside it. "
-            "Move the images, or pass allow_outside_root=True if you trust the table"
+            "Move the images, or pass allow_outside_root=True (--allow-outside-root on the command line) if "
+            "you trust the table"
         )
     if not any(os.path.exists(path) for path in items[:1000]):
         raise FeatxError(

@@ -6,12 +6,21 @@ an ordinary scikit-learn pipeline from images to labels; :func:`predict` and
 :func:`evaluate_model` go through the feature store, so images seen before cost no forward pass.
 
 Model files are joblib pickles: load only files from a source you trust, as you would run code.
+A file starts with one header line, ``featx-model sha256=<64 hex digits>``, the SHA-256 of the
+joblib bytes that follow; :func:`load_model` checks it before unpickling, so a corrupted or
+accidentally modified file is refused. The checksum is not a signature: whoever can rewrite the
+file can rewrite the checksum too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
+import io
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 
 import joblib
@@ -30,6 +39,9 @@ __all__ = ["FeatxModel", "evaluate_model", "fit_model", "load_model", "predict",
 
 FORMAT = "featx-model"
 FORMAT_VERSION = 1
+_HEADER = re.compile(rb"featx-model sha256=([0-9a-f]{64})\n")
+_HEADER_PREFIX = b"featx-model "
+_HEADER_MAX = 128
 
 
 class ModelFileError(FeatxError, ValueError):
@@ -190,30 +202,109 @@ def fit_model(
 
 
 def save_model(model: FeatxModel, path: str | os.PathLike) -> None:
-    """Write a model file (a joblib pickle: the head and the extraction configuration, no weights)."""
+    """Write a model file: a checksum header line, then a joblib pickle of the head and the
+    extraction configuration (no weights).
+
+    The file is written beside ``path`` under a temporary name, flushed to disk and renamed, so
+    ``path`` holds either the previous file or the complete new one.
+    """
     from featx import __version__
 
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "featx_version": __version__, "model": model}
-    joblib.dump(payload, path)
+    buffer = io.BytesIO()
+    joblib.dump(payload, buffer)
+    body = buffer.getvalue()
+    header = f"{FORMAT} sha256={hashlib.sha256(body).hexdigest()}\n".encode("ascii")
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(header)
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ModelFileError(f"Cannot write model file {path!r} ({exc}); check the folder and the free space.") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _NoObjectsUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (dicts, lists, strings, numbers): never imports or calls anything."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a file without a checksum header")
+
+
+def _read_payload(path: str | os.PathLike) -> object:
+    """Return the unpickled payload of a model file whose checksum header is intact.
+
+    The checksum is verified before anything is unpickled. A file without the header (written
+    by an older featx, or not by featx) is read only as plain data, so that its format and
+    version can be reported: no object is ever built from it.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ModelFileError(f"Cannot read model file {str(path)!r} ({exc}).") from exc
+    if not data.startswith(_HEADER_PREFIX):
+        try:
+            return _NoObjectsUnpickler(io.BytesIO(data)).load()
+        except pickle.UnpicklingError as exc:
+            if "without a checksum header" not in str(exc):
+                raise ModelFileError(f"Cannot read model file {str(path)!r} (UnpicklingError: {exc}).") from exc
+            raise ModelFileError(
+                f"{str(path)!r} is not a featx model file: it lacks the 'featx-model sha256=...' checksum header "
+                "(written by an older featx, or not by featx), and featx does not unpickle such files; "
+                "create one with 'featx fit'."
+            ) from exc
+        except Exception as exc:
+            raise ModelFileError(f"Cannot read model file {str(path)!r} ({type(exc).__name__}: {exc}).") from exc
+    match = _HEADER.match(data, 0, _HEADER_MAX)
+    if match is None:
+        raise ModelFileError(
+            f"Model file {str(path)!r} has a damaged 'featx-model sha256=' header line: the file was modified "
+            "or corrupted; refit or re-download it."
+        )
+    body = memoryview(data)[match.end() :]
+    expected, found = match.group(1).decode("ascii"), hashlib.sha256(body).hexdigest()
+    if found != expected:
+        raise ModelFileError(
+            f"Model file {str(path)!r}: checksum mismatch: the file was modified or corrupted; refit or "
+            f"re-download it (its header says sha256 {expected[:16]}..., its content has {found[:16]}...)."
+        )
+    try:
+        return joblib.load(io.BytesIO(body))
+    except Exception as exc:  # unpickling errors of every kind mean "not a model file we can read"
+        raise ModelFileError(f"Cannot read model file {str(path)!r} ({type(exc).__name__}: {exc}).") from exc
 
 
 def load_model(path: str | os.PathLike) -> FeatxModel:
     """Read a model file and check that this installation can use it.
 
+    The SHA-256 checksum in the file's header is verified before anything is unpickled; a file
+    without the header is never unpickled beyond plain data. The checksum catches corruption and
+    accidental edits, not a deliberate forgery (whoever can rewrite the file can rewrite its
+    checksum): model files are pickles, trust them as you would code.
+
     Raises
     ------
     ModelFileError
-        If the file is not a featx model, was written by another featx major version, or needs
-        a backbone or weights this machine cannot provide (the message says which and how).
+        If the file is not a featx model, fails its checksum (modified or corrupted), lacks the
+        checksum header, was written by another featx major version, or needs a backbone or
+        weights this machine cannot provide (the message says which and how).
     """
     from featx import __version__
 
     if not os.path.isfile(path):
         raise ModelFileError(f"Model file {str(path)!r} does not exist; create one with 'featx fit DATA -o {path}'.")
-    try:
-        payload = joblib.load(path)
-    except Exception as exc:  # unpickling errors of every kind mean "not a model file we can read"
-        raise ModelFileError(f"Cannot read model file {str(path)!r} ({type(exc).__name__}: {exc}).") from exc
+    payload = _read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{str(path)!r} is not a featx model file; create one with 'featx fit'.")
     saved = str(payload.get("featx_version"))
@@ -221,6 +312,10 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
         raise ModelFileError(
             f"Model file {str(path)!r} was written by featx {saved} (format {payload.get('format_version')}); "
             f"this is featx {__version__} (format {FORMAT_VERSION}). Refit it with 'featx fit'."
+        )
+    if not isinstance(payload.get("model"), FeatxModel):
+        raise ModelFileError(
+            f"{str(path)!r} is not a featx model file (it holds no model); create one with 'featx fit'."
         )
     model = payload["model"]
     features = model.features

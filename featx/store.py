@@ -1074,10 +1074,19 @@ class FeatureStore:
             _MAIN_INDEXES.pop(next(iter(_MAIN_INDEXES)))
         return index
 
-    def _run(self, fn: Callable[[_View], T], attempts: int = 4) -> T:
-        """Run ``fn`` on a consistent snapshot; start again if consolidation removed a segment."""
+    def _run(self, fn: Callable[[_View], T], attempts: int = 60) -> T:
+        """Run ``fn`` on a consistent snapshot; start again if consolidation removed a segment.
+
+        Consolidation removes merged segments one by one after replacing the main file; a reader
+        that keeps meeting a removed segment pauses a little longer each time (up to 50 ms, under
+        3 s in all) until the removal is over, rather than giving up.
+        """
         self._check_open()
-        for _ in range(attempts):
+        pause = 0.001
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
             names = self._segment_names()  # list the journal BEFORE opening the main file
             try:
                 f = h5py.File(self.path, "r")
