@@ -80,6 +80,8 @@ def imagenet_shift(source, *, n_images: int = 200, random_state: int = 0, layers
     count = 0
     for batch in iter_batches(backbone, source, requests, batch_size=batch_size, device=device,
                               precision=resolve_precision("fp32", device), on_error="skip", progress=False):
+        if not len(batch.indices):  # every image of the batch was skipped
+            continue
         for request in requests:
             sums[request] = sums[request] + batch.features[request].astype(np.float64).sum(axis=0)
         count += len(batch.indices)
