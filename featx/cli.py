@@ -286,25 +286,14 @@ def cmd_cv_auto(args, source, kwargs) -> int:
 
 
 def cmd_cv(args) -> int:
-    from featx.compare import best_row, compare_layers
+    from featx.compare import best_row
 
     source = _open_data(args)
     _source_problems(source)
     kwargs = _extraction_kwargs(args)
     if args.layers == "auto":
         return cmd_cv_auto(args, source, kwargs)
-    rows = compare_layers(
-        source,
-        backbones=kwargs.pop("backbone"),
-        layers=args.layers,
-        poolings=args.pool,
-        heads=args.head,
-        cv=args.cv,
-        repeats=args.repeats,
-        random_state=args.seed,
-        n_jobs=args.jobs,
-        **kwargs,
-    )
+    rows = _compare_rows(args, source, kwargs, args.model)
     if args.json:
         _print_json(rows)
         return 0
@@ -394,16 +383,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_compare(args) -> int:
-    from featx.compare import best_row, compare_layers, write_comparison
+def _compare_rows(args, source, kwargs, backbones) -> list[dict]:
+    """compare_layers with the options that 'featx cv' and 'featx compare' share."""
+    from featx.compare import compare_layers
 
-    source = _open_data(args)
-    _source_problems(source)
-    kwargs = _extraction_kwargs(args)
-    kwargs.pop("backbone")
-    rows = compare_layers(
+    kwargs = {k: v for k, v in kwargs.items() if k != "backbone"}
+    return compare_layers(
         source,
-        backbones=args.models,
+        backbones=backbones,
         layers=args.layers,
         poolings=args.pool,
         heads=args.head,
@@ -413,6 +400,14 @@ def cmd_compare(args) -> int:
         n_jobs=args.jobs,
         **kwargs,
     )
+
+
+def cmd_compare(args) -> int:
+    from featx.compare import best_row, write_comparison
+
+    source = _open_data(args)
+    _source_problems(source)
+    rows = _compare_rows(args, source, _extraction_kwargs(args), args.models)
     paths = write_comparison(rows, args.out, title=source.name)
     columns = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "extraction_time", "fit_time"]
     if args.json:
