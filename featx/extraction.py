@@ -144,10 +144,10 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def _auto_workers(source, n_items: int) -> int:
-    has_files = any(isinstance(source[i], (str, os.PathLike)) for i in range(min(n_items, 1)))
-    if not has_files or n_items < 64:
+    """One decoding process per core for image files; none for in-memory images or short runs."""
+    if n_items < 64 or not isinstance(source[0], (str, os.PathLike)):
         return 0
-    return max(1, min(8, (os.cpu_count() or 1)))
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 # --------------------------------------------------------------------------- the loop
