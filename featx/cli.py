@@ -135,17 +135,24 @@ def cmd_demo(args) -> int:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts():
-    """Turn SIGTERM into KeyboardInterrupt for the duration, so both stop a run the same way."""
+def _interruptible():
+    """SIGINT and SIGTERM stop a run the same way; yields the ``stop`` check for featx.extract.
+
+    The handler raises KeyboardInterrupt at once, and also records the signal: if the exception
+    lands where Python ignores it (a finaliser), the run still stops at the next batch.
+    """
+    received = []
 
     def handler(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield lambda: bool(received)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _open_data(args):
@@ -184,9 +191,9 @@ def cmd_extract(args) -> int:
     source = _open_data(args)
     for path, reason in source.problems:
         print(f"featx: warning: {path}: {reason}", file=sys.stderr)
-    with _sigterm_interrupts():
+    with _interruptible() as stop:
         try:
-            result = extract(source, layers=args.layers, pooling=args.pool, **_extraction_kwargs(args))
+            result = extract(source, layers=args.layers, pooling=args.pool, stop=stop, **_extraction_kwargs(args))
         except KeyboardInterrupt:
             print(
                 "featx: interrupted: every completed batch is kept in the store; run the same command "

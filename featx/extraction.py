@@ -433,6 +433,7 @@ def extract(
     precision: str = "auto",
     num_workers: int | str = "auto",
     progress: bool | None = None,
+    stop=None,
 ):
     """Extract pooled features from a frozen backbone, in memory or into a feature store.
 
@@ -467,6 +468,11 @@ def extract(
         Decoding processes; ``"auto"`` uses the cores for image files, none for arrays.
     progress : bool, optional
         Progress bar; by default only on a terminal.
+    stop : callable, optional
+        Checked after every batch; when it returns True the run stops with
+        :class:`KeyboardInterrupt` at that safe point, every completed batch kept. The CLI sets
+        it from SIGINT and SIGTERM, so a signal that lands where Python ignores exceptions
+        (a finaliser) still stops the run.
 
     Returns
     -------
@@ -503,13 +509,20 @@ def extract(
         for batch in iter_batches(backbone, source, requests, on_error="raise", **loop):
             for request in requests:
                 chunks[request].append(batch.features[request])
+            _check_stop(stop)
         return {
             r.key: np.concatenate(chunks[r]) if chunks[r] else np.empty((0, 0), dtype=np.float32) for r in requests
         }
-    return _extract_to_store(backbone, source, requests, store=store, dtype=dtype, on_error=on_error, loop=loop)
+    return _extract_to_store(backbone, source, requests, store=store, dtype=dtype, on_error=on_error, loop=loop,
+                             stop=stop)
 
 
-def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop) -> ExtractionResult:
+def _check_stop(stop) -> None:
+    if stop is not None and stop():
+        raise KeyboardInterrupt
+
+
+def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, stop=None) -> ExtractionResult:
     start = time.perf_counter()
     feature_store = open_store(store, store_config(backbone, loop["precision"], dtype), dtype=dtype)
     keys, unreadable = _content_keys(source, on_error)
@@ -534,6 +547,7 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
                     failed[keys[position]] = message
                 batch_keys = [keys[i] for i in batch.indices]
                 if not batch_keys:  # every image of the batch was skipped: nothing was computed
+                    _check_stop(stop)
                     continue
                 groups: dict[tuple[bool, ...], dict] = {}
                 for request in todo:
@@ -546,6 +560,7 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
                             [batch_keys[i] for i in rows], {entry: value[rows] for entry, value in features.items()}
                         )
                 n_computed += len(batch_keys)
+                _check_stop(stop)
             feature_store.consolidate()
     skipped_positions = [i for i, _ in unreadable]
     skipped = [(describe(source[i], i), message) for i, message in unreadable]

@@ -292,3 +292,22 @@ def test_bf16_lite0_features_close_to_fp32():
         a, b = fp32[key], bf16[key]
         cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
         assert cosine.mean() >= 0.99 and cosine.min() >= 0.98, (key, cosine.mean(), cosine.min())
+
+
+def test_extract_stop_check_keeps_completed_batches(tmp_path, images):
+    """Check that a stop request ends the run after a batch, with that batch kept in the store."""
+    from featx.store import FeatureStore
+
+    arrays, _ = images
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) >= 2
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(arrays, backbone=TINY, layers=["stage1"], store=tmp_path, device="cpu", batch_size=3, stop=stop)
+    [path] = tmp_path.glob("*.h5")
+    assert len(FeatureStore(path).keys) == 6  # two batches of three completed
+    result = extract(arrays, backbone=TINY, layers=["stage1"], store=tmp_path, device="cpu", batch_size=3)
+    assert result.n_computed == 6
