@@ -8,7 +8,9 @@ Three measurements on the same images, each in a fresh process (so that peak mem
 (b) ``featx``: :func:`featx.extract` into a fresh feature store (hashing, decoding, the
     forward pass, pooling and the durable writes all counted);
 (c) ``model_only``: the forward pass alone on random tensors at featx's precision and memory
-    format: the limit no loader can beat.
+    format: the limit no loader can beat;
+(d) with ``compile=True``, the same under ``torch.compile``, its compile time apart: whether
+    compiling would pay (featx does not compile: on 2 CPU cores the compile costs minutes).
 
 Nothing here asserts a time: the figures are printed for people to compare, side by side, from
 one run.
@@ -94,7 +96,7 @@ def _featx(folder: str, model: str, batch_size: int, device: str) -> dict:
     return {"images_per_s": result.n_computed / seconds, "n": result.n_computed}
 
 
-def _model_only(folder: str, model: str, batch_size: int, device: str, n: int) -> dict:
+def _model_only(folder: str, model: str, batch_size: int, device: str, n: int, compiled: bool = False) -> dict:
     import torch
 
     from featx.backbones import load_backbone
@@ -107,16 +109,19 @@ def _model_only(folder: str, model: str, batch_size: int, device: str, n: int) -
     size = backbone.preprocess.crop
     x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     batches = max(1, n // batch_size)
+    net = torch.compile(backbone.module) if compiled else backbone.module
     with torch.inference_mode(), _autocast(dev, precision):
-        backbone.module(x)  # warm-up
+        warm_up = time.perf_counter()
+        net(x)  # warm-up (and, compiled, the compilation)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(batches):
-            backbone.module(x)
+            net(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    return {"images_per_s": batches * batch_size / (time.perf_counter() - start), "precision": precision}
+    return {"images_per_s": batches * batch_size / (time.perf_counter() - start), "precision": precision,
+            "warm_up_s": start - warm_up}
 
 
 def _child(kind: str, args: tuple, queue) -> None:
@@ -142,7 +147,7 @@ def _isolated(kind: str, *args) -> dict:
 
 
 def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, batch_size: int = 32,
-              device: str = "auto", out=print) -> dict:
+              device: str = "auto", compile: bool = False, out=print) -> dict:
     """Measure naive, featx and model-only throughput on the same images, side by side.
 
     Parameters
@@ -152,17 +157,22 @@ def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, b
     model : str, default="efficientnet_lite0"
     n : int, default=256
         Images to generate (ignored with ``folder``).
+    compile : bool, default=False
+        Also measure the model-only limit under ``torch.compile``.
 
     Returns
     -------
     dict
         ``naive_images_per_s``, ``featx_images_per_s``, ``model_only_images_per_s``,
         ``speedup_vs_naive``, ``fraction_of_model_limit``, ``peak_rss_mb`` (featx's run),
-        ``naive_peak_rss_mb``, ``n_images``, ``model``, ``device``, ``precision``, ``cpu_count``.
+        ``naive_peak_rss_mb``, ``n_images``, ``model``, ``device``, ``precision``, ``decoder``,
+        ``cpu_count``; with ``compile``, also ``model_only_compiled_images_per_s`` and
+        ``compile_seconds``.
     """
-    from featx.extraction import resolve_device
+    from featx.extraction import resolve_decoder, resolve_device
 
-    device = str(resolve_device(device))
+    resolved = resolve_device(device)
+    device, decoder = str(resolved), resolve_decoder("auto", resolved)
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
             out(f"generating {n} JPEGs of 500×375 …")
@@ -177,10 +187,18 @@ def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, b
         out("(c) model-only forward pass on random tensors …")
         limit = _isolated("_model_only", folder, model, batch_size, device, ours["n"])
         out(f"    {limit['images_per_s']:.1f} images/s at {limit['precision']}")
+        if compile:
+            out("(d) model-only forward pass under torch.compile …")
+            compiled = _isolated("_model_only", folder, model, batch_size, device, ours["n"], True)
+            out(f"    {compiled['images_per_s']:.1f} images/s (compiling took {compiled['warm_up_s']:.0f} s)")
+    extra = {}
+    if compile:
+        extra = {"model_only_compiled_images_per_s": compiled["images_per_s"], "compile_seconds": compiled["warm_up_s"]}
     return {
         "model": model,
         "device": device,
         "precision": limit["precision"],
+        "decoder": decoder,
         "n_images": ours["n"],
         "batch_size": batch_size,
         "cpu_count": os.cpu_count(),
@@ -191,4 +209,5 @@ def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, b
         "fraction_of_model_limit": ours["images_per_s"] / limit["images_per_s"],
         "peak_rss_mb": ours["peak_rss_mb"],
         "naive_peak_rss_mb": naive["peak_rss_mb"],
+        **extra,
     }

@@ -193,7 +193,8 @@ def cmd_extract(args) -> int:
         print(f"featx: warning: {path}: {reason}", file=sys.stderr)
     with _interruptible() as stop:
         try:
-            result = extract(source, layers=args.layers, pooling=args.pool, stop=stop, **_extraction_kwargs(args))
+            result = extract(source, layers=args.layers, pooling=args.pool, stop=stop, decoder=args.decoder,
+                             **_extraction_kwargs(args))
         except KeyboardInterrupt:
             print(
                 "featx: interrupted: every completed batch is kept in the store; run the same command "
@@ -457,7 +458,7 @@ def cmd_bench(args) -> int:
     from featx.bench import run_bench
 
     report = run_bench(args.folder, model=args.model, n=args.n, batch_size=args.batch_size, device=args.device,
-                       out=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+                       compile=args.compile, out=(lambda line: print(line, file=sys.stderr)) if args.json else print)
     if args.json:
         _print_json(report)
         return 0
@@ -467,7 +468,14 @@ def cmd_bench(args) -> int:
         f"  naive loop   {report['naive_images_per_s']:8.1f} images/s  (peak RSS {report['naive_peak_rss_mb']:.0f} MB)\n"
         f"  featx        {report['featx_images_per_s']:8.1f} images/s  (peak RSS {report['peak_rss_mb']:.0f} MB)\n"
         f"  model only   {report['model_only_images_per_s']:8.1f} images/s\n"
-        f"  speedup vs naive {report['speedup_vs_naive']:.2f}x, "
+        + (
+            f"  compiled     {report['model_only_compiled_images_per_s']:8.1f} images/s model only "
+            f"(torch.compile took {report['compile_seconds']:.0f} s)\n"
+            if "compile_seconds" in report
+            else ""
+        )
+        + f"  decoder {report['decoder']}; "
+        f"speedup vs naive {report['speedup_vs_naive']:.2f}x, "
         f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit"
     )
     return 0
@@ -579,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(p)
     _add_extraction_options(p)
+    p.add_argument(
+        "--decoder", choices=("auto", "pil", "torch"), default="auto",
+        help="where JPEGs are decoded: auto (on the GPU with a CUDA device, else PIL in the decoding "
+        "processes), pil, or torch (torchvision.io on the device) (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.set_defaults(func=cmd_extract)
 
@@ -677,6 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=256, help="images to generate without DIR (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="also measure the model-only limit under torch.compile (its compile time is reported apart)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)
 

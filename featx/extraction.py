@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +26,23 @@ from torch.utils.data import DataLoader, Dataset
 
 from featx.backbones import Backbone, Tap, load_backbone, resolve_layers, run_taps
 from featx.exceptions import FeatxError, ImageDecodeError
-from featx.images import ImageSource, content_key, describe, load_image, open_source
+from featx.images import ImageSource, content_key, describe, jpeg_bytes, load_image, open_source
 from featx.pooling import check_pooling, pool
 from featx.preprocess import Preprocess
 
-__all__ = ["Batch", "ExtractionResult", "Request", "extract", "iter_batches", "resolve_device", "resolve_precision"]
+__all__ = [
+    "Batch",
+    "ExtractionResult",
+    "Request",
+    "extract",
+    "iter_batches",
+    "resolve_decoder",
+    "resolve_device",
+    "resolve_precision",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODERS = ("auto", "pil", "torch")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -97,6 +108,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_decoder(decoder: str, device: torch.device) -> str:
+    """Resolve ``"auto"``: JPEG files decode on the GPU (``"torch"``) when the device is CUDA.
+
+    ``"pil"`` decodes in the DataLoader workers with PIL, at a reduced JPEG scale (draft mode)
+    when the file is much larger than the network's input: the fastest choice on a CPU.
+    ``"torch"`` has the workers read only the file's bytes; the main process decodes each batch
+    of JPEGs with ``torchvision.io.decode_jpeg`` on the extraction device (nvjpeg on CUDA), then
+    resizes and crops there. Other formats, CMYK and EXIF-rotated JPEGs still go through PIL.
+
+    Examples
+    --------
+    >>> resolve_decoder("auto", torch.device("cpu"))
+    'pil'
+    >>> resolve_decoder("auto", torch.device("cuda"))
+    'torch'
+    """
+    if decoder not in DECODERS:
+        raise FeatxError(f"Unknown decoder {decoder!r}: expected one of {', '.join(DECODERS)}.")
+    if decoder == "auto":
+        return "torch" if device.type == "cuda" else "pil"
+    return decoder
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -107,35 +141,115 @@ def _autocast(device: torch.device, precision: str):
 
 
 class _Images(Dataset):
-    """Decodes and crops one image per item; a bad image comes back as its error message."""
+    """Decodes and crops one image per item; a bad image comes back as its error message.
 
-    def __init__(self, source, indices: Sequence[int], preprocess: Preprocess):
+    With the ``"torch"`` decoder, a plain JPEG file comes back as its encoded bytes, for the
+    main process to decode on the device.
+    """
+
+    def __init__(self, source, indices: Sequence[int], preprocess: Preprocess, decoder: str = "pil"):
         self.source = source
         self.indices = list(indices)
         self.preprocess = preprocess
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int):
         index = self.indices[position]
+        item = self.source[index]
+        if self.decoder == "torch":
+            data = jpeg_bytes(item)
+            if data is not None:
+                return index, None, None, torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
-            image = load_image(self.source[index], draft_size=self.preprocess.draft_size)
-            return index, torch.from_numpy(self.preprocess.crop_array(image)), None
+            return index, _decode_crop(item, self.preprocess), None, None
         except ImageDecodeError as exc:
-            return index, None, str(exc)
+            return index, None, str(exc), None
 
 
-def _collate(samples):
-    good = [(i, t) for i, t, _ in samples if t is not None]
-    errors = [(i, e) for i, _, e in samples if e is not None]
-    if good:
-        indices = torch.tensor([i for i, _ in good], dtype=torch.long)
-        # (n, H, W, 3) stacked, then viewed as (n, 3, H, W): channels-last, with no copy.
-        batch = torch.stack([t for _, t in good]).permute(0, 3, 1, 2)
+def _decode_crop(item, preprocess: Preprocess) -> torch.Tensor:
+    """Decode with PIL and crop: ``uint8`` tensor of shape (crop, crop, 3)."""
+    image = load_image(item, draft_size=preprocess.draft_size)
+    return torch.from_numpy(preprocess.crop_array(image))
+
+
+@dataclass
+class _Loaded:
+    """One collated batch: ``indices`` in batch order; rows of ``pixels`` are decoded crops,
+    ``encoded`` holds (row, JPEG bytes) for the rows still to decode."""
+
+    indices: torch.Tensor
+    pixels: torch.Tensor | None
+    pixel_rows: torch.Tensor
+    encoded: list[tuple[int, torch.Tensor]]
+    errors: list[tuple[int, str]]
+
+    def pin_memory(self):
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def _collate(samples) -> _Loaded:
+    kept = [s for s in samples if s[2] is None]
+    errors = [(i, e) for i, _, e, _ in samples if e is not None]
+    indices = torch.tensor([s[0] for s in kept], dtype=torch.long)
+    rows = [row for row, s in enumerate(kept) if s[1] is not None]
+    encoded = [(row, s[3]) for row, s in enumerate(kept) if s[3] is not None]
+    # (n, H, W, 3) stacked, then viewed as (n, 3, H, W): channels-last, with no copy.
+    pixels = torch.stack([kept[row][1] for row in rows]).permute(0, 3, 1, 2) if rows else None
+    return _Loaded(indices, pixels, torch.tensor(rows, dtype=torch.long), encoded, errors)
+
+
+def _decode_on_device(loaded: _Loaded, source, preprocess: Preprocess, device: torch.device):
+    """The batch's pixels on ``device``, decoding its JPEG bytes there (nvjpeg on CUDA).
+
+    Returns ``(pixels, indices, skipped)``: an image the tensor decoder refuses is decoded by
+    PIL instead, and one that PIL refuses too is skipped with PIL's message.
+    """
+    n = len(loaded.indices)
+    if not loaded.encoded:
+        return loaded.pixels.to(device, non_blocking=True), loaded.indices, []
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    crop = preprocess.crop
+    pixels = torch.empty((n, 3, crop, crop), dtype=torch.uint8, device=device)
+    if loaded.pixels is not None:
+        pixels[loaded.pixel_rows.to(device)] = loaded.pixels.to(device, non_blocking=True)
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; the call is unchanged.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = [b for _, b in loaded.encoded]
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad image fails the batched call: decode one by one
+            images = []
+            for b in data:
+                try:
+                    images.append(decode_jpeg(b, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    images.append(None)
+    keep = torch.ones(n, dtype=torch.bool)
+    skipped = []
+    for (row, _), image in zip(loaded.encoded, images):
+        index = int(loaded.indices[row])
+        if image is None:  # the tensor decoder refused it: PIL decodes it, or says why it cannot
+            try:
+                image = _decode_crop(source[index], preprocess).permute(2, 0, 1).to(device)
+            except ImageDecodeError as exc:
+                keep[row] = False
+                skipped.append((index, str(exc)))
+                continue
+        else:
+            image = preprocess.crop_tensor(image)
+        pixels[row] = image
+    if not keep.all():
+        pixels, indices = pixels[keep.to(device)], loaded.indices[keep]
     else:
-        indices, batch = torch.empty(0, dtype=torch.long), None
-    return indices, batch, errors
+        indices = loaded.indices
+    return pixels, indices, skipped
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -199,6 +313,7 @@ def iter_batches(
     num_workers: int | str = "auto",
     on_error: str = "skip",
     progress: bool | None = None,
+    decoder: str = "pil",
 ) -> Iterator[Batch]:
     """Yield pooled features batch by batch: the single loop every consumer uses.
 
@@ -217,6 +332,8 @@ def iter_batches(
         are the caller's and are never lost.
     progress : bool, optional
         Show a progress bar; by default only when stderr is a terminal.
+    decoder : {"pil", "torch"}, default="pil"
+        Resolved by :func:`resolve_decoder`.
     """
     if on_error not in ("skip", "raise"):
         raise FeatxError(f"Unknown on_error {on_error!r}: expected 'skip' or 'raise'.")
@@ -228,7 +345,7 @@ def iter_batches(
     if num_workers == "auto":
         num_workers = _auto_workers(source, len(indices))
     loader = DataLoader(
-        _Images(source, indices, backbone.preprocess),
+        _Images(source, indices, backbone.preprocess, decoder),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -246,14 +363,21 @@ def iter_batches(
 
         bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name}", leave=False)
     try:
-        for batch_indices, batch, errors in loader:
-            skipped = [(int(i), message) for i, message in errors]
+        for loaded in loader:
+            skipped = [(int(i), message) for i, message in loaded.errors]
             if skipped and on_error == "raise":
                 raise ImageDecodeError(skipped[0][1])
             features = {}
-            if batch is not None:
+            batch_indices = loaded.indices
+            if len(batch_indices):
                 with torch.inference_mode():
-                    x = backbone.preprocess.normalize(batch.to(device, non_blocking=True))
+                    pixels, batch_indices, refused = _decode_on_device(loaded, source, backbone.preprocess, device)
+                if refused and on_error == "raise":
+                    raise ImageDecodeError(refused[0][1])
+                skipped += refused
+            if len(batch_indices):
+                with torch.inference_mode():
+                    x = backbone.preprocess.normalize(pixels)
                     if device.type != "mps":
                         x = x.contiguous(memory_format=torch.channels_last)
                     with _autocast(device, precision):
@@ -279,11 +403,20 @@ def prepare(backbone: Backbone, device: torch.device) -> Backbone:
 # --------------------------------------------------------------------------- extraction
 
 
-def store_config(backbone: Backbone, precision: str, dtype: str = "float32") -> dict:
-    """The extraction configuration a feature store is keyed by (its file name hashes this)."""
+def store_config(backbone: Backbone, precision: str, dtype: str = "float32", decoder: str = "pil",
+                 device: torch.device | None = None) -> dict:
+    """The extraction configuration a feature store is keyed by (its file name hashes this).
+
+    The decoder is recorded only when it is not PIL (the default, and what every store written
+    before the option existed used): tensor-decoded pixels differ slightly, so they get a store
+    of their own.
+    """
     from featx import __version__
 
-    return {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
+    config = {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
+    if decoder != "pil":
+        config["decoder"] = f"torchvision.io.decode_jpeg:{device.type if device is not None else 'cpu'}"
+    return config
 
 
 def provenance() -> dict:
@@ -434,6 +567,7 @@ def extract(
     num_workers: int | str = "auto",
     progress: bool | None = None,
     stop=None,
+    decoder: str = "auto",
 ):
     """Extract pooled features from a frozen backbone, in memory or into a feature store.
 
@@ -473,6 +607,9 @@ def extract(
         :class:`KeyboardInterrupt` at that safe point, every completed batch kept. The CLI sets
         it from SIGINT and SIGTERM, so a signal that lands where Python ignores exceptions
         (a finaliser) still stops the run.
+    decoder : {"auto", "pil", "torch"}, default="auto"
+        Where JPEG files are decoded: ``"auto"`` decodes them on the GPU when ``device`` is CUDA
+        and with PIL in the decoding processes elsewhere (see :func:`resolve_decoder`).
 
     Returns
     -------
@@ -501,8 +638,10 @@ def extract(
     requests = make_requests(backbone.name, layers, pooling)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
+    decoder = resolve_decoder(decoder, device)
     on_error = on_error or ("raise" if store is None else "skip")
-    loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress)
+    loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress,
+                decoder=decoder)
     if store is None:
         prepare(backbone, device)
         chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
@@ -524,7 +663,8 @@ def _check_stop(stop) -> None:
 
 def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, stop=None) -> ExtractionResult:
     start = time.perf_counter()
-    feature_store = open_store(store, store_config(backbone, loop["precision"], dtype), dtype=dtype)
+    config = store_config(backbone, loop["precision"], dtype, loop["decoder"], loop["device"])
+    feature_store = open_store(store, config, dtype=dtype)
     keys, unreadable = _content_keys(source, on_error)
     first: dict[str, int] = {}
     for i, key in enumerate(keys):

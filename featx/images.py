@@ -37,6 +37,7 @@ __all__ = [
     "ImageSource",
     "content_key",
     "describe",
+    "jpeg_bytes",
     "load_image",
     "open_source",
 ]
@@ -370,6 +371,42 @@ def _load_path(item: str | os.PathLike, *, draft_size, max_pixels: int) -> Image
             ) from exc
         except _DECODE_ERRORS as exc:
             raise _decode_error(item, _pil_reason(exc), "re-download or re-export it, or remove it") from exc
+
+
+def jpeg_bytes(item: ImageItem, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes | None:
+    """The bytes of a JPEG file that a tensor decoder can take as they are, else ``None``.
+
+    Only the header is parsed (no pixel is decoded). ``None`` means "decode it with
+    :func:`load_image`": the item is not a path, not a JPEG, a CMYK or YCCK JPEG, carries an
+    EXIF orientation other than upright (GPU decoders ignore it), exceeds `max_pixels`, or
+    cannot be read at all -- :func:`load_image` then gives the precise error.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> jpeg_bytes(np.zeros((4, 4), dtype=np.uint8)) is None
+    True
+    """
+    if not _is_path(item):
+        return None
+    try:
+        with open(os.fsdecode(item), "rb") as handle:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(handle) as image:
+                    width, height = image.size
+                    if (
+                        image.format != "JPEG"
+                        or image.mode not in ("RGB", "L")
+                        or width * height > max_pixels
+                        or _orientation(image) != 1
+                    ):
+                        return None
+            handle.seek(0)
+            return handle.read()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        # Not decodable here; load_image raises the error that names the file and the fix.
+        return None
 
 
 def _pil_reason(exc: BaseException) -> str:

@@ -68,20 +68,40 @@ class Preprocess:
         """Smallest size a JPEG may be decoded at without losing what the resize keeps."""
         return (self.resize, self.resize)
 
-    def crop_array(self, image: Image.Image) -> np.ndarray:
-        """Resize the shorter side and centre-crop: ``uint8`` array of shape (crop, crop, 3)."""
-        # Same arithmetic as torchvision's Resize(int) and CenterCrop, so features match theirs.
-        width, height = image.size
+    def _geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(resized width, height)`` and the crop's ``(left, top)``.
+
+        Same arithmetic as torchvision's ``Resize(int)`` and ``CenterCrop``, so features match theirs.
+        """
         if width <= height:
             size = (self.resize, int(self.resize * height / width))
         else:
             size = (int(self.resize * width / height), self.resize)
+        return size, (int(round((size[0] - self.crop) / 2.0)), int(round((size[1] - self.crop) / 2.0)))
+
+    def crop_array(self, image: Image.Image) -> np.ndarray:
+        """Resize the shorter side and centre-crop: ``uint8`` array of shape (crop, crop, 3)."""
+        size, (left, top) = self._geometry(*image.size)
         if size != image.size:
             image = image.resize(size, _INTERPOLATION[self.interpolation])
-        left = int(round((size[0] - self.crop) / 2.0))
-        top = int(round((size[1] - self.crop) / 2.0))
         image = image.crop((left, top, left + self.crop, top + self.crop))
         return np.array(image.convert("RGB"), dtype=np.uint8)
+
+    def crop_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """:meth:`crop_array` for a decoded ``uint8`` tensor of shape (3, H, W), on its device.
+
+        Used for images decoded on the GPU; the antialiased resize matches PIL's closely but not
+        bit for bit, which is why the decoder is part of a feature store's configuration.
+        """
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        height, width = image.shape[-2:]
+        size, (left, top) = self._geometry(int(width), int(height))
+        if size != (width, height):
+            mode = InterpolationMode(self.interpolation)
+            image = F.resize(image, [size[1], size[0]], interpolation=mode, antialias=True)
+        return image[:, top : top + self.crop, left : left + self.crop]
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """:meth:`crop_array` as a ``uint8`` tensor of shape (3, crop, crop).

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from PIL import Image
 
 from featx.bench import make_jpegs, run_bench
@@ -31,3 +33,12 @@ def test_cli_bench_json(tmp_path, capsys):
     folder = make_jpegs(tmp_path / "imgs", 4)
     assert main(["bench", str(folder), "--model", "featx_tiny_cnn", "--batch-size", "2", "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_images"] == 4
+
+
+@pytest.mark.slow
+def test_run_bench_compile_reports_compiled_limit(tmp_path):
+    """Check that bench --compile adds the compiled model-only limit and the compile time."""
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    report = run_bench(folder, model="featx_tiny_cnn", batch_size=2, device="cpu", compile=True, out=lambda line: None)
+    assert report["model_only_compiled_images_per_s"] > 0 and report["compile_seconds"] > 0
+    assert report["decoder"] == "pil"

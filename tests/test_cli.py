@@ -151,6 +151,17 @@ def test_cli_extract_on_error_raise_names_file(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "broken.jpg" in err
 
 
+def test_cli_extract_decoder_torch_has_its_own_store(tmp_path, capsys, monkeypatch):
+    """Check that 'featx extract --decoder torch' decodes JPEGs with torchvision into a store of its own."""
+    data = _folder(tmp_path / "data", 4)
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT, "--json"]) == 0
+    pil = json.loads(capsys.readouterr().out)
+    assert main(["extract", str(data), *EXTRACT, "--decoder", "torch", "--json"]) == 0
+    tensor = json.loads(capsys.readouterr().out)
+    assert tensor["n_computed"] == 4 and tensor["store"] != pil["store"]
+
+
 def test_cli_cache_verify_needs_store(capsys):
     """Check that 'featx cache verify' without a STORE says what is missing."""
     assert main(["cache", "verify"]) == 1

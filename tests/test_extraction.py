@@ -311,3 +311,86 @@ def test_extract_stop_check_keeps_completed_batches(tmp_path, images):
     assert len(FeatureStore(path).keys) == 6  # two batches of three completed
     result = extract(arrays, backbone=TINY, layers=["stage1"], store=tmp_path, device="cpu", batch_size=3)
     assert result.n_computed == 6
+
+
+def _photo_folder(root, n=6, size=(90, 70)):
+    """Smooth-gradient JPEGs (what JPEG is for) in two class folders, plus a PNG, a CMYK JPEG,
+    an EXIF-rotated JPEG and a truncated JPEG."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+    for i in range(n):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        f = rng.uniform(0.02, 0.1, 3)
+        pixels = np.stack([127 + 100 * np.sin(f[c] * xx + c) * np.cos(f[(c + 1) % 3] * yy) for c in range(3)], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img{i}.jpg", quality=95)
+    base = Image.open(root / "class0" / "img0.jpg").convert("RGB")
+    base.save(root / "class0" / "copy.png")
+    base.convert("CMYK").save(root / "class1" / "cmyk.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    base.save(root / "class1" / "rotated.jpg", quality=95, exif=exif)
+    data = (root / "class0" / "img2.jpg").read_bytes()
+    (root / "class0" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    return root
+
+
+def test_extract_torch_decoder_matches_pil_decoder(tmp_path):
+    """Check that decoding JPEGs with torchvision.io on the device gives the PIL path's features."""
+    from featx.images import open_source
+
+    source = open_source(_photo_folder(tmp_path / "photos"))
+    kwargs = dict(backbone=TINY, layers=["stage2", "pre_logits"], pooling="avg", device="cpu", store=tmp_path / "s")
+    pil = extract(source, decoder="pil", batch_size=4, **kwargs)
+    tensor = extract(source, decoder="torch", batch_size=4, **kwargs)
+    assert pil.keys == tensor.keys
+    assert [name for name, _ in pil.skipped] == [name for name, _ in tensor.skipped]
+    assert len(tensor.skipped) == 1 and tensor.skipped[0][0].endswith("truncated.jpg")
+    assert tensor.n_computed == pil.n_computed == len(source) - 1  # a store of its own: all computed again
+    for name in ("stage2/avg", "pre_logits/avg"):
+        a, b = pil[name], tensor[name]
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.min() > 0.995, (name, cosine)
+
+
+def test_extract_torch_decoder_store_is_its_own(tmp_path, image_folder):
+    """Check that tensor-decoded features never share a store file with PIL-decoded ones."""
+    from featx.images import open_source
+
+    source = open_source(image_folder)
+    kwargs = dict(backbone=TINY, layers="stage2", device="cpu", store=tmp_path / "s")
+    pil = extract(source, decoder="pil", **kwargs)
+    tensor = extract(source, decoder="torch", **kwargs)
+    assert pil.store.path != tensor.store.path
+    assert "decoder" not in pil.store.config and tensor.store.config["decoder"].startswith("torchvision.io")
+
+
+def test_extract_torch_decoder_is_batch_size_invariant(tmp_path):
+    """Check that mixing decoded and encoded images in one batch keeps every row in its place."""
+    from featx.images import open_source
+
+    source = open_source(_photo_folder(tmp_path / "photos"))
+    runs = [extract(source, backbone=TINY, layers="stage2", device="cpu", decoder="torch", batch_size=b,
+                    on_error="skip", store=tmp_path / f"s{b}") for b in (1, 3, 64)]  # fmt: skip
+    for run in runs[1:]:
+        np.testing.assert_allclose(run["stage2/avg"], runs[0]["stage2/avg"], rtol=1e-5, atol=1e-6)
+
+
+def test_extract_torch_decoder_raise_names_the_file(tmp_path):
+    """Check that on_error='raise' stops at a JPEG no decoder reads, naming it."""
+    from featx.images import open_source
+
+    source = open_source(_photo_folder(tmp_path / "photos"))
+    with pytest.raises(ImageDecodeError, match="truncated.jpg"):
+        extract(source, backbone=TINY, layers="stage2", device="cpu", decoder="torch", on_error="raise", store=True)
+
+
+def test_resolve_decoder_validates():
+    """Check that the decoder resolves by device and unknown names are refused with the choices."""
+    from featx.extraction import resolve_decoder
+
+    assert resolve_decoder("auto", torch.device("cpu")) == "pil"
+    assert resolve_decoder("auto", torch.device("cuda")) == "torch"
+    assert resolve_decoder("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(FeatxError, match="expected one of auto, pil, torch"):
+        resolve_decoder("nvjpeg", torch.device("cpu"))
