@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import json
 import os
 import re
 import socket
@@ -31,12 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from featx.exceptions import FeatxError, UnknownLayerError, UnknownModelError, WeightsUnavailableError, suggest
 from featx.pooling import POOLINGS, pooled_dim
 from featx.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, timm and torchvision are imported where they are used: names, weights names,
+# preprocessing and (cached) layer tables are known without them.
 
 __all__ = [
     "Backbone",
@@ -183,6 +190,8 @@ def run_taps(module: nn.Module, x: torch.Tensor, taps: Sequence[Tap]) -> dict[Ta
     The forward pass stops as soon as the last requested tap has been seen, so asking for an
     early layer does not pay for the rest of the network.
     """
+    import torch
+
     wanted = list(dict.fromkeys(taps))
     captured: dict[Tap, torch.Tensor] = {}
     handles = []
@@ -229,6 +238,8 @@ def _freeze(module: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def _seeded():
     """Seed the CPU generator for a random init, restoring the caller's state afterwards."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
         yield
@@ -278,6 +289,8 @@ def _file_weights_name(path: Path, backbone: str) -> str:
 
 
 def _load_state_dict_file(path: Path, backbone: str) -> dict:
+    import torch
+
     if not path.is_file():
         raise _missing_file(path, backbone)
     try:
@@ -543,6 +556,8 @@ def _torchvision_preprocess(enum_member) -> Preprocess:
 
 
 def _hub_checkpoint(url: str) -> Path:
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
@@ -558,6 +573,7 @@ def _torchvision_resolve(name: str, weights: object) -> tuple[str, Preprocess]:
 
 
 def _torchvision_load(name: str, weights: object) -> nn.Module:
+    import torch
     from torchvision.models import get_model
 
     if weights is None:
@@ -603,6 +619,8 @@ def _timm_preprocess(model: nn.Module) -> Preprocess:
 
 
 def _timm_resolve(arch: str, weights: object) -> tuple[str, Preprocess]:
+    import torch
+
     name = f"timm:{arch}"
     with torch.device("meta"):
         model = _timm_architecture(arch)
@@ -621,6 +639,7 @@ def _timm_resolve(arch: str, weights: object) -> tuple[str, Preprocess]:
 
 def _timm_load(arch: str, weights: object) -> nn.Module:
     import timm
+    import torch
 
     name = f"timm:{arch}"
     if weights is None or _is_path(weights):
@@ -675,30 +694,9 @@ def _timm_aliases(model: nn.Module) -> dict[str, str]:
 # --------------------------------------------------------------------------- tiny test backbones
 
 
-class TinyCNN(nn.Module):
-    """A small, seeded CNN with BatchNorm, for tests: 32×32 input, 4 stages, 10 logits."""
-
-    def __init__(self, width: int = 8, num_classes: int = 10):
-        super().__init__()
-
-        def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
-            )
-
-        self.stem = block(3, width)
-        self.stage1 = block(width, 2 * width)
-        self.stage2 = block(2 * width, 4 * width)
-        self.stage3 = block(4 * width, 4 * width)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.classifier = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
-        return self.classifier(self.pool(x))
-
-
 def _tiny_architecture() -> nn.Module:
+    from featx._tiny import TinyCNN
+
     return TinyCNN()
 
 
@@ -714,6 +712,10 @@ def _tiny_resolve(weights: object) -> tuple[str, Preprocess]:
 
 
 def _tiny_load(weights: object) -> nn.Module:
+    from torch import nn
+
+    from featx._tiny import TinyCNN
+
     with _seeded():
         model = TinyCNN()
         # Non-trivial running statistics, so that forgetting eval() changes the features.
@@ -796,6 +798,7 @@ def get_spec(name: str) -> BackboneSpec:
 @functools.lru_cache(maxsize=None)
 def _timm_spec(arch: str) -> BackboneSpec:
     import timm
+    import torch
 
     base = arch.split(".")[0]
     if not timm.is_model(base):
@@ -857,7 +860,62 @@ class _Probe:
 
 @functools.lru_cache(maxsize=32)
 def _probe(name: str) -> _Probe:
+    """The layer table of a backbone: kept in the cache folder, measured once by :func:`_measure`.
+
+    The file is keyed by the backbone, its input size and the versions of featx, torch,
+    torchvision and timm, so a table is reused only for the network that produced it; reading
+    it needs neither torch nor timm. An unreadable file is measured again and rewritten.
+    """
+    path = _probe_file(name)
+    if path is not None and path.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # unreadable: measured again below
+            data = json.loads(path.read_text())
+            return _Probe(
+                aliases=dict(data["aliases"]),
+                order=tuple(data["order"]),
+                shapes={label: tuple(shape) for label, shape in data["shapes"].items()},
+                calls=dict(data["calls"]),
+            )
+    probe = _measure(name)
+    if path is not None:
+        _write_probe(path, probe)
+    return probe
+
+
+def _probe_file(name: str) -> Path | None:
+    """Where the layer table of a registered backbone is kept (``None`` for timm's: its spec needs timm)."""
+    if name not in _SPECS:
+        return None
+    import importlib.metadata
+
+    from featx import __version__
+    from featx.store import default_cache_dir
+
+    versions = {"featx": __version__, "name": name, "input_size": _SPECS[name].input_size}
+    for package in ("torch", "torchvision", "timm"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    digest = hashlib.sha256(json.dumps(versions, sort_keys=True).encode()).hexdigest()[:16]
+    return default_cache_dir() / "layers" / f"{name}-{digest}.json"
+
+
+def _write_probe(path: Path, probe: _Probe) -> None:
+    data = {"aliases": probe.aliases, "order": list(probe.order), "calls": probe.calls,
+            "shapes": {label: list(shape) for label, shape in probe.shapes.items()}}
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(data))
+        os.replace(temporary, path)
+    except OSError:  # a read-only cache folder only means measuring again next time
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def _measure(name: str) -> _Probe:
     """Run the architecture once on the meta device: shapes of every module, without weights or FLOPs."""
+    import torch
+
     spec = get_spec(name)
     with torch.device("meta"):
         model = spec.architecture()

@@ -20,7 +20,6 @@ import numpy as np
 from featx.backbones import load_backbone
 from featx.exceptions import FeatxError
 from featx.extraction import extract
-from featx.heads import evaluate, fit_head, score_predictions
 from featx.images import ImageSource, open_source
 from featx.store import canonical_json
 
@@ -64,22 +63,27 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, **settings) -> di
     scikit-learn, so a report is reused only for the identical computation (evaluate is
     deterministic). ``n_jobs`` does not change the report and is not part of the key.
     """
+    # scikit-learn is imported only when a report must be computed: a warm comparison reads them.
     if folder is None:
+        from featx.heads import evaluate
+
         return evaluate(X, y, n_jobs=n_jobs, **settings)
-    import sklearn
+    import importlib.metadata
 
     from featx import __version__
 
     X = np.ascontiguousarray(X)
     digest = hashlib.sha256()
     digest.update(canonical_json({**settings, "shape": list(X.shape), "dtype": str(X.dtype),
-                                  "featx": __version__, "sklearn": sklearn.__version__}).encode())
+                                  "featx": __version__, "sklearn": importlib.metadata.version("scikit-learn")}).encode())
     digest.update(X.tobytes())
     digest.update("\0".join(str(label) for label in y).encode())
     path = folder / f"{digest.hexdigest()[:32]}.json"
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):  # unreadable: recompute and rewrite it
             return {**json.loads(path.read_text()), "from_cache": True}
+    from featx.heads import evaluate
+
     report = {**evaluate(X, y, n_jobs=n_jobs, **settings), "from_cache": False}
     folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp-{os.getpid()}")
@@ -231,6 +235,8 @@ def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", 
     chosen : str
     scores : dict of str to float
     """
+    from featx.heads import evaluate
+
     scores = {
         name: evaluate(X, y, head=head, cv=cv, tune=False, random_state=random_state)["accuracy_mean"]
         for name, X in candidates.items()
@@ -256,6 +262,8 @@ def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg",
     from collections import Counter
 
     from sklearn.model_selection import StratifiedKFold
+
+    from featx.heads import fit_head, score_predictions
 
     y = np.asarray(y)
     names = list(candidates)

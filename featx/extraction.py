@@ -11,24 +11,33 @@ requested layer from that one forward pass. Every consumer — the in-memory
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import importlib.metadata
+import importlib.util
 import json
 import os
+import re
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from featx.backbones import Backbone, Tap, load_backbone, resolve_layers, run_taps
 from featx.exceptions import FeatxError, ImageDecodeError
 from featx.images import ImageSource, content_key, describe, jpeg_bytes, load_image, open_source
 from featx.pooling import check_pooling, pool
 from featx.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used, not here: a run answered entirely from the feature store
+# (a warm 'featx cv') never imports it, which is most of a warm run's time.
 
 __all__ = [
     "Batch",
@@ -43,7 +52,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("auto", "pil", "torch")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 # --------------------------------------------------------------------------- device and precision
@@ -57,6 +66,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     >>> resolve_device("cpu")
     device(type='cpu')
     """
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -74,6 +85,57 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def device_type(device: str | torch.device = "auto") -> str | None:
+    """The type (``"cpu"``, ``"cuda"``, ``"mps"``) :func:`resolve_device` would give, without
+    importing torch where that can be known; ``None`` where only torch can tell.
+
+    Store configurations depend only on the device type (through the precision and decoder),
+    so a run whose features are all in the store is answered without importing torch.
+
+    Examples
+    --------
+    >>> device_type("cuda:1")
+    'cuda'
+    >>> device_type("auto") in ("cpu", "cuda", "mps", None)
+    True
+    """
+    if not isinstance(device, str):
+        return device.type
+    if device != "auto":
+        kind = device.split(":", 1)[0]
+        return kind if kind in _DEVICE_TYPES else None
+    if "torch" in sys.modules:  # already paid for: ask torch itself
+        return resolve_device("auto").type
+    if not sys.platform.startswith("linux"):  # Apple's MPS, Windows' CUDA: only torch knows
+        return None
+    count = _cuda_devices_without_torch()
+    return None if count is None else ("cuda" if count else "cpu")
+
+
+def _cuda_devices_without_torch() -> int | None:
+    """How many CUDA devices torch would see on Linux, asked of the NVIDIA driver; None if unsure."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        version = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^cuda(?:\s*:[^=]*)?=\s*(.+)$", version, re.MULTILINE)
+    if match is None:
+        return None
+    if match.group(1).strip() == "None":  # a CPU-only build of torch sees no GPU
+        return 0
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver: torch sees no GPU either
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
     flags = set()
@@ -86,7 +148,7 @@ def cpu_has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: str | torch.device) -> str:
     """Resolve ``"auto"`` to the fastest precision that keeps features faithful on ``device``.
 
     ``auto`` is ``fp16`` on CUDA, ``bf16`` on CPUs with native bf16 (AVX512-BF16 or AMX: CPU
@@ -94,21 +156,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
     Examples
     --------
-    >>> resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+    >>> resolve_precision("auto", "cpu") in ("fp32", "bf16")
     True
     """
+    kind = device if isinstance(device, str) else device.type
     if precision not in PRECISIONS:
         raise FeatxError(f"Unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}.")
     if precision == "auto":
-        if device.type == "cuda":
+        if kind == "cuda":
             return "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
+        return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
+    if precision == "fp16" and kind == "cpu":
         raise FeatxError("precision='fp16' is not supported on the CPU: use 'bf16' or 'fp32'.")
     return precision
 
 
-def resolve_decoder(decoder: str, device: torch.device) -> str:
+def resolve_decoder(decoder: str, device: str | torch.device) -> str:
     """Resolve ``"auto"``: JPEG files decode on the GPU (``"torch"``) when the device is CUDA.
 
     ``"pil"`` decodes in the DataLoader workers with PIL, at a reduced JPEG scale (draft mode)
@@ -119,28 +182,31 @@ def resolve_decoder(decoder: str, device: torch.device) -> str:
 
     Examples
     --------
-    >>> resolve_decoder("auto", torch.device("cpu"))
+    >>> resolve_decoder("auto", "cpu")
     'pil'
-    >>> resolve_decoder("auto", torch.device("cuda"))
+    >>> resolve_decoder("auto", "cuda")
     'torch'
     """
+    kind = device if isinstance(device, str) else device.type
     if decoder not in DECODERS:
         raise FeatxError(f"Unknown decoder {decoder!r}: expected one of {', '.join(DECODERS)}.")
     if decoder == "auto":
-        return "torch" if device.type == "cuda" else "pil"
+        return "torch" if kind == "cuda" else "pil"
     return decoder
 
 
 def _autocast(device: torch.device, precision: str):
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
 
 
 # --------------------------------------------------------------------------- data loading
 
 
-class _Images(Dataset):
+class _Images:
     """Decodes and crops one image per item; a bad image comes back as its error message.
 
     With the ``"torch"`` decoder, a plain JPEG file comes back as its encoded bytes, for the
@@ -160,6 +226,8 @@ class _Images(Dataset):
         index = self.indices[position]
         item = self.source[index]
         if self.decoder == "torch":
+            import torch
+
             data = jpeg_bytes(item)
             if data is not None:
                 return index, None, None, torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -171,6 +239,8 @@ class _Images(Dataset):
 
 def _decode_crop(item, preprocess: Preprocess) -> torch.Tensor:
     """Decode with PIL and crop: ``uint8`` tensor of shape (crop, crop, 3)."""
+    import torch
+
     image = load_image(item, draft_size=preprocess.draft_size)
     return torch.from_numpy(preprocess.crop_array(image))
 
@@ -193,6 +263,8 @@ class _Loaded:
 
 
 def _collate(samples) -> _Loaded:
+    import torch
+
     kept = [s for s in samples if s[2] is None]
     errors = [(i, e) for i, _, e, _ in samples if e is not None]
     indices = torch.tensor([s[0] for s in kept], dtype=torch.long)
@@ -209,6 +281,8 @@ def _decode_on_device(loaded: _Loaded, source, preprocess: Preprocess, device: t
     Returns ``(pixels, indices, skipped)``: an image the tensor decoder refuses is decoded by
     PIL instead, and one that PIL refuses too is skipped with PIL's message.
     """
+    import torch
+
     n = len(loaded.indices)
     if not loaded.encoded:
         return loaded.pixels.to(device, non_blocking=True), loaded.indices, []
@@ -254,6 +328,8 @@ def _decode_on_device(loaded: _Loaded, source, preprocess: Preprocess, device: t
 
 def _worker_init(_worker_id: int) -> None:
     # Inside a worker process only: decoding is single-threaded, one core per worker.
+    import torch
+
     torch.set_num_threads(1)
 
 
@@ -344,6 +420,9 @@ def iter_batches(
         return
     if num_workers == "auto":
         num_workers = _auto_workers(source, len(indices))
+    import torch
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(
         _Images(source, indices, backbone.preprocess, decoder),
         batch_size=batch_size,
@@ -395,6 +474,8 @@ def iter_batches(
 
 def prepare(backbone: Backbone, device: torch.device) -> Backbone:
     """Move a backbone to ``device`` in the memory format the loop feeds it."""
+    import torch
+
     memory_format = torch.preserve_format if device.type == "mps" else torch.channels_last
     backbone.module.to(device=device, memory_format=memory_format)
     return backbone
@@ -404,7 +485,7 @@ def prepare(backbone: Backbone, device: torch.device) -> Backbone:
 
 
 def store_config(backbone: Backbone, precision: str, dtype: str = "float32", decoder: str = "pil",
-                 device: torch.device | None = None) -> dict:
+                 device: str | torch.device = "cpu") -> dict:
     """The extraction configuration a feature store is keyed by (its file name hashes this).
 
     The decoder is recorded only when it is not PIL (the default, and what every store written
@@ -415,32 +496,23 @@ def store_config(backbone: Backbone, precision: str, dtype: str = "float32", dec
 
     config = {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
     if decoder != "pil":
-        config["decoder"] = f"torchvision.io.decode_jpeg:{device.type if device is not None else 'cpu'}"
+        config["decoder"] = f"torchvision.io.decode_jpeg:{device if isinstance(device, str) else device.type}"
     return config
 
 
 def provenance() -> dict:
-    """Versions of the software that computed the features, recorded beside them."""
-    import platform
+    """Versions of the software that computed the features, recorded beside them.
 
-    import numpy
-    import PIL
-    import torchvision
+    Read from the installed packages' metadata, so that opening a store imports none of them.
+    """
+    import platform
 
     from featx import __version__
 
-    versions = {
-        "featx": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__,
-        "pillow": PIL.__version__,
-        "python": platform.python_version(),
-    }
-    with contextlib.suppress(ImportError):
-        import timm
-
-        versions["timm"] = timm.__version__
+    versions = {"featx": __version__, "python": platform.python_version()}
+    for package in ("torch", "torchvision", "timm", "numpy", "pillow"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # not installed here: left out
+            versions[package] = importlib.metadata.version(package)
     return versions
 
 
@@ -636,10 +708,20 @@ def extract(
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(backbone, weights=weights, lazy=True)
     requests = make_requests(backbone.name, layers, pooling)
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    decoder = resolve_decoder(decoder, device)
     on_error = on_error or ("raise" if store is None else "skip")
+    # With an existing store, the device type is all the configuration needs: found without
+    # torch where possible, so that a run the store answers entirely never imports it.
+    kind = device_type(device) if store is not None else None
+    if kind is not None:
+        config = store_config(backbone, resolve_precision(precision, kind), dtype, resolve_decoder(decoder, kind), kind)
+        if not _store_exists(store, config):
+            kind = None
+    if kind is None:
+        device = resolve_device(device)
+        kind = device.type
+    arguments = dict(precision=precision, decoder=decoder)
+    precision = resolve_precision(precision, kind)
+    decoder = resolve_decoder(decoder, kind)
     loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress,
                 decoder=decoder)
     if store is None:
@@ -652,8 +734,33 @@ def extract(
         return {
             r.key: np.concatenate(chunks[r]) if chunks[r] else np.empty((0, 0), dtype=np.float32) for r in requests
         }
-    return _extract_to_store(backbone, source, requests, store=store, dtype=dtype, on_error=on_error, loop=loop,
-                             stop=stop)
+    try:
+        return _extract_to_store(backbone, source, requests, store=store, dtype=dtype, on_error=on_error, loop=loop,
+                                 kind=kind, stop=stop)
+    except _DeviceTypeChanged as changed:  # the driver said one device type and torch another: torch decides
+        return extract(source, backbone=backbone, layers=layers, pooling=pooling, store=store, dtype=dtype,
+                       on_error=on_error, batch_size=batch_size, device=changed.device, num_workers=num_workers,
+                       progress=progress, stop=stop, **arguments)
+
+
+class _DeviceTypeChanged(Exception):
+    """Raised before anything is computed when torch resolves another device type than guessed."""
+
+    def __init__(self, device):
+        super().__init__(str(device))
+        self.device = device
+
+
+def _store_exists(store, config: Mapping) -> bool:
+    """Whether ``store`` (as :func:`open_store` takes it) already exists for ``config``."""
+    from featx.store import FeatureStore, store_path
+
+    if isinstance(store, FeatureStore):
+        return True
+    if store is True:
+        return store_path(config).exists()
+    path = Path(store)
+    return path.exists() if path.suffix == ".h5" else store_path(config, path).exists()
 
 
 def _check_stop(stop) -> None:
@@ -661,9 +768,9 @@ def _check_stop(stop) -> None:
         raise KeyboardInterrupt
 
 
-def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, stop=None) -> ExtractionResult:
+def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, kind, stop=None) -> ExtractionResult:
     start = time.perf_counter()
-    config = store_config(backbone, loop["precision"], dtype, loop["decoder"], loop["device"])
+    config = store_config(backbone, loop["precision"], dtype, loop["decoder"], kind)
     feature_store = open_store(store, config, dtype=dtype)
     keys, unreadable = _content_keys(source, on_error)
     first: dict[str, int] = {}
@@ -680,7 +787,11 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
     failed: dict[str, str] = {}
     n_computed = 0
     if indices:
-        prepare(backbone, loop["device"])
+        device = resolve_device(loop["device"])
+        if device.type != kind:
+            raise _DeviceTypeChanged(device)
+        loop = {**loop, "device": device}
+        prepare(backbone, device)
         with feature_store.writer():
             for batch in iter_batches(backbone, source, todo, indices=indices, on_error=on_error, **loop):
                 for position, message in batch.skipped:

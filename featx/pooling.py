@@ -21,11 +21,12 @@ per-channel moments that :mod:`featx.advise` compares with a network's BatchNorm
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from featx.exceptions import FeatxError, UnknownPoolingError, suggest
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["POOLINGS", "check_pooling", "pool", "pooled_dim", "feature_names"]
 
@@ -89,12 +90,16 @@ def pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
 
     Examples
     --------
+    >>> import torch
     >>> x = torch.arange(16.0).reshape(1, 1, 4, 4)
     >>> pool(x, "avgmax").tolist()
     [[7.5, 15.0]]
     >>> pool(x, "spp").tolist()
     [[7.5, 2.5, 4.5, 10.5, 12.5]]
     """
+    import torch
+    import torch.nn.functional as F
+
     pooled_dim(tuple(output.shape[1:]), pooling)  # validates pooling and rank
     if output.ndim == 2:
         return output

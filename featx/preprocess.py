@@ -11,9 +11,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Preprocess"]
 
@@ -110,10 +114,16 @@ class Preprocess:
         batch stacked from (H, W, 3) arrays and permuted is already in the channels-last memory
         format the network runs in.
         """
+        import torch
+
         return torch.from_numpy(self.crop_array(image)).permute(2, 0, 1)
 
-    def normalize(self, batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def normalize(self, batch: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Scale a ``uint8`` batch (n, 3, H, W) to [0, 1] and normalise, on the batch's device."""
+        import torch
+
+        if dtype is None:
+            dtype = torch.float32
         mean = torch.tensor(self.mean, device=batch.device, dtype=dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=batch.device, dtype=dtype).view(1, -1, 1, 1)
         return (batch.to(dtype) / 255.0 - mean) / std

@@ -1,3 +1,4 @@
+import json
 import socket
 
 import numpy as np
@@ -265,3 +266,18 @@ def test_lite_weights_flower_prediction_is_flower_like(name):
     top = probs["flower.jpg"].topk(5).indices.tolist()
     assert top[0] == 599
     assert set(top) & {985, 309, 310}  # daisy, bee, ant: the blossom is seen
+
+
+def test_layer_table_kept_in_cache_and_remeasured_when_unreadable(tmp_path, monkeypatch):
+    """Check that layer tables are kept under the cache folder and a damaged one is measured again."""
+    from featx import backbones
+
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path))
+    backbones._probe.cache_clear()
+    expected = [(layer.alias, layer.shape) for layer in list_layers("featx_tiny_cnn")]
+    [path] = (tmp_path / "layers").glob("featx_tiny_cnn-*.json")
+    path.write_text("{not json")
+    backbones._probe.cache_clear()
+    assert [(layer.alias, layer.shape) for layer in list_layers("featx_tiny_cnn")] == expected
+    assert json.loads(path.read_text())["shapes"]["stage1"] == [16, 8, 8]
+    backbones._probe.cache_clear()

@@ -293,3 +293,26 @@ def test_cli_advise_json_keys(tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     assert report["similarity"] == "similar" and report["quadrant"] == "small data, similar to ImageNet"
     assert {"images_per_class", "similarity_score", "recommendation"} <= set(report)
+
+
+def test_cli_cv_warm_run_imports_neither_torch_nor_sklearn(tmp_path, image_folder):
+    """Check that a 'featx cv' the store answers entirely never imports torch or scikit-learn."""
+    script = (
+        "import json, sys\n"
+        "from featx.cli import main\n"
+        f"code = main(['cv', {str(image_folder)!r}, '--model', 'featx_tiny_cnn', '--layers', 'stage1,pre_logits',"
+        " '--cv', '2', '--device', 'auto', '--json'])\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'sklearn', 'timm', 'torchvision'})\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}), file=sys.stderr)\n"
+    )
+    env = {**os.environ, "FEATX_CACHE": str(tmp_path / "cache")}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        runs.append((json.loads(done.stdout), json.loads(done.stderr.strip().splitlines()[-1])))
+    (cold_rows, cold), (warm_rows, warm) = runs
+    assert cold["code"] == warm["code"] == 0
+    assert "torch" in cold["heavy"] and warm["heavy"] == []
+    assert [row["accuracy_mean"] for row in warm_rows] == [row["accuracy_mean"] for row in cold_rows]
+    assert all(row["from_cache"] for row in warm_rows)
