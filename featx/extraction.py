@@ -311,6 +311,18 @@ def provenance() -> dict:
     return versions
 
 
+def store_location(store, config: Mapping) -> Path:
+    """Where :func:`open_store` would find the store of ``config`` (nothing is created)."""
+    from featx.store import FeatureStore, store_path
+
+    if isinstance(store, FeatureStore):
+        return store.path
+    if store is True:
+        return store_path(config)
+    path = Path(store)
+    return path if path.suffix == ".h5" else store_path(config, path)
+
+
 def open_store(store, config: Mapping, *, dtype: str = "float32"):
     """Open (or create) the feature store for ``config``.
 
@@ -353,9 +365,15 @@ class ExtractionResult(Mapping):
         Images that went through the network in this run (the others came from the store).
     seconds : float
         Wall time of the run.
+    shard : (int, int) or None
+        ``(I, N)`` for a shard run: then :attr:`keys` is ``None`` for the images of other parts,
+        :attr:`store` reads this shard's store, the main store and the sibling shards as one, and
+        new features went to this shard's store.
     """
 
-    def __init__(self, *, store, source, keys, requests, skipped_positions, skipped, n_computed, seconds):
+    def __init__(self, *, store, source, keys, requests, skipped_positions, skipped, n_computed, seconds,
+                 shard=None):
+        self.shard = shard
         self.store = store
         self.source = source
         self.keys = keys
@@ -399,6 +417,10 @@ class ExtractionResult(Mapping):
             f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)",
             f"store: {self.store.path}",
         ]
+        if self.shard is not None:
+            members = sum(key is not None for key in self.keys)
+            lines[0] = (f"shard {self.shard[0]}/{self.shard[1]}: {members} of {len(self.keys)} images belong to it; "
+                        + lines[0].replace(f"{len(self.keys)} images: ", "", 1))
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} of {len(self.keys)} images:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
@@ -434,6 +456,8 @@ def extract(
     num_workers: int | str = "auto",
     progress: bool | None = None,
     stop=None,
+    shard: tuple[int, int] | None = None,
+    engine="local",
 ):
     """Extract pooled features from a frozen backbone, in memory or into a feature store.
 
@@ -473,6 +497,16 @@ def extract(
         :class:`KeyboardInterrupt` at that safe point, every completed batch kept. The CLI sets
         it from SIGINT and SIGTERM, so a signal that lands where Python ignores exceptions
         (a finaliser) still stops the run.
+    shard : (int, int), optional
+        ``(I, N)``: extract only part ``I`` of ``N`` (numbered from 0) of the images, chosen by
+        content key, into a shard store beside the main store; keys that the main store or any
+        shard store of the configuration holds are not computed again. Merge the parts with
+        :func:`featx.shards.merge_stores` (``featx cache merge``). Needs a store.
+    engine : "local", "ray" or featx.distributed.RayEngine, default="local"
+        ``"local"`` runs the loop in this process. ``"ray"`` (or a configured
+        :class:`~featx.distributed.RayEngine`) runs it on a pool of Ray actors that each hold
+        the backbone, and writes their results to the store here; needs a store and the
+        ``ray`` extra (``pip install "featx[ray]"``).
 
     Returns
     -------
@@ -499,7 +533,17 @@ def extract(
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(backbone, weights=weights, lazy=True)
     requests = make_requests(backbone.name, layers, pooling)
-    device = resolve_device(device)
+    engine = _resolve_engine(engine)
+    if store is None and (shard is not None or engine is not None):
+        raise FeatxError(
+            f"{'shard=' if shard is not None else 'engine='}{shard if shard is not None else 'ray'!r} writes to a "
+            "feature store, but store=None was given: pass store=True (the cache folder), a folder or a .h5 path"
+        )
+    if shard is not None:
+        from featx.shards import check_shard
+
+        shard = check_shard(shard)
+    device = resolve_device(device) if engine is None else engine.resolve_device(device)
     precision = resolve_precision(precision, device)
     on_error = on_error or ("raise" if store is None else "skip")
     loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress)
@@ -514,7 +558,20 @@ def extract(
             r.key: np.concatenate(chunks[r]) if chunks[r] else np.empty((0, 0), dtype=np.float32) for r in requests
         }
     return _extract_to_store(backbone, source, requests, store=store, dtype=dtype, on_error=on_error, loop=loop,
-                             stop=stop)
+                             stop=stop, shard=shard, engine=engine)
+
+
+def _resolve_engine(engine):
+    """``None`` for the local loop, else an object with ``resolve_device`` and ``batches``."""
+    if engine == "local" or engine is None:
+        return None
+    if engine == "ray":
+        from featx.distributed import RayEngine
+
+        return RayEngine()
+    if hasattr(engine, "batches") and hasattr(engine, "resolve_device"):
+        return engine
+    raise FeatxError(f"Unknown engine {engine!r}: expected 'local', 'ray' or a featx.distributed.RayEngine.")
 
 
 def _check_stop(stop) -> None:
@@ -522,17 +579,27 @@ def _check_stop(stop) -> None:
         raise KeyboardInterrupt
 
 
-def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, stop=None) -> ExtractionResult:
+def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, stop=None, shard=None,
+                      engine=None) -> ExtractionResult:
     start = time.perf_counter()
-    feature_store = open_store(store, store_config(backbone, loop["precision"], dtype), dtype=dtype)
+    config = store_config(backbone, loop["precision"], dtype)
     keys, unreadable = _content_keys(source, on_error)
+    if shard is None:
+        feature_store = lookup = open_store(store, config, dtype=dtype)
+    else:
+        from featx.shards import in_shard, open_shard
+
+        # The shard writes its own store; what the main store or a sibling shard holds is not recomputed.
+        feature_store, lookup = open_shard(store_location(store, config), config, dtype=dtype, shard=shard,
+                                           provenance=provenance())
+        keys = [key if member else None for key, member in zip(keys, in_shard(keys, shard))]
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         if key is not None:
             first.setdefault(key, i)
     unique = list(first)
     # Per (layer, pooling): the keys the store lacks. Only those are computed and written.
-    held = feature_store.held(unique, [(r.layer, r.pooling) for r in requests]) if unique else {}
+    held = lookup.held(unique, [(r.layer, r.pooling) for r in requests]) if unique else {}
     need = {r: {key for key, ok in zip(unique, held[(r.layer, r.pooling)]) if not ok} for r in requests}
     todo = [r for r in requests if need[r]]
     wanted = set().union(*need.values()) if need else set()
@@ -540,9 +607,13 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
     failed: dict[str, str] = {}
     n_computed = 0
     if indices:
-        prepare(backbone, loop["device"])
-        with feature_store.writer():
-            for batch in iter_batches(backbone, source, todo, indices=indices, on_error=on_error, **loop):
+        if engine is None:
+            prepare(backbone, loop["device"])
+            batches = iter_batches(backbone, source, todo, indices=indices, on_error=on_error, **loop)
+        else:
+            batches = engine.batches(backbone, source, todo, indices=indices, on_error=on_error, **loop)
+        with feature_store.writer(), contextlib.closing(batches):
+            for batch in batches:
                 for position, message in batch.skipped:
                     failed[keys[position]] = message
                 batch_keys = [keys[i] for i in batch.indices]
@@ -569,7 +640,7 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
             skipped_positions.append(i)
             skipped.append((describe(source[i], i), failed[key]))
     return ExtractionResult(
-        store=feature_store,
+        store=lookup,
         source=source,
         keys=keys,
         requests=requests,
@@ -577,4 +648,5 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
         skipped=skipped,
         n_computed=n_computed,
         seconds=time.perf_counter() - start,
+        shard=shard,
     )
