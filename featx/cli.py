@@ -188,14 +188,16 @@ def _extraction_kwargs(args) -> dict:
 def _engine(args):
     """``--engine``: "local", or a RayEngine from --address, --workers (actors) and --gpus-per-worker."""
     if args.engine == "local":
-        for option, value in (("--address", args.address), ("--gpus-per-worker", args.gpus_per_worker)):
+        for option, value in (("--address", args.address), ("--gpus-per-worker", args.gpus_per_worker),
+                              ("--cpus-per-worker", args.cpus_per_worker)):
             if value is not None:
                 raise FeatxError(f"{option} is an option of the Ray engine: add --engine ray, or leave {option} out")
         return "local"
     from featx.distributed import RayEngine, require_ray
 
     require_ray()
-    return RayEngine(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker or 0)
+    return RayEngine(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker or 0,
+                     cpus_per_worker=args.cpus_per_worker or 1)
 
 
 def _engine_kwargs(args) -> dict:
@@ -587,6 +589,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    "(default: start a local Ray)")
     g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per Ray actor (fractions share a GPU; default: 0, CPU actors)")
+    g.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                   help="CPUs per Ray actor; from 2 on, one decoding process per CPU (default: 1). "
+                   "GPU actors are limited by decoding: give them most of a node's cores")
 
 
 def _add_head_options(p: argparse.ArgumentParser, *, several: bool) -> None:

@@ -145,21 +145,24 @@ class _Worker:
         self.requests = list(requests)
         self.options = dict(batch_size=batch_size, num_workers=num_workers, on_error=on_error)
 
-    def run(self, positions: Sequence[int], items: Sequence) -> list[tuple]:
-        """Features of one block: ``(source positions, {request key: array}, skipped)`` per batch."""
+    def run(self, positions: Sequence[int], items: Sequence) -> tuple:
+        """Features of one block, its batches joined: ``(source positions, {request key: array}, skipped)``.
+
+        One result per block means one durable write per block on the driver (an fsync costs
+        ~10 ms on a busy disk: per 32-image batch that would cap the driver at ~3,000 images/s).
+        """
+        import numpy as np
+
         from featx.extraction import iter_batches
 
-        out = []
+        done, features, skipped = [], {request.key: [] for request in self.requests}, []
         for batch in iter_batches(self.backbone, list(items), self.requests, device=self.device,
                                   precision=self.precision, progress=False, **self.options):
-            out.append(
-                (
-                    [positions[i] for i in batch.indices],
-                    {request.key: value for request, value in batch.features.items()},
-                    [(positions[i], message) for i, message in batch.skipped],
-                )
-            )
-        return out
+            done += [positions[i] for i in batch.indices]
+            skipped += [(positions[i], message) for i, message in batch.skipped]
+            for request, value in batch.features.items():
+                features[request.key].append(value)
+        return done, {key: np.concatenate(parts) for key, parts in features.items() if parts}, skipped
 
 
 def _item(source, position: int):
@@ -184,7 +187,9 @@ class RayEngine:
     gpus_per_worker : float, default=0
         GPUs per actor (``num_gpus``; fractions share a GPU); above 0 the actors run on CUDA.
     cpus_per_worker : float, default=1
-        CPUs per actor; it decodes and runs the network with them.
+        CPUs per actor; it decodes and runs the network with them (from 2 CPUs on, with one
+        decoding process per CPU, unless ``num_workers`` is given to :func:`featx.extract`). A GPU
+        actor is limited by decoding: give it most of its node's cores.
     block_size : int, optional
         Images per task, rounded up to whole batches. Default: 8 batches, fewer for small runs so
         every actor gets work.
@@ -239,8 +244,9 @@ class RayEngine:
         """Yield :class:`featx.extraction.Batch` objects of ``source[indices]`` computed by the actors.
 
         Blocks are contiguous runs of ``indices`` of whole batches, so every actor's batches are
-        the local loop's batches: the features are the same, row for row. Results come in the
-        order they finish. Closing the generator (the run ends, fails or is interrupted) kills
+        the local loop's batches: the features are the same, row for row (up to the float32
+        rounding that a different number of torch threads brings on real backbones). One Batch comes per
+        block (the driver writes it as one segment), in the order the blocks finish. Closing the generator (the run ends, fails or is interrupted) kills
         the actors; what was already yielded is the caller's.
         """
         from featx.extraction import Batch
@@ -258,10 +264,13 @@ class RayEngine:
             blocks = [indices[i : i + size] for i in range(0, len(indices), size)]
             n_workers = max(1, min(n_workers, len(blocks)))
             actor = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_Worker)
-            decoding = 0 if num_workers == "auto" else num_workers  # the actor's CPUs decode in-process
+            # "auto": an actor of one CPU decodes in its own process; with more CPUs (a GPU actor
+            # needs them: decoding is its limit), one DataLoader decoding process per CPU.
+            if num_workers == "auto":
+                num_workers = int(self.cpus_per_worker) if self.cpus_per_worker >= 2 else 0
             shared = ray.put(backbone)
             actors = [
-                actor.remote(shared, requests, device.type, precision, batch_size, decoding, on_error)
+                actor.remote(shared, requests, device.type, precision, batch_size, num_workers, on_error)
                 for _ in range(n_workers)
             ]
             bar = None
@@ -281,14 +290,14 @@ class RayEngine:
                         if isinstance(exc.cause, FeatxError):  # a bad image with on_error="raise"
                             raise exc.cause from None
                         raise
-                    for positions, features, skipped in results:
-                        if bar is not None:
-                            bar.update(len(positions) + len(skipped))
-                        yield Batch(
-                            indices=np.asarray(positions, dtype=np.int64),
-                            features={by_key[key]: value for key, value in features.items()},
-                            skipped=skipped,
-                        )
+                    positions, features, skipped = results
+                    if bar is not None:
+                        bar.update(len(positions) + len(skipped))
+                    yield Batch(
+                        indices=np.asarray(positions, dtype=np.int64),
+                        features={by_key[key]: value for key, value in features.items()},
+                        skipped=skipped,
+                    )
             finally:
                 if bar is not None:
                     bar.close()
