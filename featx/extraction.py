@@ -583,15 +583,16 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
                       engine=None) -> ExtractionResult:
     start = time.perf_counter()
     config = store_config(backbone, loop["precision"], dtype)
-    keys, unreadable = _content_keys(source, on_error)
     if shard is None:
         feature_store = lookup = open_store(store, config, dtype=dtype)
+        keys, unreadable = _content_keys(source, on_error)
     else:
         from featx.shards import in_shard, open_shard
 
         # The shard writes its own store; what the main store or a sibling shard holds is not recomputed.
         feature_store, lookup = open_shard(store_location(store, config), config, dtype=dtype, shard=shard,
                                            provenance=provenance())
+        keys, unreadable = _content_keys(source, on_error)
         keys = [key if member else None for key, member in zip(keys, in_shard(keys, shard))]
     first: dict[str, int] = {}
     for i, key in enumerate(keys):

@@ -12,7 +12,8 @@ Membership is a pure function of the content key, ``int(key[:16], 16) % N == I``
 launcher (a Slurm array, a loop over hosts, torchrun) can run the parts in any order, on any
 machine that sees the images, and two runs agree on who does what. Before computing, a shard run
 looks up its keys in the main store and in every shard store of the same configuration (of any
-``N``) and computes only what none of them holds.
+``N``) and computes only what none of them holds. An image that cannot be read has no key and
+belongs to no part: every part reports it as skipped.
 
 :func:`merge_stores` (``featx cache merge SHARDS... -o OUT``) copies shard stores into one
 ordinary store through the store's own reading and writing API; stores whose configurations
