@@ -33,7 +33,18 @@ def _all_rows(store) -> dict:
     return {entry: (keys, store.read(keys, *entry)) for entry in store.entries}
 
 
-def test_ray_engine_equals_single_process_row_for_row(tmp_path, ray_cluster, image_folder):
+@pytest.fixture
+def one_torch_thread():
+    """Run the test with one torch thread, as a one-CPU actor does (the thread count can change rounding)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ray_engine_equals_single_process_row_for_row(tmp_path, ray_cluster, image_folder, one_torch_thread):
     """Check that extraction on 2 Ray actors gives the single-process store, key for key and bit for bit."""
     source = open_source(str(image_folder))
     local = extract(source, store=tmp_path / "local", num_workers=0, **OPTIONS)
