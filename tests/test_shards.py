@@ -95,6 +95,25 @@ def test_shards_merged_equal_a_single_run(tmp_path, source):
     np.testing.assert_array_equal(again["stage2/spp"], single["stage2/spp"])
 
 
+def test_cnnfeatures_reads_a_merged_store_without_the_network(tmp_path, source, monkeypatch):
+    """Check that CNNFeatures on the cache folder of merged shards reads them and never runs the loop."""
+    import featx.extraction
+    from featx.transformers import CNNFeatures
+
+    cache = tmp_path / "c"
+    parts = [extract(source, store=cache, shard=(part, 2), **OPTIONS) for part in range(2)]
+    merge_stores([p.store.stores[0].path for p in parts], cache)
+    single = extract(source, store=tmp_path / "single", **OPTIONS)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network ran, but every feature is in the merged store")
+
+    monkeypatch.setattr(featx.extraction, "iter_batches", no_network)
+    features = CNNFeatures(TINY, layer="stage2", pooling="spp", cache=cache, prefetch="none", device="cpu",
+                           num_workers=0).fit().transform(source)
+    np.testing.assert_array_equal(features, single["stage2/spp"])
+
+
 def test_shard_result_reads_its_part(tmp_path, source):
     """Check that a shard run's result holds the features of its own part, equal to a single run's."""
     single = extract(source, store=tmp_path / "single", **OPTIONS)
