@@ -185,16 +185,46 @@ def _extraction_kwargs(args) -> dict:
     }
 
 
+def _engine(args):
+    """``--engine``: "local", or a RayEngine from --address, --workers (actors) and --gpus-per-worker."""
+    if args.engine == "local":
+        for option, value in (("--address", args.address), ("--gpus-per-worker", args.gpus_per_worker),
+                              ("--cpus-per-worker", args.cpus_per_worker)):
+            if value is not None:
+                raise FeatxError(f"{option} is an option of the Ray engine: add --engine ray, or leave {option} out")
+        return "local"
+    from featx.distributed import RayEngine, require_ray
+
+    require_ray()
+    return RayEngine(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker or 0,
+                     cpus_per_worker=args.cpus_per_worker or 1)
+
+
+def _engine_kwargs(args) -> dict:
+    """Extraction options with the engine; with Ray, --workers counts actors, not decoding processes."""
+    kwargs = _extraction_kwargs(args)
+    engine = _engine(args)
+    if engine != "local":
+        kwargs["num_workers"] = "auto"
+    return {**kwargs, "engine": engine}
+
+
 def cmd_extract(args) -> int:
     from featx.extraction import extract
 
+    shard = None
+    if args.shard is not None:
+        from featx.shards import parse_shard
+
+        shard = parse_shard(args.shard)
+    kwargs = _engine_kwargs(args)
     source = _open_data(args)
     for path, reason in source.problems:
         print(f"featx: warning: {path}: {reason}", file=sys.stderr)
     with _interruptible() as stop:
         try:
-            result = extract(source, layers=args.layers, pooling=args.pool, stop=stop, decoder=args.decoder,
-                             **_extraction_kwargs(args))
+            result = extract(source, layers=args.layers, pooling=args.pool, stop=stop, shard=shard,
+                             decoder=args.decoder, **kwargs)
         except KeyboardInterrupt:
             print(
                 "featx: interrupted: every completed batch is kept in the store; run the same command "
@@ -209,6 +239,7 @@ def cmd_extract(args) -> int:
                 "n_images": len(result.keys),
                 "n_computed": result.n_computed,
                 "n_kept": len(result.kept),
+                "shard": list(result.shard) if result.shard else None,
                 "skipped": [{"image": name, "reason": reason} for name, reason in result.skipped],
                 "seconds": result.seconds,
                 "images_per_s": result.images_per_s,
@@ -231,21 +262,43 @@ def cmd_cache(args) -> int:
             print(f"Feature stores in {args.cache or default_cache_dir()}:")
             print(format_table(rows))
         return 0
-    if args.store is None:
-        raise FeatxError(f"'featx cache {args.action}' needs a STORE path; run 'featx cache list' to see them.")
+    if args.action == "merge":
+        return _cache_merge(args)
+    if len(args.store) != 1:
+        raise FeatxError(
+            f"'featx cache {args.action}' needs a STORE path (exactly one, got {len(args.store)}); "
+            "run 'featx cache list' to see them."
+        )
+    path = args.store[0]
     if args.action == "rm":
-        remove_store(args.store)
-        print(f"removed {args.store}")
+        remove_store(path)
+        print(f"removed {path}")
         return 0
-    with FeatureStore(args.store) as store:
+    with FeatureStore(path) as store:
         report = store.info() if args.action == "info" else store.verify()
     if args.json or args.action == "info":
         _print_json(report)
     else:
-        print(f"{args.store}: {'ok' if report['ok'] else 'PROBLEMS'}")
+        print(f"{path}: {'ok' if report['ok'] else 'PROBLEMS'}")
         for problem in report["problems"]:
             print(f"  {problem}")
     return 0 if args.action != "verify" or report["ok"] else 1
+
+
+def _cache_merge(args) -> int:
+    from featx.shards import merge_stores
+
+    if not args.store:
+        raise FeatxError("'featx cache merge' needs the shard stores (files, or their folder) and -o OUT")
+    if args.output is None:
+        raise FeatxError("'featx cache merge' needs -o OUT: a folder (the store gets its canonical name) or a .h5 file")
+    report = merge_stores(args.store, args.output)
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"merged {len(report['shards'])} stores into {report['output']}: {report['n_keys']} images, "
+              f"{report['rows_copied']} rows copied ({', '.join(report['entries'])})")
+    return 0
 
 
 def _source_problems(source) -> None:
@@ -296,12 +349,19 @@ def cmd_cv_auto(args, source, kwargs) -> int:
 def cmd_cv(args) -> int:
     from featx.compare import best_row
 
+    kwargs = _engine_kwargs(args)
     source = _open_data(args)
     _source_problems(source)
-    kwargs = _extraction_kwargs(args)
-    if args.layers == "auto":
-        return cmd_cv_auto(args, source, kwargs)
-    rows = _compare_rows(args, source, kwargs, args.model)
+    with contextlib.ExitStack() as stack:
+        if kwargs["engine"] != "local":
+            from featx.distributed import joblib_on_ray
+
+            # One Ray session: the extraction's actors, then every CV fold and grid search as Ray
+            # tasks (joblib's n_jobs default becomes -1, all the cluster's CPUs, unless --jobs says).
+            stack.enter_context(joblib_on_ray(args.address))
+        if args.layers == "auto":
+            return cmd_cv_auto(args, source, kwargs)
+        rows = _compare_rows(args, source, kwargs, args.model)
     if args.json:
         _print_json(rows)
         return 0
@@ -513,7 +573,8 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
     g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     g.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: one per core); with --engine ray: Ray actors")
     g.add_argument(
         "--on-error", choices=("skip", "raise"), default="skip", help="bad images: skip and report, or stop"
     )
@@ -521,6 +582,24 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
     g.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage precision of a new store")
 
 
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (see docs/scaling.md)")
+    g.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: a pool of Ray actors, each holding the backbone, with --workers N "
+        "actors (default: one per cluster CPU, or per GPU share); needs pip install \"featx[ray]\"",
+    )
+    g.add_argument("--address", default=None, help="Ray cluster address, e.g. auto or ray://head:10001 "
+                   "(default: start a local Ray)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per Ray actor (fractions share a GPU; default: 0, CPU actors)")
+    g.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                   help="CPUs per Ray actor; from 2 on, one decoding process per CPU (default: 1). "
+                   "GPU actors are limited by decoding: give them most of a node's cores")
 
 
 def _add_head_options(p: argparse.ArgumentParser, *, several: bool) -> None:
@@ -583,7 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Extract pooled features of DATA into the feature store of this configuration. "
         "Only images and layers the store lacks are computed; an interrupted run keeps every "
         "completed batch and resumes where it stopped.",
-        epilog="Example: featx extract digits --model efficientnet_lite0 --layers stage3,pre_logits",
+        epilog="Examples: featx extract digits --model efficientnet_lite0 --layers stage3,pre_logits; "
+        "featx extract data/train --shard 0/4 (then 1/4, 2/4, 3/4 anywhere, and 'featx cache merge cache -o cache'); "
+        "featx extract data/train --engine ray --address auto --gpus-per-worker 1",
     )
     _add_data_options(p)
     _add_extraction_options(p)
@@ -592,6 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where JPEGs are decoded: auto (on the GPU with a CUDA device, else PIL in the decoding "
         "processes), pil, or torch (torchvision.io on the device) (default: %(default)s)",
     )  # fmt: skip
+    _add_engine_options(p)
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="extract only part I of N (numbered from 0: 0/N ... N-1/N), chosen by content key, into a shard "
+        "store beside the main store; skips what the main store or any shard holds. Merge with 'featx cache merge'",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.set_defaults(func=cmd_extract)
 
@@ -600,10 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cross-validate heads on layers of a labelled data set",
         description="Extract what the store lacks, then evaluate each (layer, pooling, head) by nested, "
         "stratified cross-validation and print a table.",
-        epilog="Example: featx cv fashion-mnist --per-class 100 --layers all --pool avg --head logreg --json",
+        epilog="Example: featx cv fashion-mnist --per-class 100 --layers all --pool avg --head logreg --json; "
+        "with --engine ray, extraction runs on Ray actors and the folds and grid searches on Ray's joblib backend",
     )
     _add_data_options(p)
     _add_extraction_options(p, layers_default="all")
+    _add_engine_options(p)
     _add_head_options(p, several=True)
     p.add_argument("--json", action="store_true", help="print a JSON list of rows")
     p.set_defaults(func=cmd_cv)
@@ -699,12 +790,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "cache",
-        help="list, inspect, verify or remove feature stores",
-        description="Manage the feature stores in the cache folder.",
-        epilog="Example: featx cache list; featx cache verify cache/efficientnet_lite0-0123456789ab.h5",
+        help="list, inspect, verify, merge or remove feature stores",
+        description="Manage the feature stores in the cache folder. 'merge' copies shard stores (of one "
+        "configuration; others are refused) into one ordinary store.",
+        epilog="Example: featx cache list; featx cache verify cache/efficientnet_lite0-0123456789ab.h5; "
+        "featx cache merge cache/*.shard-*.h5 -o cache",
     )
-    p.add_argument("action", choices=("list", "info", "verify", "rm"))
-    p.add_argument("store", nargs="?", default=None, help="a store file (info, verify, rm)")
+    p.add_argument("action", choices=("list", "info", "verify", "rm", "merge"))
+    p.add_argument("store", nargs="*", metavar="STORE",
+                   help="a store file (info, verify, rm); shard store files or their folder (merge)")
+    p.add_argument("-o", "--output", default=None, metavar="OUT",
+                   help="merge: a folder (the store gets its canonical name, found by --cache) or a .h5 file")
     p.add_argument("--cache", default=None, metavar="DIR", help="folder to list (default: $FEATX_CACHE or ./cache)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cache)

@@ -113,6 +113,7 @@ def compare_layers(
     progress: bool | None = None,
     n_jobs: int | None = None,
     report=None,
+    engine="local",
 ) -> list[dict]:
     """Cross-validate a head on every (backbone, layer, pooling) of a labelled image set.
 
@@ -136,6 +137,9 @@ def compare_layers(
         Outer folds evaluated in parallel.
     report : callable, optional
         Called with each row as soon as it is ready (progress for long comparisons).
+    engine : "local", "ray" or featx.distributed.RayEngine, default="local"
+        Where the extraction runs (see :func:`featx.extract`). To run the folds on Ray too,
+        call this inside :func:`featx.distributed.joblib_on_ray` with ``n_jobs=-1``.
 
     Returns
     -------
@@ -177,6 +181,7 @@ def compare_layers(
             precision=precision,
             num_workers=num_workers,
             progress=progress,
+            engine=engine,
         )
         extraction_time = time.perf_counter() - start if result.n_computed else 0.0
         y = kept_labels(result)

@@ -516,6 +516,18 @@ def provenance() -> dict:
     return versions
 
 
+def store_location(store, config: Mapping) -> Path:
+    """Where :func:`open_store` would find the store of ``config`` (nothing is created)."""
+    from featx.store import FeatureStore, store_path
+
+    if isinstance(store, FeatureStore):
+        return store.path
+    if store is True:
+        return store_path(config)
+    path = Path(store)
+    return path if path.suffix == ".h5" else store_path(config, path)
+
+
 def open_store(store, config: Mapping, *, dtype: str = "float32"):
     """Open (or create) the feature store for ``config``.
 
@@ -558,9 +570,15 @@ class ExtractionResult(Mapping):
         Images that went through the network in this run (the others came from the store).
     seconds : float
         Wall time of the run.
+    shard : (int, int) or None
+        ``(I, N)`` for a shard run: then :attr:`keys` is ``None`` for the images of other parts,
+        :attr:`store` reads this shard's store, the main store and the sibling shards as one, and
+        new features went to this shard's store.
     """
 
-    def __init__(self, *, store, source, keys, requests, skipped_positions, skipped, n_computed, seconds):
+    def __init__(self, *, store, source, keys, requests, skipped_positions, skipped, n_computed, seconds,
+                 shard=None):
+        self.shard = shard
         self.store = store
         self.source = source
         self.keys = keys
@@ -604,6 +622,10 @@ class ExtractionResult(Mapping):
             f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)",
             f"store: {self.store.path}",
         ]
+        if self.shard is not None:
+            members = sum(key is not None for key in self.keys)
+            lines[0] = (f"shard {self.shard[0]}/{self.shard[1]}: {members} of {len(self.keys)} images belong to it; "
+                        + lines[0].replace(f"{len(self.keys)} images: ", "", 1))
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} of {len(self.keys)} images:")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
@@ -640,6 +662,8 @@ def extract(
     progress: bool | None = None,
     stop=None,
     decoder: str = "auto",
+    shard: tuple[int, int] | None = None,
+    engine="local",
 ):
     """Extract pooled features from a frozen backbone, in memory or into a feature store.
 
@@ -682,6 +706,16 @@ def extract(
     decoder : {"auto", "pil", "torch"}, default="auto"
         Where JPEG files are decoded: ``"auto"`` decodes them on the GPU when ``device`` is CUDA
         and with PIL in the decoding processes elsewhere (see :func:`resolve_decoder`).
+    shard : (int, int), optional
+        ``(I, N)``: extract only part ``I`` of ``N`` (numbered from 0) of the images, chosen by
+        content key, into a shard store beside the main store; keys that the main store or any
+        shard store of the configuration holds are not computed again. Merge the parts with
+        :func:`featx.shards.merge_stores` (``featx cache merge``). Needs a store.
+    engine : "local", "ray" or featx.distributed.RayEngine, default="local"
+        ``"local"`` runs the loop in this process. ``"ray"`` (or a configured
+        :class:`~featx.distributed.RayEngine`) runs it on a pool of Ray actors that each hold
+        the backbone, and writes their results to the store here; needs a store and the
+        ``ray`` extra (``pip install "featx[ray]"``).
 
     Returns
     -------
@@ -708,16 +742,27 @@ def extract(
     if not isinstance(backbone, Backbone):
         backbone = load_backbone(backbone, weights=weights, lazy=True)
     requests = make_requests(backbone.name, layers, pooling)
+    engine = _resolve_engine(engine)
+    if store is None and (shard is not None or engine is not None):
+        raise FeatxError(
+            f"{'shard=' if shard is not None else 'engine='}{shard if shard is not None else 'ray'!r} writes to a "
+            "feature store, but store=None was given: pass store=True (the cache folder), a folder or a .h5 path"
+        )
+    if shard is not None:
+        from featx.shards import check_shard
+
+        shard = check_shard(shard)
     on_error = on_error or ("raise" if store is None else "skip")
     # With an existing store, the device type is all the configuration needs: found without
     # torch where possible, so that a run the store answers entirely never imports it.
-    kind = device_type(device) if store is not None else None
+    # (Shards and engines resolve the device with torch: they compute.)
+    kind = device_type(device) if store is not None and shard is None and engine is None else None
     if kind is not None:
         config = store_config(backbone, resolve_precision(precision, kind), dtype, resolve_decoder(decoder, kind), kind)
         if not _store_exists(store, config):
             kind = None
     if kind is None:
-        device = resolve_device(device)
+        device = resolve_device(device) if engine is None else engine.resolve_device(device)
         kind = device.type
     arguments = dict(precision=precision, decoder=decoder)
     precision = resolve_precision(precision, kind)
@@ -736,11 +781,11 @@ def extract(
         }
     try:
         return _extract_to_store(backbone, source, requests, store=store, dtype=dtype, on_error=on_error, loop=loop,
-                                 kind=kind, stop=stop)
+                                 kind=kind, stop=stop, shard=shard, engine=engine)
     except _DeviceTypeChanged as changed:  # the driver said one device type and torch another: torch decides
         return extract(source, backbone=backbone, layers=layers, pooling=pooling, store=store, dtype=dtype,
                        on_error=on_error, batch_size=batch_size, device=changed.device, num_workers=num_workers,
-                       progress=progress, stop=stop, **arguments)
+                       progress=progress, stop=stop, shard=shard, engine=engine, **arguments)
 
 
 class _DeviceTypeChanged(Exception):
@@ -763,23 +808,46 @@ def _store_exists(store, config: Mapping) -> bool:
     return path.exists() if path.suffix == ".h5" else store_path(config, path).exists()
 
 
+def _resolve_engine(engine):
+    """``None`` for the local loop, else an object with ``resolve_device`` and ``batches``."""
+    if engine == "local" or engine is None:
+        return None
+    if engine == "ray":
+        from featx.distributed import RayEngine
+
+        return RayEngine()
+    if hasattr(engine, "batches") and hasattr(engine, "resolve_device"):
+        return engine
+    raise FeatxError(f"Unknown engine {engine!r}: expected 'local', 'ray' or a featx.distributed.RayEngine.")
+
+
 def _check_stop(stop) -> None:
     if stop is not None and stop():
         raise KeyboardInterrupt
 
 
-def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, kind, stop=None) -> ExtractionResult:
+def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, kind, stop=None, shard=None,
+                      engine=None) -> ExtractionResult:
     start = time.perf_counter()
     config = store_config(backbone, loop["precision"], dtype, loop["decoder"], kind)
-    feature_store = open_store(store, config, dtype=dtype)
-    keys, unreadable = _content_keys(source, on_error)
+    if shard is None:
+        feature_store = lookup = open_store(store, config, dtype=dtype)
+        keys, unreadable = _content_keys(source, on_error)
+    else:
+        from featx.shards import in_shard, open_shard
+
+        # The shard writes its own store; what the main store or a sibling shard holds is not recomputed.
+        feature_store, lookup = open_shard(store_location(store, config), config, dtype=dtype, shard=shard,
+                                           provenance=provenance())
+        keys, unreadable = _content_keys(source, on_error)
+        keys = [key if member else None for key, member in zip(keys, in_shard(keys, shard))]
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
         if key is not None:
             first.setdefault(key, i)
     unique = list(first)
     # Per (layer, pooling): the keys the store lacks. Only those are computed and written.
-    held = feature_store.held(unique, [(r.layer, r.pooling) for r in requests]) if unique else {}
+    held = lookup.held(unique, [(r.layer, r.pooling) for r in requests]) if unique else {}
     need = {r: {key for key, ok in zip(unique, held[(r.layer, r.pooling)]) if not ok} for r in requests}
     todo = [r for r in requests if need[r]]
     wanted = set().union(*need.values()) if need else set()
@@ -787,13 +855,17 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
     failed: dict[str, str] = {}
     n_computed = 0
     if indices:
-        device = resolve_device(loop["device"])
-        if device.type != kind:
-            raise _DeviceTypeChanged(device)
-        loop = {**loop, "device": device}
-        prepare(backbone, device)
-        with feature_store.writer():
-            for batch in iter_batches(backbone, source, todo, indices=indices, on_error=on_error, **loop):
+        if engine is None:
+            device = resolve_device(loop["device"])
+            if device.type != kind:
+                raise _DeviceTypeChanged(device)
+            loop = {**loop, "device": device}
+            prepare(backbone, device)
+            batches = iter_batches(backbone, source, todo, indices=indices, on_error=on_error, **loop)
+        else:
+            batches = engine.batches(backbone, source, todo, indices=indices, on_error=on_error, **loop)
+        with feature_store.writer(), contextlib.closing(batches):
+            for batch in batches:
                 for position, message in batch.skipped:
                     failed[keys[position]] = message
                 batch_keys = [keys[i] for i in batch.indices]
@@ -820,7 +892,7 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
             skipped_positions.append(i)
             skipped.append((describe(source[i], i), failed[key]))
     return ExtractionResult(
-        store=feature_store,
+        store=lookup,
         source=source,
         keys=keys,
         requests=requests,
@@ -828,4 +900,5 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
         skipped=skipped,
         n_computed=n_computed,
         seconds=time.perf_counter() - start,
+        shard=shard,
     )

@@ -87,3 +87,28 @@ def test_grid_search_rejects_bad_c(png_folder, capsys):
     with pytest.raises(SystemExit) as exc:
         load_script(GRID_SEARCH).main([str(png_folder), "--C", "0.1,big"])
     assert exc.value.code == 2 and "'0.1,big'" in capsys.readouterr().err
+
+
+RAY_SCALING = Path(__file__).resolve().parents[1] / "pipelines" / "ray_scaling.py"
+
+
+def test_ray_scaling_measures_local_and_ray_workers(tmp_path):
+    """Check that pipelines/ray_scaling.py times local and 1-worker Ray runs and the store's write rate."""
+    pytest.importorskip("ray")
+    result = run_script(RAY_SCALING, "--n", "8", "--model", TINY, "--workers", "1", "--json",
+                        cache=tmp_path / "c", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [run["run"] for run in report["runs"]] == ["local", "ray x1"]
+    assert all(run["n"] == 8 and run["images_per_s"] > 0 for run in report["runs"])
+    assert [w["batch_rows"] for w in report["store_writes"]] == [32, 256]
+
+
+def test_ray_scaling_rates_hash_decode_merge(tmp_path):
+    """Check that --rates measures hashing, decoding and merging on generated JPEGs."""
+    script = load_script(RAY_SCALING)
+    from featx.bench import make_jpegs
+
+    rates = script.per_core_rates(make_jpegs(tmp_path / "jpegs", 4), model=TINY, merge_rows=100, dim=8)
+    assert rates["files"] == 4 and rates["merge_rows"] == 100
+    assert min(rates["hash_files_per_s"], rates["decode_images_per_s"], rates["merge_rows_per_s"]) > 0
