@@ -29,9 +29,11 @@ from featx.images import ImageSource, content_key, describe, load_image, open_so
 from featx.pooling import check_pooling, pool
 from featx.preprocess import Preprocess
 
-__all__ = ["Batch", "ExtractionResult", "Request", "extract", "iter_batches", "resolve_device", "resolve_precision"]
+__all__ = ["Batch", "ExtractionResult", "Request", "check_tta", "extract", "iter_batches", "resolve_device",
+           "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTAS = ("none", "hflip")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -95,6 +97,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type == "cpu":
         raise FeatxError("precision='fp16' is not supported on the CPU: use 'bf16' or 'fp32'.")
     return precision
+
+
+def check_tta(tta: str | None) -> str | None:
+    """Normalise a test-time augmentation: ``None``/``"none"`` (plain features) or ``"hflip"``.
+
+    Examples
+    --------
+    >>> check_tta("none") is None, check_tta("hflip")
+    (True, 'hflip')
+    """
+    if tta is None or tta == "none":
+        return None
+    if tta not in TTAS:
+        raise FeatxError(
+            f"Unknown tta {tta!r}: expected 'none' (plain features) or 'hflip' (features averaged over the "
+            f"image and its horizontal mirror)."
+        )
+    return tta
 
 
 def _autocast(device: torch.device, precision: str):
@@ -199,6 +219,7 @@ def iter_batches(
     num_workers: int | str = "auto",
     on_error: str = "skip",
     progress: bool | None = None,
+    tta: str | None = None,
 ) -> Iterator[Batch]:
     """Yield pooled features batch by batch: the single loop every consumer uses.
 
@@ -217,7 +238,11 @@ def iter_batches(
         are the caller's and are never lost.
     progress : bool, optional
         Show a progress bar; by default only when stderr is a terminal.
+    tta : {None, "none", "hflip"}, optional
+        ``"hflip"``: every batch and its horizontal mirror go through the network together (one
+        forward pass on the doubled batch) and the pooled features of the two views are averaged.
     """
+    tta = check_tta(tta)
     if on_error not in ("skip", "raise"):
         raise FeatxError(f"Unknown on_error {on_error!r}: expected 'skip' or 'raise'.")
     if batch_size < 1:
@@ -254,12 +279,17 @@ def iter_batches(
             if batch is not None:
                 with torch.inference_mode():
                     x = backbone.preprocess.normalize(batch.to(device, non_blocking=True))
+                    n = x.shape[0]
+                    if tta == "hflip":
+                        x = torch.cat([x, x.flip(-1)])
                     if device.type != "mps":
                         x = x.contiguous(memory_format=torch.channels_last)
                     with _autocast(device, precision):
                         outputs = run_taps(backbone.module, x, taps)
                     for request in requests:
                         pooled = pool(outputs[request.tap].float(), request.pooling)
+                        if tta == "hflip":
+                            pooled = (pooled[:n] + pooled[n:]) / 2
                         features[request] = pooled.cpu().numpy().astype(np.float32, copy=False)
             if bar is not None:
                 bar.update(len(batch_indices) + len(skipped))
@@ -279,11 +309,20 @@ def prepare(backbone: Backbone, device: torch.device) -> Backbone:
 # --------------------------------------------------------------------------- extraction
 
 
-def store_config(backbone: Backbone, precision: str, dtype: str = "float32") -> dict:
-    """The extraction configuration a feature store is keyed by (its file name hashes this)."""
+def store_config(backbone: Backbone, precision: str, dtype: str = "float32", tta: str | None = None) -> dict:
+    """The extraction configuration a feature store is keyed by (its file name hashes this).
+
+    A test-time augmentation is part of it (``"tta": "hflip"``), so plain and flip-averaged
+    features never share a store; plain stores keep the configuration (and file name) they had
+    before ``tta`` existed.
+    """
     from featx import __version__
 
-    return {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
+    config = {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
+    tta = check_tta(tta)
+    if tta is not None:
+        config["tta"] = tta
+    return config
 
 
 def provenance() -> dict:
@@ -434,6 +473,7 @@ def extract(
     num_workers: int | str = "auto",
     progress: bool | None = None,
     stop=None,
+    tta: str | None = None,
 ):
     """Extract pooled features from a frozen backbone, in memory or into a feature store.
 
@@ -473,6 +513,10 @@ def extract(
         :class:`KeyboardInterrupt` at that safe point, every completed batch kept. The CLI sets
         it from SIGINT and SIGTERM, so a signal that lands where Python ignores exceptions
         (a finaliser) still stops the run.
+    tta : {None, "none", "hflip"}, default=None
+        ``"hflip"`` averages every feature over the image and its horizontal mirror, computed
+        in the same forward pass (twice the network work). It is part of the store's
+        configuration: plain and averaged features live in different store files.
 
     Returns
     -------
@@ -502,7 +546,8 @@ def extract(
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     on_error = on_error or ("raise" if store is None else "skip")
-    loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress)
+    loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress,
+                tta=check_tta(tta))
     if store is None:
         prepare(backbone, device)
         chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
@@ -524,7 +569,7 @@ def _check_stop(stop) -> None:
 
 def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, stop=None) -> ExtractionResult:
     start = time.perf_counter()
-    feature_store = open_store(store, store_config(backbone, loop["precision"], dtype), dtype=dtype)
+    feature_store = open_store(store, store_config(backbone, loop["precision"], dtype, loop["tta"]), dtype=dtype)
     keys, unreadable = _content_keys(source, on_error)
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
