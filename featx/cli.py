@@ -182,6 +182,7 @@ def _extraction_kwargs(args) -> dict:
         "on_error": args.on_error,
         "store": args.cache if args.cache else True,
         "dtype": args.dtype,
+        "tta": None if args.tta == "none" else args.tta,
     }
 
 
@@ -499,7 +500,8 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
         "--layers",
         default=layers_default,
         help="comma-separated aliases or nodes, all, or (cv, fit) auto: chosen by inner cross-validation "
-        "among all layers and the --pool values (default: %(default)s)",
+        "among all layers and the --pool values; join layers with + for one concatenated feature set "
+        "(stage4+pre_logits, or stage4/spp+pre_logits/avg with a pooling per layer) (default: %(default)s)",
     )
     g.add_argument("--pool", default="avg", help="comma-separated: avg, max, avgmax, spp (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
@@ -511,6 +513,13 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
     )
     g.add_argument("--cache", default=None, metavar="DIR", help="feature store folder (default: $FEATX_CACHE or ./cache)")
     g.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage precision of a new store")
+    g.add_argument(
+        "--tta",
+        choices=("none", "hflip"),
+        default="none",
+        help="hflip: average every feature over the image and its horizontal mirror (one forward pass on both; "
+        "twice the network work; a store of its own) (default: %(default)s)",
+    )
 
 
 
@@ -606,7 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(p)
     _add_extraction_options(p, layers_default="all")
-    p.add_argument("--models", default="efficientnet_lite0", help="comma-separated backbones (default: %(default)s)")
+    p.add_argument(
+        "--models",
+        default="efficientnet_lite0",
+        help="comma-separated backbones; join with + to concatenate their features, e.g. "
+        "efficientnet_lite0+efficientnet_lite2 (default: %(default)s)",
+    )
     _add_head_options(p, several=True)
     p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
