@@ -19,6 +19,8 @@ How the budget is spent:
   tried on the configurations whose score is among the best ``explore_top`` so far.
 - A candidate starts only if the time spent, its estimate and the refit of the best so far fit
   in the budget; as candidates run cheapest first, the search stops at the first that does not.
+  The cheapest candidate always runs, so that there is a model, even when its estimate alone
+  exceeds the budget; its row says so.
 - The winner (highest mean CV accuracy; the earlier, cheaper one on a tie) is refitted on all
   the data (:func:`featx.models.fit_model`: its head's C and gamma tuned by inner CV).
 
@@ -53,7 +55,7 @@ DEFAULT_HEADS = ("logreg", "linear-svm", "rbf-svm")
 _EVAL_PRIOR = {"logreg": 2.2e-5, "linear-svm": 1.5e-5, "rbf-svm": 1.5e-5}
 # Finished extractions take longer than the bare forward pass (decoding, pooling, writing);
 # this is the ratio assumed until one has been measured.
-_OVERHEAD_PRIOR = 1.3
+_OVERHEAD_PRIOR = 1.0
 
 
 def parse_budget(budget) -> float:
@@ -276,12 +278,12 @@ class Search:
 
             loaded = prepare(load_backbone(backbone, weights=self.weights), self.device)
             size = loaded.preprocess.crop
-            x = torch.zeros(8, 3, size, size, device=self.device)
+            x = torch.zeros(16, 3, size, size, device=self.device)
             if self.device.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)
             timings = []
             with torch.inference_mode(), _autocast(self.device, self.precision):
-                for _ in range(3):
+                for _ in range(4):
                     start = time.perf_counter()
                     loaded.module(x)
                     timings.append(time.perf_counter() - start)
@@ -431,7 +433,7 @@ def auto_fit(
         The labelled *training* images, the only data the search reads.
     budget : float or str, default="10m"
         Seconds, or a duration (``"90s"``, ``"15m"``, ``"1h"``), for the whole search and the refit;
-        no candidate starts that would not fit.
+        no candidate starts that would not fit, except the cheapest one (there is always a model).
     backbones, feature_sets, ttas, heads
         The frozen-feature grid. Feature sets use the ``--layers`` syntax
         (``"stage4/spp+pre_logits/avg"``); ``ttas`` are ``"none"`` and/or ``"hflip"``.
@@ -458,7 +460,7 @@ def auto_fit(
     Raises
     ------
     FeatxError
-        For a bad budget or store, or when not even the cheapest candidate fits the budget.
+        For a bad budget or store, or no candidate at all.
 
     Examples
     --------
@@ -519,7 +521,8 @@ def auto_fit(
         # Room for the refit of the best so far: about one outer fold of its evaluation, and a half.
         reserve = 1.5 * (best["seconds"] - best["extraction_seconds"]) / max(best["cv"] or 1, 1) if best else 0.0
         elapsed = time.perf_counter() - start
-        if elapsed + estimates[candidate.name] + reserve > seconds_budget:
+        over = elapsed + estimates[candidate.name] + reserve > seconds_budget
+        if over and best is not None:
             for c in pending:
                 rows[c.name] = {**row_of(c, estimates[c.name]),
                                 "status": f"not run: {estimates[c.name]:.0f} s estimated, "
@@ -538,7 +541,9 @@ def auto_fit(
         row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
                "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
                "cv": report_.get("cv"), "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
-               "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")}
+               "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")
+               + (f" (started over budget: {estimates[candidate.name]:.0f} s estimated; the cheapest candidate "
+                  f"always runs)" if over else "")}
         rows[candidate.name] = row
         if best is None or row["accuracy_mean"] > best["accuracy_mean"]:
             best = row
@@ -552,11 +557,6 @@ def auto_fit(
                     other = held_back.pop(candidate.with_head(head).name, None)
                     if other is not None:
                         pending.append(other)
-    if best is None:
-        raise FeatxError(
-            f"No candidate fits the budget of {seconds_budget:.0f} s: the cheapest needs about "
-            f"{min(estimates.values()):.0f} s. Give a larger --budget."
-        )
     winner = next(c for c in [*frozen, *extra_candidates] if c.name == best["configuration"])
     model = winner.refit(search)
     model.info["auto"] = {"configuration": best["config"], "accuracy_mean": best["accuracy_mean"],

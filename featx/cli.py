@@ -344,9 +344,12 @@ def cmd_fit_auto(args, source, kwargs) -> int:
     if args.json:
         _print_json({**result.to_json(), "output": args.output})
         return 0
-    rows = [{**row, "accuracy_mean": row["accuracy_mean"] if row["accuracy_mean"] is not None else "-",
-             "accuracy_std": row["accuracy_std"] if row["accuracy_std"] is not None else "-",
-             "seconds": row["seconds"] if row["seconds"] is not None else "-", "rank": row["rank"] or "-"}
+    def shown(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    rows = [{**row, "rank": shown(row["rank"], "d"), "dim": shown(row["dim"], "d"),
+             "accuracy_mean": shown(row["accuracy_mean"], ".4f"), "accuracy_std": shown(row["accuracy_std"], ".4f"),
+             "seconds": shown(row["seconds"], ".1f"), "extraction_seconds": shown(row["extraction_seconds"], ".1f")}
             for row in result.leaderboard]
     print(format_table(rows, AUTO_COLUMNS))
     best = result.best

@@ -111,9 +111,20 @@ def test_auto_fit_extra_candidates_plug_in_and_budget_stops_them(source, tmp_pat
     assert result.best["configuration"] == "plugged cheap" and result.best["kind"] == "plugged"
     skipped = next(row for row in result.leaderboard if row["configuration"] == "plugged costly")
     assert skipped["rank"] is None and skipped["status"].startswith("not run")
-    with pytest.raises(FeatxError, match="No candidate fits the budget"):
-        auto_fit(source, budget=1, feature_sets="stage1/avg", ttas="none", heads="logreg", extra_candidates=[costly],
-                 backbones=[], cv=3, device="cpu", store=tmp_path)
+    alone, second = _Plugged("plugged alone", 1e6, 0.5), _Plugged("plugged second", 2e6, 0.6)
+    result = auto_fit(source, budget=1, feature_sets="stage1/avg", ttas="none", heads="logreg",
+                      extra_candidates=[second, alone], backbones=[], cv=3, device="cpu", store=tmp_path)
+    assert alone.scored and not second.scored  # the cheapest always runs, so that there is a model; no other
+    assert "started over budget" in result.best["status"] and result.best["configuration"] == "plugged alone"
+    with pytest.raises(FeatxError, match="no candidate"):
+        auto_fit(source, backbones=[], extra_candidates=[], store=tmp_path, cv=3, device="cpu")
+
+
+def test_auto_fit_is_public():
+    """Check that auto_fit is part of featx's public surface."""
+    import featx
+
+    assert featx.auto_fit is auto_fit and "auto_fit" in featx.__all__
 
 
 def test_auto_fit_needs_a_cache_folder(source):
