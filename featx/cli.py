@@ -344,6 +344,7 @@ def cmd_fit_auto(args, source, kwargs) -> int:
     if args.json:
         _print_json({**result.to_json(), "output": args.output})
         return 0
+
     def shown(value, fmt):
         return "-" if value is None else format(value, fmt)
 
@@ -705,9 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune the head's hyper-parameters by cross-validation on DATA, refit on all of it, and "
         "save one model file (the head, the extraction configuration, the class names, the featx version). "
         "Model files are pickles: share and load them only as you would code.",
-        epilog="Examples: featx fit data/train --layers stage4 --pool spp --head logreg -o model.joblib\n"
-        "          featx fit data/train --auto --budget 15m --cache /tmp/featx-cache -o model.joblib",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples: featx fit data/train --layers stage4 --pool spp --head logreg -o model.joblib; "
+        "featx fit data/train --auto --budget 15m --cache /tmp/featx-cache -o model.joblib",
     )
     _add_data_options(p)
     _add_extraction_options(p)
