@@ -174,3 +174,17 @@ def test_cli_fit_auto_prints_the_leaderboard(tmp_path, capsys, image_folder):
     assert "configuration" in out and "accuracy_mean" in out and "best: featx_tiny_cnn pre_logits/avg" in out
     assert "of a 300 s budget" in out and (tmp_path / "m.joblib").is_file()
     assert main(["fit", str(image_folder), "--json", "-o", str(tmp_path / "x.joblib")]) == 1
+
+
+def test_search_estimates_unmeasured_heads_from_measured_ones(source, tmp_path):
+    """Check that an unmeasured head's evaluation estimate scales from a measured head, by its relative cost."""
+    from featx.auto import _RELATIVE_COST, Search
+
+    search = Search(source, cv=5, inner_cv=3, random_state=0, store=tmp_path, weights="DEFAULT", dtype="float32",
+                    batch_size=32, device="cpu", precision="auto", num_workers=0, on_error="skip", progress=False)
+    before = search.evaluation_estimate("rbf-svm", 100)
+    search.record_evaluation("logreg", len(source), 100, 10.0)
+    assert search.evaluation_estimate("logreg", 100) == pytest.approx(10.0)
+    assert search.evaluation_estimate("linear-svm", 100) == pytest.approx(10.0 * _RELATIVE_COST["linear-svm"])
+    assert search.evaluation_estimate("rbf-svm", 200) == pytest.approx(20.0 * _RELATIVE_COST["rbf-svm"])
+    assert search.evaluation_estimate("rbf-svm", 100) != before
