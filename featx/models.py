@@ -103,7 +103,8 @@ class FeatxModel:
 
     def describe(self) -> str:
         described = " + ".join(
-            f"{f.backbone} {f.layer}/{f.pooling}{' hflip' if getattr(f, 'tta', None) else ''} ({f.weights_})"
+            f"{f.backbone} {'+'.join(r.key for r in f.requests_)}{' hflip' if getattr(f, 'tta', None) else ''} "
+            f"({f.weights_})"
             for f in self.parts
         )
         return (
