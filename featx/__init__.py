@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "CNNFeatures": "featx.transformers",
+    "auto_fit": "featx.auto",
     "compare_layers": "featx.compare",
     "evaluate": "featx.heads",
     "extract": "featx.extraction",

@@ -182,6 +182,7 @@ def _extraction_kwargs(args) -> dict:
         "on_error": args.on_error,
         "store": args.cache if args.cache else True,
         "dtype": args.dtype,
+        "tta": None if args.tta == "none" else args.tta,
     }
 
 
@@ -374,12 +375,67 @@ def cmd_cv(args) -> int:
     return 0
 
 
+AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "seconds", "extraction_seconds",
+                "status"]
+
+
+def cmd_fit_auto(args, source, kwargs) -> int:
+    from featx.auto import auto_fit
+    from featx.models import save_model
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("backbone", "tta")}
+
+    def progress_line(row):
+        print(f"featx: {row['configuration']}: accuracy {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} "
+              f"({row['seconds']:.0f} s, {row['extraction_seconds']:.0f} s of it extracting)", file=sys.stderr)
+
+    result = auto_fit(
+        source,
+        budget=args.budget,
+        backbones=args.auto_models,
+        feature_sets=args.auto_layers,
+        ttas=args.auto_tta,
+        heads=args.auto_heads,
+        cv=args.cv or 5,
+        random_state=args.seed,
+        report=progress_line,
+        **kwargs,
+    )
+    save_model(result.model, args.output)
+    if args.json:
+        _print_json({**result.to_json(), "output": args.output})
+        return 0
+
+    def shown(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    rows = [{**row, "rank": shown(row["rank"], "d"), "dim": shown(row["dim"], "d"),
+             "accuracy_mean": shown(row["accuracy_mean"], ".4f"), "accuracy_std": shown(row["accuracy_std"], ".4f"),
+             "seconds": shown(row["seconds"], ".1f"), "extraction_seconds": shown(row["extraction_seconds"], ".1f")}
+            for row in result.leaderboard]
+    print(format_table(rows, AUTO_COLUMNS))
+    best = result.best
+    print(f"\nbest: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
+          f"({best['cv']}-fold CV on {source.name} only)")
+    print("extractions: " + ", ".join(f"{e['backbone']} tta={e['tta']} {e['seconds']:.0f} s ({e['n_computed']} computed)"
+                                      for e in result.extractions))
+    print(f"search and refit: {result.seconds:.0f} s of a {result.budget:.0f} s budget")
+    print(f"saved to {args.output}")
+    return 0
+
+
 def cmd_fit(args) -> int:
     from featx.models import fit_model, save_model
 
     source = _open_data(args)
     _source_problems(source)
     kwargs = _extraction_kwargs(args)
+    if args.auto:
+        return cmd_fit_auto(args, source, kwargs)
+    if args.json:
+        raise FeatxError("--json goes with --auto (the leaderboard); a plain 'featx fit' prints one line.")
+    if args.cv is None:
+        args.cv = 3
     if args.layers == "auto":
         from featx.compare import select_layer
 
@@ -567,7 +623,8 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
         "--layers",
         default=layers_default,
         help="comma-separated aliases or nodes, all, or (cv, fit) auto: chosen by inner cross-validation "
-        "among all layers and the --pool values (default: %(default)s)",
+        "among all layers and the --pool values; join layers with + for one concatenated feature set "
+        "(stage4+pre_logits, or stage4/spp+pre_logits/avg with a pooling per layer) (default: %(default)s)",
     )
     g.add_argument("--pool", default="avg", help="comma-separated: avg, max, avgmax, spp (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
@@ -580,6 +637,13 @@ def _add_extraction_options(p: argparse.ArgumentParser, *, layers_default: str =
     )
     g.add_argument("--cache", default=None, metavar="DIR", help="feature store folder (default: $FEATX_CACHE or ./cache)")
     g.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage precision of a new store")
+    g.add_argument(
+        "--tta",
+        choices=("none", "hflip"),
+        default="none",
+        help="hflip: average every feature over the image and its horizontal mirror (one forward pass on both; "
+        "twice the network work; a store of its own) (default: %(default)s)",
+    )
 
 
 
@@ -609,7 +673,11 @@ def _add_head_options(p: argparse.ArgumentParser, *, several: bool) -> None:
         default="logreg",
         help=("comma-separated: " if several else "") + "logreg, linear-svm or rbf-svm (default: %(default)s)",
     )
-    g.add_argument("--cv", type=int, default=5 if several else 3, help="cross-validation folds (default: %(default)s)")
+    if several:
+        g.add_argument("--cv", type=int, default=5, help="cross-validation folds (default: %(default)s)")
+    else:
+        g.add_argument("--cv", type=int, default=None,
+                       help="cross-validation folds (default: 3 for tuning, 5 to score --auto candidates)")
     if several:
         g.add_argument("--repeats", type=int, default=1, help="repetitions of the outer folds (default: %(default)s)")
         g.add_argument("--jobs", type=int, default=None, help="outer folds in parallel (default: 1; -1: all cores)")
@@ -710,7 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(p)
     _add_extraction_options(p, layers_default="all")
-    p.add_argument("--models", default="efficientnet_lite0", help="comma-separated backbones (default: %(default)s)")
+    p.add_argument(
+        "--models",
+        default="efficientnet_lite0",
+        help="comma-separated backbones; join with + to concatenate their features, e.g. "
+        "efficientnet_lite0+efficientnet_lite2 (default: %(default)s)",
+    )
     _add_head_options(p, several=True)
     p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -737,11 +810,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune the head's hyper-parameters by cross-validation on DATA, refit on all of it, and "
         "save one model file (the head, the extraction configuration, the class names, the featx version). "
         "Model files are pickles: share and load them only as you would code.",
-        epilog="Example: featx fit data/train --layers stage4 --pool spp --head logreg -o model.joblib",
+        epilog="Examples: featx fit data/train --layers stage4 --pool spp --head logreg -o model.joblib; "
+        "featx fit data/train --auto --budget 15m --cache /tmp/featx-cache -o model.joblib",
     )
     _add_data_options(p)
     _add_extraction_options(p)
     _add_head_options(p, several=False)
+    g = p.add_argument_group(
+        "auto", "--auto searches backbones, feature sets, flip averaging and heads by stratified K-fold CV on DATA "
+        "only (never on held-out data), cheapest first, within --budget; prints the leaderboard and saves the winner, "
+        "refitted on all of DATA. --model, --layers, --pool, --head and --tta are then ignored."
+    )
+    g.add_argument("--auto", action="store_true", help="search for the best configuration within --budget")
+    g.add_argument("--budget", default="10m", help="time for the search and the refit: 90s, 15m, 1h (default: %(default)s)")
+    g.add_argument("--auto-models", default=",".join(_auto_default("DEFAULT_BACKBONES")),
+                   help="backbones to try (default: %(default)s)")
+    g.add_argument("--auto-layers", default=",".join(_auto_default("DEFAULT_FEATURE_SETS")),
+                   help="feature sets to try, in --layers syntax (default: %(default)s)")
+    g.add_argument("--auto-tta", default=",".join(_auto_default("DEFAULT_TTAS")), help="tta values to try (default: %(default)s)")
+    g.add_argument("--auto-heads", default=",".join(_auto_default("DEFAULT_HEADS")),
+                   help="heads to try; the first is tried on every feature set, the others on the best ones "
+                   "(default: %(default)s)")
+    g.add_argument("--json", action="store_true", help="with --auto: print the leaderboard and the winner as JSON")
     p.add_argument("-o", "--output", required=True, help="model file to write")
     p.set_defaults(func=cmd_fit)
 
@@ -805,6 +895,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cache)
     return parser
+
+
+def _auto_default(name: str):
+    from featx import auto
+
+    return getattr(auto, name)
 
 
 def _version() -> str:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featx.backbones import load_backbone
+from featx.backbones import load_backbone, resolve_layers
 from featx.exceptions import FeatxError
 from featx.extraction import extract
+from featx.featuresets import parse_feature_sets, set_name, split_names
 from featx.images import ImageSource, open_source
 from featx.store import canonical_json
 
@@ -41,15 +42,15 @@ def _names(value) -> list[str]:
     return list(value)
 
 
-def kept_labels(result) -> np.ndarray:
-    """Labels of the images an extraction kept; raises if the source has none."""
+def kept_labels(result, positions=None) -> np.ndarray:
+    """Labels of the images an extraction kept (or of the source ``positions`` given); raises if the source has none."""
     source = result.source
     if source.labels is None:
         raise FeatxError(
             f"{source.name} has no labels: this needs a folder of class sub-folders, a CSV with a "
             f"'label' column, or a built-in dataset."
         )
-    return source.labels[result.kept]
+    return np.asarray(source.labels)[result.kept if positions is None else positions]
 
 
 def _reports_folder(store) -> Path | None:
@@ -114,6 +115,7 @@ def compare_layers(
     n_jobs: int | None = None,
     report=None,
     engine="local",
+    tta: str | None = None,
 ) -> list[dict]:
     """Cross-validate a head on every (backbone, layer, pooling) of a labelled image set.
 
@@ -122,14 +124,19 @@ def compare_layers(
     source : ImageSource or anything :func:`featx.images.open_source` accepts
         Labelled images.
     backbones : str or sequence of str, default=("efficientnet_lite0",)
+        Backbones, compared side by side; ``"efficientnet_lite0+efficientnet_lite2"`` is one entry
+        whose features concatenate both backbones' (each image still goes through each backbone once).
     layers : str or sequence of str, default="all"
-        Layer names, or ``"all"`` (every alias but ``logits``), for every backbone.
+        Layer names, or ``"all"`` (every alias but ``logits``), for every backbone. Layers joined
+        by ``+`` form one concatenated feature set (``"stage4+pre_logits"``, or
+        ``"stage4/spp+pre_logits/avg"`` with a pooling per layer); each block is standardised and
+        weighted inside the cross-validation (:class:`~featx.heads.BlockScaler`).
     poolings : str or sequence of str, default=("avg",)
     heads : str or sequence of str, default=("logreg",)
         Heads of :mod:`featx.heads`.
     cv, repeats, random_state
         Outer cross-validation of :func:`featx.heads.evaluate`.
-    weights, store, dtype, batch_size, device, precision, num_workers, on_error, progress
+    weights, store, dtype, batch_size, device, precision, num_workers, on_error, progress, tta
         Extraction options of :func:`featx.extract`; ``store=True`` uses the cache folder.
         With a store, evaluation reports are kept beside it too (keyed by a hash of the
         features, labels and settings), so a repeated comparison is read back, not refitted.
@@ -144,8 +151,10 @@ def compare_layers(
     Returns
     -------
     list of dict
-        One row per (backbone, layer, pooling, head), in backbone and depth order: ``model``,
-        ``layer``, ``depth`` (0 = first layer listed), ``pooling``, ``head``, ``dim``,
+        One row per (backbone, feature set, head), in backbone and depth order: ``model``
+        (backbones joined by ``+`` when concatenated), ``layer`` and ``pooling`` (joined by ``+``
+        for a concatenation), ``depth`` (0 = first layer, or concatenation of layers, listed), ``features`` (the feature
+        set's name, e.g. ``stage4/spp+pre_logits/avg``), ``tta``, ``head``, ``dim``,
         ``accuracy_mean``, ``accuracy_std``, ``balanced_accuracy``, ``macro_f1``,
         ``chosen_params``, ``n_images``, ``n_classes``, ``cv``, ``extraction_time`` (seconds
         this run spent extracting for the backbone, 0 when all came from the store),
@@ -164,15 +173,21 @@ def compare_layers(
     [('stage1', 16, 1.0), ('pre_logits', 32, 1.0)]
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
-    rows = []
-    for name in _names(backbones):
+    entries = [entry.split("+") for entry in split_names(backbones)]
+    # Each backbone runs once, for the union of what every entry asks of it.
+    loaded, sets, results, extraction_times = {}, {}, {}, {}
+    for name in dict.fromkeys(n for entry in entries for n in entry):
         backbone = load_backbone(name, weights=weights, lazy=True)
+        loaded[name] = backbone
+        all_layers = [layer for layer, _ in resolve_layers(backbone.name, "all")]
+        sets[name] = parse_feature_sets(layers, poolings, all_layers=all_layers)
+        pairs = list(dict.fromkeys(pair for fs in sets[name] for pair in fs))
         start = time.perf_counter()
-        result = extract(
+        results[name] = extract(
             source,
             backbone=backbone,
-            layers=layers,
-            pooling=_names(poolings),
+            layers=list(dict.fromkeys(layer for layer, _ in pairs)),
+            pooling=list(dict.fromkeys(pooling for _, pooling in pairs)),
             store=store,
             dtype=dtype,
             on_error=on_error,
@@ -182,30 +197,51 @@ def compare_layers(
             num_workers=num_workers,
             progress=progress,
             engine=engine,
+            tta=tta,
         )
-        extraction_time = time.perf_counter() - start if result.n_computed else 0.0
-        y = kept_labels(result)
-        depths = {}
-        for request in result.requests:
-            depths.setdefault(request.layer, len(depths))
-        for request in result.requests:
-            X = result[request.key]
+        extraction_times[name] = time.perf_counter() - start if results[name].n_computed else 0.0
+    rows = []
+    for entry in entries:
+        kept = results[entry[0]].kept
+        for name in entry[1:]:
+            kept = np.intersect1d(kept, results[name].kept)
+        y = kept_labels(results[entry[0]], kept)
+        model = "+".join(loaded[name].name for name in entry)
+        depths: dict[str, int] = {}
+        for pairs in sets[entry[0]]:
+            layer_name = "+".join(layer for layer, _ in pairs)
+            depth = depths.setdefault(layer_name, len(depths))
+            blocks = []
+            for name in entry:
+                result = results[name]
+                rows_of = np.searchsorted(result.kept, kept)
+                blocks += [result[f"{layer}/{pooling}"][rows_of] for layer, pooling in pairs]
+            X = np.hstack(blocks) if len(blocks) > 1 else blocks[0]
+            widths = [int(block.shape[1]) for block in blocks]
+            if len(entry) > 1:
+                features = set_name([pair for _ in entry for pair in pairs],
+                                    [loaded[name].name for name in entry for _ in pairs])
+            else:
+                features = set_name(pairs)
             for head in _names(heads):
                 evaluation = cached_evaluate(
                     X,
                     y,
-                    folder=_reports_folder(result.store),
+                    folder=_reports_folder(results[entry[0]].store),
                     head=head,
                     cv=cv,
                     repeats=repeats,
                     random_state=random_state,
                     n_jobs=n_jobs,
+                    **({"blocks": widths} if len(widths) > 1 else {}),
                 )
                 row = {
-                    "model": backbone.name,
-                    "layer": request.layer,
-                    "depth": depths[request.layer],
-                    "pooling": request.pooling,
+                    "model": model,
+                    "layer": layer_name,
+                    "depth": depth,
+                    "pooling": "+".join(pooling for _, pooling in pairs),
+                    "features": features,
+                    "tta": tta or "none",
                     "head": head,
                     "dim": int(X.shape[1]),
                     "accuracy_mean": evaluation["accuracy_mean"],
@@ -216,7 +252,7 @@ def compare_layers(
                     "n_images": int(len(y)),
                     "n_classes": evaluation["n_classes"],
                     "cv": evaluation["cv"],
-                    "extraction_time": extraction_time,
+                    "extraction_time": sum(extraction_times[name] for name in entry),
                     "fit_time": evaluation["fit_time"],
                     "from_cache": evaluation.get("from_cache", False),
                     "notes": evaluation["notes"],

@@ -136,14 +136,14 @@ class _Worker:
     """A Ray actor's state: the backbone, loaded once, and the loop run on each block."""
 
     def __init__(self, backbone, requests, device: str, precision: str, batch_size: int, num_workers,
-                 on_error: str, decoder: str = "pil"):
+                 on_error: str, decoder: str = "pil", tta: str | None = None):
         from featx.extraction import prepare, resolve_device, resolve_precision
 
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.backbone = prepare(backbone, self.device)
         self.requests = list(requests)
-        self.options = dict(batch_size=batch_size, num_workers=num_workers, on_error=on_error, decoder=decoder)
+        self.options = dict(batch_size=batch_size, num_workers=num_workers, on_error=on_error, decoder=decoder, tta=tta)
 
     def run(self, positions: Sequence[int], items: Sequence) -> tuple:
         """Features of one block, its batches joined: ``(source positions, {request key: array}, skipped)``.
@@ -240,7 +240,7 @@ class RayEngine:
         return max(1, int(resources.get("CPU", 1) // self.cpus_per_worker))
 
     def batches(self, backbone, source, requests, *, indices, batch_size, device, precision, num_workers="auto",
-                on_error="skip", progress=None, decoder="pil") -> Iterator:
+                on_error="skip", progress=None, decoder="pil", tta=None) -> Iterator:
         """Yield :class:`featx.extraction.Batch` objects of ``source[indices]`` computed by the actors.
 
         Blocks are contiguous runs of ``indices`` of whole batches, so every actor's batches are
@@ -270,7 +270,7 @@ class RayEngine:
                 num_workers = int(self.cpus_per_worker) if self.cpus_per_worker >= 2 else 0
             shared = ray.put(backbone)
             actors = [
-                actor.remote(shared, requests, device.type, precision, batch_size, num_workers, on_error, decoder)
+                actor.remote(shared, requests, device.type, precision, batch_size, num_workers, on_error, decoder, tta)
                 for _ in range(n_workers)
             ]
             bar = None

@@ -43,6 +43,7 @@ __all__ = [
     "Batch",
     "ExtractionResult",
     "Request",
+    "check_tta",
     "extract",
     "iter_batches",
     "resolve_decoder",
@@ -52,6 +53,7 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("auto", "pil", "torch")
+TTAS = ("none", "hflip")
 _DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
@@ -193,6 +195,22 @@ def resolve_decoder(decoder: str, device: str | torch.device) -> str:
     if decoder == "auto":
         return "torch" if kind == "cuda" else "pil"
     return decoder
+def check_tta(tta: str | None) -> str | None:
+    """Normalise a test-time augmentation: ``None``/``"none"`` (plain features) or ``"hflip"``.
+
+    Examples
+    --------
+    >>> check_tta("none") is None, check_tta("hflip")
+    (True, 'hflip')
+    """
+    if tta is None or tta == "none":
+        return None
+    if tta not in TTAS:
+        raise FeatxError(
+            f"Unknown tta {tta!r}: expected 'none' (plain features) or 'hflip' (features averaged over the "
+            f"image and its horizontal mirror)."
+        )
+    return tta
 
 
 def _autocast(device: torch.device, precision: str):
@@ -390,6 +408,7 @@ def iter_batches(
     on_error: str = "skip",
     progress: bool | None = None,
     decoder: str = "pil",
+    tta: str | None = None,
 ) -> Iterator[Batch]:
     """Yield pooled features batch by batch: the single loop every consumer uses.
 
@@ -410,7 +429,11 @@ def iter_batches(
         Show a progress bar; by default only when stderr is a terminal.
     decoder : {"pil", "torch"}, default="pil"
         Resolved by :func:`resolve_decoder`.
+    tta : {None, "none", "hflip"}, optional
+        ``"hflip"``: every batch and its horizontal mirror go through the network together (one
+        forward pass on the doubled batch) and the pooled features of the two views are averaged.
     """
+    tta = check_tta(tta)
     if on_error not in ("skip", "raise"):
         raise FeatxError(f"Unknown on_error {on_error!r}: expected 'skip' or 'raise'.")
     if batch_size < 1:
@@ -457,12 +480,17 @@ def iter_batches(
             if len(batch_indices):
                 with torch.inference_mode():
                     x = backbone.preprocess.normalize(pixels)
+                    n = x.shape[0]
+                    if tta == "hflip":
+                        x = torch.cat([x, x.flip(-1)])
                     if device.type != "mps":
                         x = x.contiguous(memory_format=torch.channels_last)
                     with _autocast(device, precision):
                         outputs = run_taps(backbone.module, x, taps)
                     for request in requests:
                         pooled = pool(outputs[request.tap].float(), request.pooling)
+                        if tta == "hflip":
+                            pooled = (pooled[:n] + pooled[n:]) / 2
                         features[request] = pooled.cpu().numpy().astype(np.float32, copy=False)
             if bar is not None:
                 bar.update(len(batch_indices) + len(skipped))
@@ -485,18 +513,23 @@ def prepare(backbone: Backbone, device: torch.device) -> Backbone:
 
 
 def store_config(backbone: Backbone, precision: str, dtype: str = "float32", decoder: str = "pil",
-                 device: str | torch.device = "cpu") -> dict:
+                 device: str | torch.device = "cpu", tta: str | None = None) -> dict:
     """The extraction configuration a feature store is keyed by (its file name hashes this).
 
     The decoder is recorded only when it is not PIL (the default, and what every store written
     before the option existed used): tensor-decoded pixels differ slightly, so they get a store
-    of their own.
+    of their own. A test-time augmentation is part of it too (``"tta": "hflip"``), so plain and
+    flip-averaged features never share a store; plain stores keep the configuration (and file
+    name) they had before ``tta`` existed.
     """
     from featx import __version__
 
     config = {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
     if decoder != "pil":
         config["decoder"] = f"torchvision.io.decode_jpeg:{device if isinstance(device, str) else device.type}"
+    tta = check_tta(tta)
+    if tta is not None:
+        config["tta"] = tta
     return config
 
 
@@ -664,6 +697,7 @@ def extract(
     decoder: str = "auto",
     shard: tuple[int, int] | None = None,
     engine="local",
+    tta: str | None = None,
 ):
     """Extract pooled features from a frozen backbone, in memory or into a feature store.
 
@@ -716,6 +750,10 @@ def extract(
         :class:`~featx.distributed.RayEngine`) runs it on a pool of Ray actors that each hold
         the backbone, and writes their results to the store here; needs a store and the
         ``ray`` extra (``pip install "featx[ray]"``).
+    tta : {None, "none", "hflip"}, default=None
+        ``"hflip"`` averages every feature over the image and its horizontal mirror, computed
+        in the same forward pass (twice the network work). It is part of the store's
+        configuration: plain and averaged features live in different store files.
 
     Returns
     -------
@@ -756,9 +794,11 @@ def extract(
     # With an existing store, the device type is all the configuration needs: found without
     # torch where possible, so that a run the store answers entirely never imports it.
     # (Shards and engines resolve the device with torch: they compute.)
+    tta = check_tta(tta)
     kind = device_type(device) if store is not None and shard is None and engine is None else None
     if kind is not None:
-        config = store_config(backbone, resolve_precision(precision, kind), dtype, resolve_decoder(decoder, kind), kind)
+        config = store_config(backbone, resolve_precision(precision, kind), dtype, resolve_decoder(decoder, kind), kind,
+                              tta)
         if not _store_exists(store, config):
             kind = None
     if kind is None:
@@ -768,7 +808,7 @@ def extract(
     precision = resolve_precision(precision, kind)
     decoder = resolve_decoder(decoder, kind)
     loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress,
-                decoder=decoder)
+                decoder=decoder, tta=tta)
     if store is None:
         prepare(backbone, device)
         chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
@@ -785,7 +825,7 @@ def extract(
     except _DeviceTypeChanged as changed:  # the driver said one device type and torch another: torch decides
         return extract(source, backbone=backbone, layers=layers, pooling=pooling, store=store, dtype=dtype,
                        on_error=on_error, batch_size=batch_size, device=changed.device, num_workers=num_workers,
-                       progress=progress, stop=stop, shard=shard, engine=engine, **arguments)
+                       progress=progress, stop=stop, shard=shard, engine=engine, tta=tta, **arguments)
 
 
 class _DeviceTypeChanged(Exception):
@@ -829,7 +869,7 @@ def _check_stop(stop) -> None:
 def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loop, kind, stop=None, shard=None,
                       engine=None) -> ExtractionResult:
     start = time.perf_counter()
-    config = store_config(backbone, loop["precision"], dtype, loop["decoder"], kind)
+    config = store_config(backbone, loop["precision"], dtype, loop["decoder"], kind, loop["tta"])
     if shard is None:
         feature_store = lookup = open_store(store, config, dtype=dtype)
         keys, unreadable = _content_keys(source, on_error)

@@ -23,6 +23,7 @@ from collections import Counter
 from numbers import Integral, Real
 
 import numpy as np
+from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -38,11 +39,13 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.parallel import Parallel, delayed
+from sklearn.utils.validation import check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from featx.exceptions import EvaluationError, FeatxError, UnknownHeadError, suggest
 
 __all__ = [
+    "BlockScaler",
     "HEADS",
     "EvaluationError",
     "UnknownHeadError",
@@ -95,6 +98,84 @@ def _check_pca(pca):
     )
 
 
+class BlockScaler(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
+    """Standardise every column, then weight each block of columns so that blocks count equally.
+
+    Column ``j`` of block ``b`` (``d_b`` columns of ``D`` in ``k`` blocks) becomes
+    ``(x - mean_j) / std_j * sqrt(D / (k * d_b))``: every block carries the same total variance
+    ``D / k`` (a weight proportional to ``1 / sqrt(d_b)``), so a 1,600-wide pooled stage does not
+    drown a 320-wide one, and the whole keeps the total variance ``D`` of plain standardisation
+    (the head's C and gamma grids, relative to ``D``, stay valid). With one block (``blocks=None``)
+    it is :class:`~sklearn.preprocessing.StandardScaler`.
+
+    Parameters
+    ----------
+    blocks : sequence of int or None, default=None
+        Widths of the concatenated blocks, in order; they must add up to ``n_features``.
+
+    Attributes
+    ----------
+    mean_, scale_ : ndarray of shape (n_features,)
+        Per-column mean and standard deviation (1 where a column is constant).
+    weights_ : ndarray of shape (n_features,)
+        The block weight of every column.
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = np.hstack([rng.normal(size=(50, 2)), 10 * rng.normal(size=(50, 8))])
+    >>> Xt = BlockScaler(blocks=[2, 8]).fit_transform(X)
+    >>> round(float(Xt[:, :2].var(axis=0).sum()), 3), round(float(Xt[:, 2:].var(axis=0).sum()), 3)
+    (5.0, 5.0)
+    """
+
+    def __init__(self, blocks=None):
+        self.blocks = blocks
+
+    def fit(self, X, y=None):
+        """Learn per-column means and scales and the block weights from ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : ignored
+
+        Returns
+        -------
+        self : BlockScaler
+        """
+        X = validate_data(self, X, dtype=(np.float64, np.float32))
+        d = X.shape[1]
+        blocks = [d] if self.blocks is None else [int(b) for b in self.blocks]
+        if any(b < 1 for b in blocks) or sum(blocks) != d:
+            raise FeatxError(
+                f"BlockScaler blocks {blocks} add up to {sum(blocks)} columns, but X has {d}; give the widths of "
+                f"the concatenated blocks in order (e.g. CNNFeatures.blocks_)."
+            )
+        self.mean_ = X.mean(axis=0)
+        scale = X.std(axis=0)
+        self.scale_ = np.where(scale > 0, scale, 1.0)
+        self.weights_ = np.concatenate([np.full(b, np.sqrt(d / (len(blocks) * b))) for b in blocks])
+        return self
+
+    def transform(self, X):
+        """Standardise and weight ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_features)
+        """
+        check_is_fitted(self, "weights_")
+        X = validate_data(self, X, dtype=(np.float64, np.float32), reset=False)
+        return ((X - self.mean_) / self.scale_ * self.weights_).astype(X.dtype, copy=False)
+
+
 def make_head(
     head: str = "logreg",
     *,
@@ -102,6 +183,7 @@ def make_head(
     pca: int | float | None = None,
     class_weight: dict | str | None = None,
     random_state: int | None = 0,
+    blocks=None,
 ) -> Pipeline:
     """Build an unfitted head: standardisation, optional L2 normalisation and PCA, classifier.
 
@@ -119,6 +201,10 @@ def make_head(
         Passed to the classifier; ``"balanced"`` weights classes inversely to their frequency.
     random_state : int or None, default=0
         Seeds the PCA solver and the LinearSVC coordinate descent.
+    blocks : sequence of int or None, default=None
+        Widths of concatenated feature blocks (a feature set such as ``stage4/spp+pre_logits/avg``):
+        the ``standardize`` step is then a :class:`~featx.heads.BlockScaler`, which gives
+        every block the same weight; ``None`` or one block is plain standardisation.
 
     Returns
     -------
@@ -146,7 +232,10 @@ def make_head(
     """
     _check_head(head)
     pca = _check_pca(pca)
-    steps = [("standardize", StandardScaler())]
+    if blocks is not None and len(blocks) > 1:
+        steps = [("standardize", BlockScaler(blocks=[int(b) for b in blocks]))]
+    else:
+        steps = [("standardize", StandardScaler())]
     if l2_normalize:
         steps.append(("normalize", Normalizer()))
     if pca is not None:
@@ -310,7 +399,7 @@ def _python(value):
 # --------------------------------------------------------------------------- fitting
 
 
-def _grid_reference(X, *, l2_normalize, pca, random_state) -> float:
+def _grid_reference(X, *, l2_normalize, pca, random_state, blocks=None) -> float:
     """The n_features of :func:`param_grid`: the total variance of the data the classifier sees.
 
     That is ``X.shape[1]`` for standardised features; after L2 normalisation or PCA it is
@@ -318,18 +407,18 @@ def _grid_reference(X, *, l2_normalize, pca, random_state) -> float:
     """
     if not l2_normalize and pca is None:
         return float(X.shape[1])
-    steps = make_head("logreg", l2_normalize=l2_normalize, pca=pca, random_state=random_state)
+    steps = make_head("logreg", l2_normalize=l2_normalize, pca=pca, random_state=random_state, blocks=blocks)
     with threadpool_limits(1):
         Xt = steps[:-1].fit_transform(X)
     # Rounded so that it reads well in reports and does not vary in the last digits.
     return float(f"{Xt.shape[1] * Xt.var():.3g}")
 
 
-def _grid_for(X, head, *, tune, l2_normalize, pca, random_state):
+def _grid_for(X, head, *, tune, l2_normalize, pca, random_state, blocks=None):
     """The grid searched on X, or None when ``tune`` is False."""
     if not tune:
         return None
-    reference = _grid_reference(X, l2_normalize=l2_normalize, pca=pca, random_state=random_state)
+    reference = _grid_reference(X, l2_normalize=l2_normalize, pca=pca, random_state=random_state, blocks=blocks)
     return param_grid(head, n_features=reference)
 
 
@@ -350,14 +439,14 @@ def _default_params(head: str) -> dict:
 
 
 def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_normalize, pca,
-             calibrate, n_jobs=1):
+             calibrate, n_jobs=1, blocks=None):
     """Tune over ``grid`` (None: defaults) and fit one head: THE fit of evaluate and fit_head.
 
     Returns the fitted pipeline, the chosen parameters and facts for the report's notes.
     """
     pipeline = make_head(
         head, l2_normalize=l2_normalize, pca=pca, class_weight=class_weight,
-        random_state=random_state,
+        random_state=random_state, blocks=blocks,
     )
     classes, counts = np.unique(y, return_counts=True)
     smallest = int(counts.min())
@@ -419,11 +508,27 @@ def _convergence_note(head, n_not_converged, n_fits):
     )
 
 
-def _settings(class_weight, l2_normalize, pca, tune, random_state, inner_cv):
+def _settings(class_weight, l2_normalize, pca, tune, random_state, inner_cv, blocks=None):
     if isinstance(class_weight, dict):
         class_weight = {str(k): float(v) for k, v in class_weight.items()}
-    return {"class_weight": class_weight, "l2_normalize": bool(l2_normalize), "pca": pca,
-            "tune": bool(tune), "inner_cv": inner_cv, "random_state": random_state}
+    settings = {"class_weight": class_weight, "l2_normalize": bool(l2_normalize), "pca": pca,
+                "tune": bool(tune), "inner_cv": inner_cv, "random_state": random_state}
+    if blocks is not None:
+        settings["blocks"] = [int(b) for b in blocks]
+    return settings
+
+
+def _check_blocks(blocks, n_features: int):
+    """None, or the block widths as ints; they must add up to ``n_features``."""
+    if blocks is None:
+        return None
+    blocks = [int(b) for b in blocks]
+    if not blocks or min(blocks) < 1 or sum(blocks) != n_features:
+        raise EvaluationError(
+            f"blocks={blocks} must be positive widths adding up to the {n_features} columns of X; "
+            "give the widths of the concatenated feature blocks in order."
+        )
+    return blocks
 
 
 def _per_class(matrix: np.ndarray, names: list[str]) -> dict:
@@ -489,6 +594,7 @@ def evaluate(
     pca: int | float | None = None,
     n_jobs: int | None = None,
     tune: bool = True,
+    blocks=None,
 ) -> dict:
     """Score a head on features by nested, stratified cross-validation.
 
@@ -526,6 +632,9 @@ def evaluate(
         thread, which is both the fastest on small data and what keeps reports identical.
     tune : bool, default=True
         Search the grid; ``False`` fits the head with scikit-learn's default hyper-parameters.
+    blocks : sequence of int, optional
+        Widths of concatenated feature blocks, see :func:`make_head`: each block is standardised
+        and weighted inside every training fold.
 
     Returns
     -------
@@ -584,6 +693,7 @@ def evaluate(
     classes, counts = _check_classes(y)
     _check_pca_size(pca, len(X), X.shape[1])
     _check_class_weight(class_weight, classes)
+    blocks = _check_blocks(blocks, X.shape[1])
     names = [str(c) for c in classes]
     notes = []
 
@@ -605,10 +715,10 @@ def evaluate(
     splits = list(splitter.split(X, y))
 
     grid = _grid_for(X, head, tune=tune, l2_normalize=l2_normalize, pca=pca,
-                     random_state=random_state)
+                     random_state=random_state, blocks=blocks)
     options = dict(
         head=head, grid=grid, inner_cv=inner_cv, random_state=random_state,
-        class_weight=class_weight, l2_normalize=l2_normalize, pca=pca,
+        class_weight=class_weight, l2_normalize=l2_normalize, pca=pca, blocks=blocks,
     )
     results = Parallel(n_jobs=n_jobs)(
         delayed(_evaluate_fold)(X, y, train, test, **options) for train, test in splits
@@ -673,7 +783,7 @@ def evaluate(
         "best_params": best_params,
         "chosen_params": chosen,
         "fit_time": time.perf_counter() - start,
-        "settings": _settings(class_weight, l2_normalize, pca, tune, random_state, inner_cv),
+        "settings": _settings(class_weight, l2_normalize, pca, tune, random_state, inner_cv, blocks),
         "notes": notes,
     }
 
@@ -690,6 +800,7 @@ def fit_head(
     pca: int | float | None = None,
     n_jobs: int | None = None,
     tune: bool = True,
+    blocks=None,
 ) -> tuple[Pipeline, dict]:
     """Tune a head on all of X, y by cross-validation, fit it, and return it ready to predict.
 
@@ -703,7 +814,7 @@ def fit_head(
         Features, finite.
     y : array-like of shape (n_samples,)
         Class labels, strings or integers; ``pipeline.classes_`` holds them.
-    head, inner_cv, random_state, class_weight, l2_normalize, pca, tune
+    head, inner_cv, random_state, class_weight, l2_normalize, pca, tune, blocks
         As in :func:`evaluate`.
     n_jobs : int or None, default=None
         Grid-search fits run in parallel (joblib). Their ConvergenceWarnings are counted
@@ -749,6 +860,7 @@ def fit_head(
     classes, counts = _check_classes(y)
     _check_pca_size(pca, len(X), X.shape[1])
     _check_class_weight(class_weight, classes)
+    blocks = _check_blocks(blocks, X.shape[1])
     if counts.min() < inner_cv:
         small = ", ".join(f"{str(n)!r} ({int(c)})" for n, c in zip(classes, counts) if c < inner_cv)
         warnings.warn(
@@ -758,11 +870,11 @@ def fit_head(
             stacklevel=2,
         )
     grid = _grid_for(X, head, tune=tune, l2_normalize=l2_normalize, pca=pca,
-                     random_state=random_state)
+                     random_state=random_state, blocks=blocks)
     pipeline, params, info = _fit_one(
         X, y, head=head, grid=grid, inner_cv=inner_cv, random_state=random_state,
         class_weight=class_weight, l2_normalize=l2_normalize, pca=pca, calibrate=True,
-        n_jobs=n_jobs,
+        n_jobs=n_jobs, blocks=blocks,
     )
     if info["n_not_converged"]:
         warnings.warn(

@@ -54,8 +54,9 @@ class FeatxModel:
 
     Attributes
     ----------
-    features : CNNFeatures
-        Fitted; holds the backbone, weights, layer(s), pooling(s) and precision.
+    features : CNNFeatures or list of CNNFeatures
+        Fitted; holds the backbone, weights, layer(s), pooling(s), flip averaging and precision.
+        A list concatenates the features of several backbones, in order.
     head : sklearn.pipeline.Pipeline
         The fitted head (scaler → classifier), trained on ``features`` output.
     classes : list of str
@@ -70,12 +71,23 @@ class FeatxModel:
     info: dict = field(default_factory=dict)
 
     @property
+    def parts(self) -> list[CNNFeatures]:
+        """The feature extractors, one per backbone, in the order their columns are concatenated."""
+        return list(self.features) if isinstance(self.features, (list, tuple)) else [self.features]
+
+    @property
     def pipeline(self) -> Pipeline:
         """The scikit-learn pipeline from images to labels."""
-        return Pipeline([("cnnfeatures", self.features), ("head", self.head)])
+        if len(self.parts) == 1:
+            return Pipeline([("cnnfeatures", self.parts[0]), ("head", self.head)])
+        from sklearn.pipeline import FeatureUnion
 
-    def extraction_kwargs(self) -> dict:
-        f = self.features
+        union = FeatureUnion([(f"cnnfeatures{i}", part) for i, part in enumerate(self.parts)])
+        return Pipeline([("cnnfeatures", union), ("head", self.head)])
+
+    def extraction_kwargs(self, part: CNNFeatures | None = None) -> dict:
+        """Keyword arguments of :func:`featx.extract` for one part (default: the first)."""
+        f = self.parts[0] if part is None else part
         return {
             "backbone": f.backbone_,
             "layers": list(dict.fromkeys(r.layer for r in f.requests_)),
@@ -86,12 +98,17 @@ class FeatxModel:
             "num_workers": f.num_workers,
             "store": None if f.cache in (None, False) else f.cache,
             "dtype": self.info.get("dtype", "float32"),
+            "tta": getattr(f, "tta", None),
         }
 
     def describe(self) -> str:
-        f = self.features
+        described = " + ".join(
+            f"{f.backbone} {'+'.join(r.key for r in f.requests_)}{' hflip' if getattr(f, 'tta', None) else ''} "
+            f"({f.weights_})"
+            for f in self.parts
+        )
         return (
-            f"{self.info.get('head')} on {f.backbone} {f.layer}/{f.pooling} ({f.weights_}), "
+            f"{self.info.get('head')} on {described}, "
             f"{len(self.classes)} classes, trained on {self.info.get('n_images')} images"
         )
 
@@ -99,6 +116,30 @@ class FeatxModel:
 def _features_matrix(result, requests) -> np.ndarray:
     blocks = [np.asarray(result[r.key], dtype=np.float32) for r in requests]
     return np.hstack(blocks) if len(blocks) > 1 else blocks[0]
+
+
+def _extract_parts(parts, source, kwargs) -> tuple[np.ndarray, object, np.ndarray]:
+    """Features of every part (backbone) for ``source``, concatenated in order.
+
+    Returns the matrix, the first part's extraction result (skipped images and the store), and
+    the source positions of its rows: those every part could decode.
+    """
+    results = [extract(source, **{**kwargs(part)}) for part in parts]
+    kept = results[0].kept
+    for result in results[1:]:
+        kept = np.intersect1d(kept, result.kept)
+    blocks = []
+    for part, result in zip(parts, results):
+        X = _features_matrix(result, part.requests_)
+        rows = np.searchsorted(result.kept, kept)
+        blocks.append(X[rows])
+    return (np.hstack(blocks) if len(blocks) > 1 else blocks[0]), results[0], kept
+
+
+def _model_blocks(parts) -> list[int] | None:
+    """Widths of the concatenated blocks of every part, or None for a single block."""
+    blocks = [b for part in parts for b in part.blocks_]
+    return blocks if len(blocks) > 1 else None
 
 
 def fit_model(
@@ -120,6 +161,7 @@ def fit_model(
     num_workers="auto",
     on_error: str = "skip",
     progress: bool | None = None,
+    tta: str | None = None,
 ) -> tuple[FeatxModel, object]:
     """Tune a head by inner cross-validation on all of ``source`` and refit it.
 
@@ -127,8 +169,11 @@ def fit_model(
     ----------
     source : ImageSource or anything :func:`featx.images.open_source` accepts
         Labelled images.
-    backbone, layer, pooling, weights
-        What to extract (see :class:`~featx.transformers.CNNFeatures`).
+    backbone, layer, pooling, weights, tta
+        What to extract (see :class:`~featx.transformers.CNNFeatures`). Several backbones
+        (``"efficientnet_lite0+efficientnet_lite2"`` or a list) concatenate their features; with
+        several blocks (layers, poolings or backbones) each block is standardised and weighted
+        inside the head (:class:`~featx.heads.BlockScaler`).
     head : {"logreg", "linear-svm", "rbf-svm"}, default="logreg"
     inner_cv, random_state, class_weight
         See :func:`featx.heads.fit_head`.
@@ -153,38 +198,47 @@ def fit_model(
     (['dark', 'light'], 'light')
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
-    features = CNNFeatures(
-        backbone,
-        weights=weights,
-        layer=layer,
-        pooling=pooling,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        cache=store,
-        num_workers=num_workers,
-    ).fit()
-    result = extract(
-        source,
-        backbone=features.backbone_,
-        layers=list(dict.fromkeys(r.layer for r in features.requests_)),
-        pooling=list(dict.fromkeys(r.pooling for r in features.requests_)),
-        store=store,
-        dtype=dtype,
-        on_error=on_error,
-        batch_size=batch_size,
-        device=features.device_,
-        precision=features.precision_,
-        num_workers=num_workers,
-        progress=progress,
-    )
-    y = kept_labels(result)
-    X = _features_matrix(result, features.requests_)
-    fitted, params = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state, class_weight=class_weight)
+    names = backbone.split("+") if isinstance(backbone, str) else list(backbone)
+    parts = [
+        CNNFeatures(
+            name,
+            weights=weights,
+            layer=layer,
+            pooling=pooling,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            cache=store,
+            num_workers=num_workers,
+            tta=tta,
+        ).fit()
+        for name in names
+    ]
+
+    def kwargs(part):
+        return dict(
+            backbone=part.backbone_,
+            layers=list(dict.fromkeys(r.layer for r in part.requests_)),
+            pooling=list(dict.fromkeys(r.pooling for r in part.requests_)),
+            store=store,
+            dtype=dtype,
+            on_error=on_error,
+            batch_size=batch_size,
+            device=part.device_,
+            precision=part.precision_,
+            num_workers=num_workers,
+            progress=progress,
+            tta=tta,
+        )
+
+    X, result, kept = _extract_parts(parts, source, kwargs)
+    y = kept_labels(result, kept)
+    fitted, params = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state, class_weight=class_weight,
+                              blocks=_model_blocks(parts))
     from featx import __version__
 
     model = FeatxModel(
-        features=features,
+        features=parts[0] if len(parts) == 1 else parts,
         head=fitted,
         classes=[str(c) for c in fitted.classes_],
         info={
@@ -194,8 +248,9 @@ def fit_model(
             "chosen_params": params,
             "trained_on": source.name,
             "n_images": int(len(y)),
-            "weights": features.weights_,
+            "weights": "+".join(part.weights_ for part in parts),
             "dtype": dtype,
+            "tta": tta,
         },
     )
     return model, result
@@ -318,17 +373,17 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
             f"{str(path)!r} is not a featx model file (it holds no model); create one with 'featx fit'."
         )
     model = payload["model"]
-    features = model.features
-    try:
-        backbone = load_backbone(features.backbone, weights=features.weights, lazy=True)
-    except FeatxError as exc:
-        raise ModelFileError(f"Model file {str(path)!r} needs backbone {features.backbone!r}: {exc}") from exc
-    if backbone.weights != features.weights_:
-        raise ModelFileError(
-            f"Model file {str(path)!r} was trained with weights {features.weights_!r}, but here "
-            f"{features.backbone!r} resolves to {backbone.weights!r}: install the same weights or refit the model."
-        )
-    features.backbone_ = backbone
+    for features in model.parts:
+        try:
+            backbone = load_backbone(features.backbone, weights=features.weights, lazy=True)
+        except FeatxError as exc:
+            raise ModelFileError(f"Model file {str(path)!r} needs backbone {features.backbone!r}: {exc}") from exc
+        if backbone.weights != features.weights_:
+            raise ModelFileError(
+                f"Model file {str(path)!r} was trained with weights {features.weights_!r}, but here "
+                f"{features.backbone!r} resolves to {backbone.weights!r}: install the same weights or refit the model."
+            )
+        features.backbone_ = backbone
     return model
 
 
@@ -342,15 +397,16 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
         ``error`` (the reason, for skipped images), and ``p_<class>`` per class.
     """
     source = images if isinstance(images, ImageSource) else open_source(images)
-    result = extract(source, on_error=on_error, progress=progress, **model.extraction_kwargs())
+    X, result, kept = _extract_parts(
+        model.parts, source, lambda part: dict(on_error=on_error, progress=progress, **model.extraction_kwargs(part))
+    )
     rows = [{"image": describe(source[i], i), "label": None, "error": None} for i in range(len(source))]
     for position, (_, reason) in zip(result.skipped_positions, result.skipped):
         rows[position]["error"] = reason
-    if len(result.kept):
-        X = _features_matrix(result, model.features.requests_)
+    if len(kept):
         proba = model.head.predict_proba(X)
         labels = model.head.classes_[proba.argmax(axis=1)]
-        for i, p, label in zip(result.kept, proba, labels):
+        for i, p, label in zip(kept, proba, labels):
             rows[i]["label"] = str(label)
             rows[i].update({f"p_{c}": float(v) for c, v in zip(model.classes, p)})
     return rows
@@ -366,14 +422,15 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         ``classes``, ``n_images`` and ``skipped``.
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
-    result = extract(source, on_error=on_error, progress=progress, **model.extraction_kwargs())
-    y = kept_labels(result)
+    X, result, kept = _extract_parts(
+        model.parts, source, lambda part: dict(on_error=on_error, progress=progress, **model.extraction_kwargs(part))
+    )
+    y = kept_labels(result, kept)
     unknown = sorted(set(map(str, y)) - set(model.classes))
     if unknown:
         raise FeatxError(
             f"{source.name} holds classes the model was not trained on: {unknown}; the model knows {model.classes}."
         )
-    X = _features_matrix(result, model.features.requests_)
     report = score_predictions(y, model.head.predict(X), classes=model.classes)
     report.update(
         n_images=int(len(y)),

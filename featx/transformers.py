@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx.backbones import Backbone, layer_shape, list_layers, load_backbone
 from featx.exceptions import FeatxError
-from featx.extraction import extract, make_requests, resolve_device, resolve_precision
+from featx.extraction import check_tta, extract, make_requests, resolve_device, resolve_precision
 from featx.images import ImageSource, open_source
 from featx.pooling import POOLINGS, feature_names, pooled_dim
 
@@ -38,9 +38,11 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         ``"DEFAULT"``, a weights name, a state-dict path, or ``None`` (seeded random init).
     layer : str or list of str, default="pre_logits"
         A layer alias (``stem``, ``stage1`` …, ``pre_logits``, ``logits``) or raw node name;
-        several layers are concatenated in the order given.
+        several layers (a list, or names joined by ``+`` or ``,``) are concatenated in the order
+        given into one output. ``LAYER/POOLING`` fixes the pooling of one layer
+        (``"stage4/spp+pre_logits/avg"``).
     pooling : str or list of str, default="avg"
-        ``avg``, ``max``, ``avgmax`` or ``spp``; several are concatenated.
+        ``avg``, ``max``, ``avgmax`` or ``spp``, for layers that name none; several are concatenated.
     batch_size : int, default=32
     device : {"auto", "cpu", "cuda", "mps"}, default="auto"
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
@@ -55,6 +57,9 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         Decoding processes.
     progress : bool, default=False
         Show a progress bar while the network runs.
+    tta : {None, "hflip"}, default=None
+        ``"hflip"``: features averaged over each image and its horizontal mirror (one forward
+        pass on both; kept in a store of their own).
 
     Attributes
     ----------
@@ -67,6 +72,10 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     precision_ : str
     n_features_out_ : int
         Width of the transformed output.
+    blocks_ : list of int
+        Width of each concatenated (layer, pooling) block, in output order: pass it to
+        :class:`featx.heads.BlockScaler` (or ``featx.evaluate(..., blocks=...)``) to give
+        every block the same weight.
 
     Examples
     --------
@@ -82,6 +91,9 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     (6,)
     >>> model[0].get_feature_names_out()[:2].tolist()
     ['stage2_spp_0', 'stage2_spp_1']
+    >>> both = CNNFeatures("featx_tiny_cnn", layer="stage2/spp+pre_logits", device="cpu", cache=None).fit()
+    >>> both.blocks_, both.get_feature_names_out()[[0, -1]].tolist()
+    ([160, 32], ['stage2_spp_0', 'pre_logits_avg_31'])
     """
 
     def __init__(
@@ -98,6 +110,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         prefetch="all",
         num_workers="auto",
         progress=False,
+        tta=None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -110,6 +123,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         self.prefetch = prefetch
         self.num_workers = num_workers
         self.progress = progress
+        self.tta = tta
 
     def fit(self, X=None, y=None):
         """Resolve the backbone, layers and poolings; no image is processed.
@@ -126,13 +140,15 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         """
         if self.prefetch not in ("all", "none"):
             raise FeatxError(f"prefetch must be 'all' or 'none', got {self.prefetch!r}.")
+        check_tta(self.tta)
         backbone = load_backbone(self.backbone, weights=self.weights, lazy=True)
-        self.requests_ = make_requests(backbone.name, _as_list(self.layer), _as_list(self.pooling))
+        self.requests_ = _requests(backbone.name, self.layer, self.pooling)
         self.device_ = resolve_device(self.device)
         self.precision_ = resolve_precision(self.precision, self.device_)
         self.backbone_ = backbone
         self.weights_ = backbone.weights
         dims = {(r.layer, r.pooling): _dim(backbone, r) for r in self.requests_}
+        self.blocks_ = [int(dims[(r.layer, r.pooling)]) for r in self.requests_]
         self.n_features_out_ = int(sum(dims.values()))
         self._names = np.concatenate(
             [feature_names(r.layer, r.pooling, dims[(r.layer, r.pooling)]) for r in self.requests_]
@@ -166,6 +182,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
             num_workers=self.num_workers,
             progress=self.progress,
             on_error="raise",
+            tta=getattr(self, "tta", None),
         )
         layers = [r.layer for r in self.requests_]
         poolings = [r.pooling for r in self.requests_]
@@ -202,6 +219,28 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float32"]
         tags.non_deterministic = False
         return tags
+
+
+def _requests(backbone: str, layer, pooling) -> list:
+    """One request per distinct (layer, pooling) block, in output order.
+
+    ``layer`` entries (a list, or a string split at ``,`` and ``+``) are ``LAYER`` (with every
+    pooling of ``pooling``), ``LAYER/POOLING`` or ``all``.
+    """
+    poolings = _as_list(pooling)
+    pairs: list[tuple[str, str]] = []
+    for entry in _as_list(layer):
+        for part in entry.split("+"):
+            name, _, fixed = part.strip().partition("/")
+            if not name:
+                raise FeatxError(f"Empty layer name in {layer!r}: expected names such as 'stage4' or 'stage4/spp'.")
+            pairs += [(name, fixed)] if fixed else [(name, p) for p in poolings]
+    if not pairs:
+        raise FeatxError(f"No layer given (layer={layer!r}): expected one or more layer names, or 'all'.")
+    requests = []
+    for name, p in dict.fromkeys(pairs):
+        requests += make_requests(backbone, [name], [p])
+    return list({(r.layer, r.pooling): r for r in requests}.values())
 
 
 def _dim(backbone: Backbone, request) -> int:

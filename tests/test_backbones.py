@@ -1,7 +1,6 @@
 import json
 import socket
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,7 +16,6 @@ from featx.backbones import (
     run_taps,
 )
 from featx.exceptions import UnknownLayerError, UnknownModelError, WeightsUnavailableError
-from featx.pooling import POOLINGS
 
 LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 TORCHVISION = ["alexnet", "vgg16", "resnet18", "resnet50", "densenet121", "inception_v3", "mobilenet_v3_large", "efficientnet_b0"]

@@ -90,3 +90,19 @@ def test_select_layer_and_evaluate_auto_choose_informative_features():
     assert chosen == "stage2/avg" and scores["stage2/avg"] > scores["stem/avg"]
     report = evaluate_auto(candidates, y, cv=3)
     assert report["chosen_per_fold"] == ["stage2/avg"] * 3 and report["accuracy_mean"] > 0.9
+
+
+def test_compare_layers_concatenated_sets_and_backbones(tmp_path):
+    """Check rows for layer and backbone concatenations: width, feature-set names, standardised blocks."""
+    arrays, labels = make_images(n_per_class=6)
+    source = open_source(arrays, labels=labels)
+    rows = compare_layers(source, backbones=[TINY, f"{TINY}+{TINY}"], layers="stage2/spp+pre_logits/avg,stage1",
+                          cv=3, device="cpu", store=tmp_path)
+    assert [(r["model"], r["features"], r["dim"]) for r in rows] == [
+        (TINY, "stage2/spp+pre_logits/avg", 192),
+        (TINY, "stage1/avg", 16),
+        (f"{TINY}+{TINY}", f"{TINY}:stage2/spp+{TINY}:pre_logits/avg+{TINY}:stage2/spp+{TINY}:pre_logits/avg", 384),
+        (f"{TINY}+{TINY}", f"{TINY}:stage1/avg+{TINY}:stage1/avg", 32),
+    ]
+    assert rows[0]["layer"] == "stage2+pre_logits" and rows[0]["pooling"] == "spp+avg"
+    assert all(0 <= r["accuracy_mean"] <= 1 for r in rows)

@@ -394,3 +394,32 @@ def test_resolve_decoder_validates():
     assert resolve_decoder("torch", torch.device("cpu")) == "torch"
     with pytest.raises(FeatxError, match="expected one of auto, pil, torch"):
         resolve_decoder("nvjpeg", torch.device("cpu"))
+def test_extract_hflip_equals_mean_of_image_and_mirror(images):
+    """Check that flip-averaged features equal the mean of the plain features of the images and of their mirrors."""
+    arrays, _ = images
+    options = dict(backbone=TINY, layers=["stage2", "pre_logits"], pooling=["avg", "spp"], device="cpu")
+    averaged = extract(arrays, tta="hflip", **options)
+    plain = extract(arrays, **options)
+    mirrored = extract(np.ascontiguousarray(arrays[:, :, ::-1]), **options)
+    for key in plain:
+        np.testing.assert_allclose(averaged[key], (plain[key] + mirrored[key]) / 2, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(plain["stage2/spp"], mirrored["stage2/spp"])  # the mirror is not a no-op
+
+
+def test_extract_hflip_has_a_store_of_its_own(tmp_path, images):
+    """Check that plain and flip-averaged features never share a store file, and plain stores keep their name."""
+    arrays, _ = images
+    plain = extract(arrays, backbone=TINY, device="cpu", store=tmp_path)
+    averaged = extract(arrays, backbone=TINY, device="cpu", store=tmp_path, tta="hflip")
+    assert plain.store.path != averaged.store.path
+    assert "tta" not in plain.store.config and averaged.store.config["tta"] == "hflip"
+    assert not np.allclose(plain["pre_logits/avg"], averaged["pre_logits/avg"])
+    again = extract(arrays, backbone=TINY, device="cpu", store=tmp_path, tta="none")
+    assert again.store.path == plain.store.path and again.n_computed == 0
+
+
+def test_extract_unknown_tta_is_refused(images):
+    """Check that an unknown tta names the accepted values."""
+    arrays, _ = images
+    with pytest.raises(FeatxError, match="expected 'none'.*'hflip'"):
+        extract(arrays, backbone=TINY, device="cpu", tta="vflip")

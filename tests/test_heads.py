@@ -379,3 +379,21 @@ def test_heads_module_does_not_import_torch():
     code = "import sys, featx.heads; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_evaluate_blocks_standardise_each_block_inside_the_folds():
+    """Check that blocks= puts a BlockScaler in the head, is recorded in the settings, and must add up to X's width."""
+    from featx.heads import fit_head, make_head
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 15)
+    X = np.hstack([rng.normal(size=(30, 2)) + 2 * (y == "b")[:, None], rng.normal(size=(30, 40))])
+    assert type(make_head("logreg", blocks=[2, 40]).named_steps["standardize"]).__name__ == "BlockScaler"
+    assert type(make_head("logreg", blocks=[42]).named_steps["standardize"]).__name__ == "StandardScaler"
+    report = evaluate(X, y, cv=3, blocks=[2, 40])
+    assert report["settings"]["blocks"] == [2, 40] and report["accuracy_mean"] > 0.8
+    assert "blocks" not in evaluate(X, y, cv=3)["settings"]
+    pipeline, _ = fit_head(X, y, head="rbf-svm", blocks=[2, 40])
+    assert pipeline.named_steps["standardize"].blocks == [2, 40]
+    with pytest.raises(EvaluationError, match="adding up to the 42 columns"):
+        evaluate(X, y, blocks=[2, 30])

@@ -99,3 +99,19 @@ def test_load_model_checks_the_weights_still_resolve(folders, tmp_path):
     torch.save(state, weights)
     with pytest.raises(ModelFileError, match=r"trained with weights 'file:tiny\.pth:sha256=.*resolves to"):
         load_model(tmp_path / "m.joblib")
+
+
+def test_fit_model_concatenated_backbones_and_hflip_round_trip(folders, tmp_path):
+    """Check that a model over two backbones' concatenated, flip-averaged features saves, loads and predicts as fitted."""
+    train, test = str(folders["train"]), str(folders["val"])
+    model, _ = fit_model(train, backbone=[TINY, TINY], layer="stage2/spp+pre_logits/avg", tta="hflip", device="cpu",
+                         store=tmp_path)
+    assert len(model.parts) == 2 and model.info["tta"] == "hflip"
+    assert type(model.head.named_steps["standardize"]).__name__ == "BlockScaler"
+    assert model.head.named_steps["standardize"].blocks == [160, 32, 160, 32]
+    save_model(model, tmp_path / "m.joblib")
+    loaded = load_model(tmp_path / "m.joblib")
+    rows = predict(loaded, test)
+    in_memory = model.pipeline.predict(open_source(test))
+    assert [r["label"] for r in rows] == list(in_memory)
+    assert "hflip" in loaded.describe() and evaluate_model(loaded, test)["n_images"] == len(rows)

@@ -10,7 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from featx import extraction
-from featx.exceptions import UnknownLayerError
+from featx.exceptions import FeatxError, UnknownLayerError
 from featx.extraction import extract
 from featx.transformers import CNNFeatures
 
@@ -136,3 +136,29 @@ def test_cnnfeatures_pickle_and_joblib_round_trip_without_weights(images, tmp_pa
     np.testing.assert_array_equal(loaded.predict(arrays), pipe.predict(arrays))
     again = pickle.loads(pickle.dumps(pipe))
     np.testing.assert_array_equal(again.predict_proba(arrays), pipe.predict_proba(arrays))
+
+
+def test_cnnfeatures_concatenated_layers_width_and_names(images):
+    """Check that a list of layers (or LAYER/POOLING joined by +) gives one output of the summed width, unique names."""
+    arrays, _ = images
+    features = CNNFeatures(TINY, layer="stage2/spp+pre_logits", pooling="avg", device="cpu", cache=None).fit()
+    assert features.blocks_ == [160, 32] and features.n_features_out_ == 192
+    names = features.get_feature_names_out()
+    assert len(set(names)) == 192 and names[0] == "stage2_spp_0" and names[160] == "pre_logits_avg_0"
+    X = features.transform(arrays)
+    separate = extract(arrays, backbone=TINY, layers=["stage2", "pre_logits"], pooling=["spp", "avg"], device="cpu")
+    np.testing.assert_allclose(X, np.hstack([separate["stage2/spp"], separate["pre_logits/avg"]]), rtol=1e-5)
+    listed = CNNFeatures(TINY, layer=["stage1", "stage2"], pooling=["avg", "max"], device="cpu", cache=None).fit()
+    assert listed.blocks_ == [16, 16, 32, 32]
+    assert len(set(listed.get_feature_names_out())) == listed.n_features_out_
+
+
+def test_cnnfeatures_hflip_matches_extract(images, tmp_path):
+    """Check that tta='hflip' in the transformer gives the flip-averaged features of featx.extract, cached or not."""
+    arrays, _ = images
+    expected = extract(arrays, backbone=TINY, layers="stage2", pooling="avg", device="cpu", tta="hflip")["stage2/avg"]
+    for cache in (None, tmp_path):
+        X = CNNFeatures(TINY, layer="stage2", device="cpu", cache=cache, tta="hflip").fit_transform(arrays)
+        np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FeatxError, match="Unknown tta"):
+        CNNFeatures(TINY, tta="flip").fit()

@@ -1,0 +1,581 @@
+"""``featx fit DATA --auto``: the best model that cross-validation on DATA finds within a time budget.
+
+The search scores *candidates*. A candidate is a configuration, an estimate of the seconds it
+still needs, a way to score it by stratified K-fold cross-validation on the training data, and a
+way to refit it on all of that data as an ordinary featx model (:class:`Candidate`). featx's own
+candidates are frozen-feature ones (:class:`FrozenCandidate`): backbones, layers and poolings
+(concatenations included), flip averaging and heads. Other kinds, such as partial fine-tuning,
+plug in through ``auto_fit(..., extra_candidates=[...])``: anything with ``name``, ``config``,
+``estimate(search)``, ``score(search)`` and ``refit(search)``.
+
+How the budget is spent:
+
+- The cheapest pending candidate runs next. Its cost is the extraction it still needs (images
+  the feature store lacks, times the per-image time measured on this machine: a short forward
+  pass of each backbone, calibrated by every finished extraction) plus its evaluation (seconds
+  per sample and feature measured by the evaluations so far). Every extraction computes, in one
+  pass, all layers and poolings that any candidate of that backbone and flip setting needs.
+- Heads: every feature configuration is first scored with the first head; the other heads are
+  tried on the configurations whose score is among the best ``explore_top`` so far.
+- A candidate starts only if the time spent, its estimate and the refit of the best so far fit
+  in the budget; as candidates run cheapest first, the search stops at the first that does not.
+  The cheapest candidate always runs, so that there is a model, even when its estimate alone
+  exceeds the budget; its row says so.
+- The winner (highest mean CV accuracy; the earlier, cheaper one on a tie) is refitted on all
+  the data (:func:`featx.models.fit_model`: its head's C and gamma tuned by inner CV).
+
+The search only ever sees the source it is given: there is no argument for held-out data.
+Features come from (and go to) the feature store, and cross-validation reports are kept beside
+it, so a second search, or ``featx cv`` afterwards, computes nothing twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from featx.exceptions import FeatxError
+
+__all__ = ["AutoResult", "Candidate", "FrozenCandidate", "Search", "auto_fit", "parse_budget"]
+
+DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+DEFAULT_FEATURE_SETS = ("pre_logits/avg", "stage5/spp", "stage4/spp+pre_logits/avg")
+DEFAULT_TTAS = ("none", "hflip")
+DEFAULT_HEADS = ("logreg", "linear-svm", "rbf-svm")
+# Seconds per (sample x feature) of one nested logistic-regression evaluate(cv=5, inner_cv=3) on
+# 2 busy cores (2.2e-5 at n = 300 and at n = 3,068, d = 1,280), and the cost of the other heads
+# relative to it: on clothing_small (n = 3,068, d = 1,280) the LinearSVC evaluation took 658 s
+# against 88 s for logreg; the RBF SVM, whose kernel grows as n^2, is assumed as costly. A head
+# measured in this search uses its own rate; an unmeasured one is scaled from a measured one.
+_EVAL_PRIOR = 2.2e-5
+_RELATIVE_COST = {"logreg": 1.0, "linear-svm": 8.0, "rbf-svm": 8.0}
+# Finished extractions take longer than the bare forward pass (decoding, pooling, writing);
+# this is the ratio assumed until one has been measured.
+_OVERHEAD_PRIOR = 1.0
+
+
+def parse_budget(budget) -> float:
+    """Seconds in a budget: a number of seconds, or a string such as ``"90s"``, ``"10m"``, ``"1h30m"``.
+
+    Examples
+    --------
+    >>> parse_budget("10m"), parse_budget("1h30m"), parse_budget(45), parse_budget("2.5m")
+    (600.0, 5400.0, 45.0, 150.0)
+    """
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        seconds = float(budget)
+    else:
+        text = str(budget).strip().lower()
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+        if not text or parts is None:
+            raise FeatxError(f"Cannot read the budget {budget!r}: expected seconds or a duration such as 90s, 10m, 1h30m.")
+        hours, minutes, secs = (float(p) if p else 0.0 for p in parts.groups())
+        seconds = 3600 * hours + 60 * minutes + secs
+    if not seconds > 0:
+        raise FeatxError(f"The budget must be positive, got {budget!r}; e.g. --budget 10m.")
+    return seconds
+
+
+@runtime_checkable
+class Candidate(Protocol):
+    """What :func:`auto_fit` needs of a candidate (frozen features here; fine-tuning plugs in the same way).
+
+    Attributes
+    ----------
+    name : str
+        One line naming the configuration, unique in a search.
+    config : dict
+        JSON-serialisable description; ``config["kind"]`` says what sort of candidate it is.
+    """
+
+    name: str
+    config: dict
+
+    def estimate(self, search: Search) -> float:
+        """Seconds this candidate still needs, given what ``search`` has already computed."""
+
+    def score(self, search: Search) -> dict:
+        """Cross-validate on ``search.source`` only; return at least ``accuracy_mean``, ``accuracy_std``, ``cv``."""
+
+    def refit(self, search: Search):
+        """Fit on all of ``search.source``; return a :class:`~featx.models.FeatxModel`."""
+
+
+@dataclass(frozen=True)
+class FrozenCandidate:
+    """Frozen features of one or more backbones (concatenated), with flip averaging or not, and a head.
+
+    Parameters
+    ----------
+    backbones : tuple of str
+    pairs : tuple of (layer, pooling)
+        The blocks taken from every backbone, in order.
+    tta : str or None
+        ``None`` or ``"hflip"``.
+    head : str
+    """
+
+    backbones: tuple[str, ...]
+    pairs: tuple[tuple[str, str], ...]
+    tta: str | None
+    head: str
+
+    @property
+    def features(self) -> str:
+        from featx.featuresets import set_name
+
+        if len(self.backbones) == 1:
+            return set_name(self.pairs)
+        return set_name([p for _ in self.backbones for p in self.pairs], [b for b in self.backbones for _ in self.pairs])
+
+    @property
+    def layer_spec(self) -> str:
+        return "+".join(f"{layer}/{pooling}" for layer, pooling in self.pairs)
+
+    @property
+    def name(self) -> str:
+        return f"{'+'.join(self.backbones)} {self.layer_spec} tta={self.tta or 'none'} {self.head}"
+
+    @property
+    def config(self) -> dict:
+        return {"kind": "frozen", "backbone": "+".join(self.backbones), "features": self.features,
+                "layer": self.layer_spec, "tta": self.tta or "none", "head": self.head}
+
+    def with_head(self, head: str) -> FrozenCandidate:
+        return FrozenCandidate(self.backbones, self.pairs, self.tta, head)
+
+    def estimate(self, search: Search) -> float:
+        extraction = sum(search.extraction_estimate(b, self.tta) for b in self.backbones)
+        return extraction + search.evaluation_estimate(self.head, search.dim(self))
+
+    def score(self, search: Search) -> dict:
+        from featx.compare import cached_evaluate
+
+        X, y, folder, blocks = search.matrix(self)
+        return cached_evaluate(X, y, folder=folder, head=self.head, cv=search.cv, inner_cv=search.inner_cv,
+                               random_state=search.random_state, **({"blocks": blocks} if len(blocks) > 1 else {}))
+
+    def refit(self, search: Search):
+        from featx.models import fit_model
+
+        model, _ = fit_model(search.source, backbone=list(self.backbones), layer=self.layer_spec, head=self.head,
+                             tta=self.tta, inner_cv=search.inner_cv, random_state=search.random_state,
+                             **search.extraction_options())
+        return model
+
+
+class Search:
+    """The state of one :func:`auto_fit` run, shared by its candidates.
+
+    It extracts each (backbone, tta) once, with every (layer, pooling) any registered frozen
+    candidate needs; keeps the measured extraction and evaluation speeds for the estimates; and
+    hands candidates the training source, the store and the CV settings. Candidates of other
+    kinds read ``source``, ``cv``, ``inner_cv``, ``random_state`` and :meth:`extraction_options`.
+    """
+
+    def __init__(self, source, *, cv, inner_cv, random_state, store, weights, dtype, batch_size, device, precision,
+                 num_workers, on_error, progress):
+        from featx.extraction import resolve_device, resolve_precision
+
+        self.source = source
+        self.cv = cv
+        self.inner_cv = inner_cv
+        self.random_state = random_state
+        self.store = store
+        self.weights = weights
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.num_workers = num_workers
+        self.on_error = on_error
+        self.progress = progress
+        self.needs: dict[tuple[str, str | None], dict[tuple[str, str], None]] = {}
+        self.results: dict = {}
+        self.extraction_seconds: dict[tuple[str, str | None], float] = {}
+        self.overhead: list[float] = []
+        self.eval_rate: dict[str, float] = {}
+        self._dims: dict = {}
+        self._probe: dict[str, float] = {}
+        self._missing: dict = {}
+        self._keys: list[str] | None = None
+
+    # ------------------------------------------------------------------ extraction
+    def extraction_options(self) -> dict:
+        """Extraction keyword arguments of :func:`featx.extract` / :func:`featx.models.fit_model`."""
+        return dict(weights=self.weights, store=self.store, dtype=self.dtype, batch_size=self.batch_size,
+                    device=self.device, precision=self.precision, num_workers=self.num_workers,
+                    on_error=self.on_error, progress=self.progress)
+
+    def register(self, candidate: FrozenCandidate) -> None:
+        for backbone in candidate.backbones:
+            self.needs.setdefault((backbone, candidate.tta), {}).update(dict.fromkeys(candidate.pairs))
+
+    def extraction(self, backbone: str, tta: str | None):
+        """The extraction of every registered (layer, pooling) of ``backbone`` with ``tta``, run once."""
+        from featx.extraction import extract
+
+        key = (backbone, tta)
+        if key not in self.results:
+            pairs = list(self.needs[key])
+            estimate = self.extraction_estimate(backbone, tta)
+            start = time.perf_counter()
+            result = extract(self.source, backbone=backbone, layers=list(dict.fromkeys(l for l, _ in pairs)),
+                             pooling=list(dict.fromkeys(p for _, p in pairs)), tta=tta, **self.extraction_options())
+            seconds = time.perf_counter() - start
+            if result.n_computed >= 32:
+                self.overhead.append(seconds / max(estimate, 1e-9) * self._overhead())
+            self.results[key] = result
+            self.extraction_seconds[key] = seconds
+        return self.results[key]
+
+    def _overhead(self) -> float:
+        return float(np.median(self.overhead)) if self.overhead else _OVERHEAD_PRIOR
+
+    def _content_keys(self) -> list[str]:
+        if self._keys is None:
+            from featx.images import content_key
+
+            keys = []
+            for i in range(len(self.source)):
+                try:
+                    keys.append(content_key(self.source[i]))
+                except FeatxError:  # unreadable: extraction reports it; nothing to compute for it here
+                    continue
+            self._keys = list(dict.fromkeys(keys))
+        return self._keys
+
+    def missing_images(self, backbone: str, tta: str | None) -> int:
+        """How many images of the source the store still lacks for ``backbone`` with ``tta``."""
+        from featx.backbones import load_backbone
+        from featx.extraction import store_config
+        from featx.store import FeatureStore, store_path
+
+        key = (backbone, tta)
+        if key not in self._missing:
+            keys = self._content_keys()
+            config = store_config(load_backbone(backbone, weights=self.weights, lazy=True), self.precision, self.dtype, tta)
+            path = store_path(config, None if self.store is True else self.store)
+            missing = len(keys)
+            if path.exists() and keys:
+                with FeatureStore(path) as store:
+                    held = store.held(keys, list(self.needs.get(key, {})))
+                missing = int(np.sum(~np.logical_and.reduce(list(held.values())))) if held else len(keys)
+            self._missing[key] = missing
+        return self._missing[key]
+
+    def _probe_seconds(self, backbone: str) -> float:
+        """Seconds of one forward pass per image, timed on a small batch of blank images."""
+        if backbone not in self._probe:
+            import torch
+
+            from featx.backbones import load_backbone
+            from featx.extraction import _autocast, prepare
+
+            loaded = prepare(load_backbone(backbone, weights=self.weights), self.device)
+            size = loaded.preprocess.crop
+            x = torch.zeros(16, 3, size, size, device=self.device)
+            if self.device.type != "mps":
+                x = x.contiguous(memory_format=torch.channels_last)
+            timings = []
+            with torch.inference_mode(), _autocast(self.device, self.precision):
+                for _ in range(4):
+                    start = time.perf_counter()
+                    loaded.module(x)
+                    timings.append(time.perf_counter() - start)
+            self._probe[backbone] = min(timings[1:]) / len(x)
+        return self._probe[backbone]
+
+    def extraction_estimate(self, backbone: str, tta: str | None) -> float:
+        """Seconds the extraction of ``backbone`` with ``tta`` still needs (0 once done)."""
+        if (backbone, tta) in self.results:
+            return 0.0
+        missing = self.missing_images(backbone, tta)
+        if not missing:
+            return 0.0
+        return missing * self._probe_seconds(backbone) * (2 if tta == "hflip" else 1) * self._overhead()
+
+    # ------------------------------------------------------------------ evaluation
+    def dim(self, candidate: FrozenCandidate) -> int:
+        if candidate.features not in self._dims:
+            from featx.transformers import CNNFeatures
+
+            self._dims[candidate.features] = sum(
+                CNNFeatures(b, weights=self.weights, layer=candidate.layer_spec, device="cpu").fit().n_features_out_
+                for b in candidate.backbones
+            )
+        return self._dims[candidate.features]
+
+    def evaluation_estimate(self, head: str, dim: int) -> float:
+        n = len(self._content_keys())
+        if head in self.eval_rate:
+            rate = self.eval_rate[head]
+        else:
+            relative = _RELATIVE_COST.get(head, max(_RELATIVE_COST.values()))
+            measured = [rate / _RELATIVE_COST.get(h, 1.0) for h, rate in self.eval_rate.items()]
+            rate = (max(measured) if measured else _EVAL_PRIOR) * relative
+        return rate * n * dim * self.cv / 5
+
+    def record_evaluation(self, head: str, n: int, dim: int, seconds: float) -> None:
+        self.eval_rate[head] = seconds / max(n * dim * self.cv / 5, 1)
+
+    def matrix(self, candidate: FrozenCandidate):
+        """``(X, y, reports_folder, block_widths)`` of a frozen candidate, from the store."""
+        from featx.compare import _reports_folder, kept_labels
+
+        results = [self.extraction(b, candidate.tta) for b in candidate.backbones]
+        kept = results[0].kept
+        for result in results[1:]:
+            kept = np.intersect1d(kept, result.kept)
+        blocks = []
+        for result in results:
+            rows = np.searchsorted(result.kept, kept)
+            blocks += [result[f"{layer}/{pooling}"][rows] for layer, pooling in candidate.pairs]
+        X = np.hstack(blocks) if len(blocks) > 1 else blocks[0]
+        return X, kept_labels(results[0], kept), _reports_folder(results[0].store), [b.shape[1] for b in blocks]
+
+
+@dataclass
+class AutoResult:
+    """What :func:`auto_fit` returns.
+
+    Attributes
+    ----------
+    leaderboard : list of dict
+        One row per candidate, best first: ``rank`` (None when not run), ``configuration``,
+        ``kind``, ``backbone``, ``features``, ``tta``, ``head``, ``dim``, ``accuracy_mean``,
+        ``accuracy_std``, ``cv``, ``seconds`` (extraction it triggered + evaluation),
+        ``extraction_seconds``, ``estimated_seconds``, ``status`` (``scored`` or why not).
+    best : dict
+        The winner's row.
+    model : FeatxModel
+        The winner, refitted on all the data.
+    seconds : float
+        Wall time of the whole search, refit included.
+    budget : float
+        The budget in seconds.
+    extractions : list of dict
+        ``backbone``, ``tta``, ``seconds`` and ``n_computed`` of every extraction run.
+    """
+
+    leaderboard: list[dict]
+    best: dict
+    model: object
+    seconds: float
+    budget: float
+    extractions: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """The leaderboard, the winner, the timings and the chosen configuration, JSON-serialisable."""
+        return {"leaderboard": self.leaderboard, "best": self.best, "seconds": self.seconds, "budget": self.budget,
+                "extractions": self.extractions, "model": self.model.describe()}
+
+
+def _parse_tta(value) -> str | None:
+    from featx.extraction import check_tta
+
+    return check_tta(value)
+
+
+def frozen_candidates(backbones, feature_sets, ttas, heads, *, concat_backbones: bool = True,
+                      concat_features: Sequence[str] = ("pre_logits/avg",)) -> list[FrozenCandidate]:
+    """The frozen-feature candidates of a search: every backbone x feature set x tta x head, and
+    (with ``concat_backbones``) every pair of backbones concatenated on ``concat_features``.
+
+    Examples
+    --------
+    >>> [c.name for c in frozen_candidates(["a"], ["pre_logits/avg"], ["none", "hflip"], ["logreg"])]
+    ['a pre_logits/avg tta=none logreg', 'a pre_logits/avg tta=hflip logreg']
+    """
+    from featx.featuresets import parse_feature_sets, split_names
+
+    sets = parse_feature_sets(split_names(feature_sets), "avg")
+    extra = parse_feature_sets(split_names(concat_features), "avg") if concat_backbones else []
+    backbones = split_names(backbones)
+    candidates = []
+    for tta in dict.fromkeys(_parse_tta(t) for t in split_names(ttas)):
+        for head in split_names(heads):
+            for backbone in backbones:
+                candidates += [FrozenCandidate((backbone,), pairs, tta, head) for pairs in sets]
+            for first, second in itertools.combinations(backbones, 2):
+                candidates += [FrozenCandidate((first, second), pairs, tta, head) for pairs in extra]
+    return candidates
+
+
+def auto_fit(
+    source,
+    *,
+    budget="10m",
+    backbones: str | Sequence[str] = DEFAULT_BACKBONES,
+    feature_sets: str | Sequence[str] = DEFAULT_FEATURE_SETS,
+    ttas: str | Sequence[str] = DEFAULT_TTAS,
+    heads: str | Sequence[str] = DEFAULT_HEADS,
+    concat_backbones: bool = True,
+    explore_top: int = 2,
+    extra_candidates: Sequence[Candidate] = (),
+    cv: int = 5,
+    inner_cv: int = 3,
+    random_state: int = 0,
+    weights: object = "DEFAULT",
+    store=True,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    num_workers: int | str = "auto",
+    on_error: str = "skip",
+    progress: bool | None = None,
+    report: Callable[[dict], None] | None = None,
+) -> AutoResult:
+    """Search backbones, feature sets, flip averaging and heads by cross-validation on ``source`` within a budget.
+
+    Parameters
+    ----------
+    source : ImageSource or anything :func:`featx.images.open_source` accepts
+        The labelled *training* images, the only data the search reads.
+    budget : float or str, default="10m"
+        Seconds, or a duration (``"90s"``, ``"15m"``, ``"1h"``), for the whole search and the refit;
+        no candidate starts that would not fit, except the cheapest one (there is always a model).
+    backbones, feature_sets, ttas, heads
+        The frozen-feature grid. Feature sets use the ``--layers`` syntax
+        (``"stage4/spp+pre_logits/avg"``); ``ttas`` are ``"none"`` and/or ``"hflip"``.
+    concat_backbones : bool, default=True
+        Also try every pair of backbones concatenated on ``pre_logits/avg``.
+    explore_top : int, default=2
+        Heads after the first are tried on the feature configurations whose first-head score is
+        among the best ``explore_top`` so far.
+    extra_candidates : sequence of Candidate
+        Candidates of other kinds (e.g. fine-tuning), scheduled by their own estimates.
+    cv, inner_cv, random_state
+        Stratified K-fold CV that scores each candidate; the heads' C and gamma are tuned by
+        ``inner_cv`` folds inside every training part (:func:`featx.heads.evaluate`).
+    weights, store, dtype, batch_size, device, precision, num_workers, on_error, progress
+        Extraction options, see :func:`featx.extract`; ``store`` must be ``True`` or a folder
+        (several configurations mean several store files).
+    report : callable, optional
+        Called with each leaderboard row as soon as it is scored.
+
+    Returns
+    -------
+    AutoResult
+
+    Raises
+    ------
+    FeatxError
+        For a bad budget or store, or no candidate at all.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> from featx.images import open_source
+    >>> rng = np.random.default_rng(0)
+    >>> images = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    >>> images[6:] //= 4
+    >>> result = auto_fit(open_source(images, labels=["light"] * 6 + ["dark"] * 6), budget="5m",
+    ...                   backbones="featx_tiny_cnn", feature_sets="pre_logits/avg", ttas="none,hflip",
+    ...                   heads="logreg", cv=3, device="cpu", store=tempfile.mkdtemp())
+    >>> [(row["configuration"], row["accuracy_mean"]) for row in result.leaderboard]
+    [('featx_tiny_cnn pre_logits/avg tta=none logreg', 1.0), ('featx_tiny_cnn pre_logits/avg tta=hflip logreg', 1.0)]
+    >>> result.model.classes
+    ['dark', 'light']
+    """
+    from featx.images import ImageSource, open_source
+
+    start = time.perf_counter()
+    seconds_budget = parse_budget(budget)
+    if store is None or store is False or (not isinstance(store, bool) and Path(str(store)).suffix == ".h5"):
+        raise FeatxError(
+            f"auto_fit needs a cache folder (store=True or a folder), got store={store!r}: the search keeps one "
+            f"feature store per backbone and flip setting."
+        )
+    source = source if isinstance(source, ImageSource) else open_source(source)
+    if source.labels is None:
+        raise FeatxError(f"{source.name} has no labels: --auto needs a folder of class sub-folders, a labelled CSV "
+                         f"or a built-in dataset.")
+    search = Search(source, cv=cv, inner_cv=inner_cv, random_state=random_state, store=store, weights=weights,
+                    dtype=dtype, batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
+                    on_error=on_error, progress=progress)
+    frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
+    for candidate in frozen:
+        search.register(candidate)
+    head_list = list(dict.fromkeys(c.head for c in frozen))
+    first_head = head_list[0] if head_list else None
+    held_back = {c.name: c for c in frozen if c.head != first_head}
+    pending: list = [c for c in frozen if c.head == first_head] + list(extra_candidates)
+    rows: dict[str, dict] = {}
+    first_scores: dict[FrozenCandidate, float] = {}
+
+    def row_of(candidate, estimate) -> dict:
+        config = dict(candidate.config)
+        return {"rank": None, "configuration": candidate.name, "kind": config.get("kind", "other"),
+                "backbone": config.get("backbone"), "features": config.get("features"), "tta": config.get("tta"),
+                "head": config.get("head"), "dim": None, "accuracy_mean": None, "accuracy_std": None, "cv": None,
+                "seconds": None, "extraction_seconds": 0.0, "estimated_seconds": round(float(estimate), 1),
+                "status": "pending", "config": config}
+
+    if not pending:
+        raise FeatxError("auto_fit has no candidate to try: give at least one backbone, feature set, tta and head.")
+    best: dict | None = None
+    estimates: dict[str, float] = {}
+    while pending:
+        estimates = {c.name: c.estimate(search) for c in pending}
+        candidate = min(pending, key=lambda c: estimates[c.name])  # ties: the first listed
+        # Room for the refit of the best so far: about one outer fold of its evaluation, and a half.
+        reserve = 1.5 * (best["seconds"] - best["extraction_seconds"]) / max(best["cv"] or 1, 1) if best else 0.0
+        elapsed = time.perf_counter() - start
+        over = elapsed + estimates[candidate.name] + reserve > seconds_budget
+        if over and best is not None:
+            for c in pending:
+                rows[c.name] = {**row_of(c, estimates[c.name]),
+                                "status": f"not run: {estimates[c.name]:.0f} s estimated, "
+                                          f"{max(seconds_budget - elapsed - reserve, 0):.0f} s left"}
+            break
+        pending.remove(candidate)
+        done_before = set(search.results)
+        begun = time.perf_counter()
+        report_ = candidate.score(search)
+        seconds = time.perf_counter() - begun
+        new_extractions = set(search.results) - done_before
+        extraction_seconds = sum(search.extraction_seconds[k] for k in new_extractions)
+        if isinstance(candidate, FrozenCandidate) and not report_.get("from_cache"):
+            search.record_evaluation(candidate.head, report_.get("n_samples", 0), report_.get("n_features", 0),
+                                     seconds - extraction_seconds)
+        row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
+               "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
+               "cv": report_.get("cv"), "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
+               "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")
+               + (f" (started over budget: {estimates[candidate.name]:.0f} s estimated; the cheapest candidate "
+                  f"always runs)" if over else "")}
+        rows[candidate.name] = row
+        if best is None or row["accuracy_mean"] > best["accuracy_mean"]:
+            best = row
+        if report is not None:
+            report(row)
+        if isinstance(candidate, FrozenCandidate) and candidate.head == first_head:
+            first_scores[candidate] = row["accuracy_mean"]
+            top = sorted(first_scores.values(), reverse=True)[:explore_top]
+            if row["accuracy_mean"] >= top[-1]:
+                for head in head_list[1:]:
+                    other = held_back.pop(candidate.with_head(head).name, None)
+                    if other is not None:
+                        pending.append(other)
+    winner = next(c for c in [*frozen, *extra_candidates] if c.name == best["configuration"])
+    model = winner.refit(search)
+    model.info["auto"] = {"configuration": best["config"], "accuracy_mean": best["accuracy_mean"],
+                          "accuracy_std": best["accuracy_std"], "cv": best["cv"]}
+    scored = sorted((r for r in rows.values() if r["accuracy_mean"] is not None),
+                    key=lambda r: (-r["accuracy_mean"], list(rows).index(r["configuration"])))
+    for rank, row in enumerate(scored, 1):
+        row["rank"] = rank
+    leaderboard = scored + [r for r in rows.values() if r["accuracy_mean"] is None]
+    extractions = [{"backbone": b, "tta": t or "none", "seconds": round(search.extraction_seconds[(b, t)], 1),
+                    "n_computed": search.results[(b, t)].n_computed} for b, t in search.results]
+    return AutoResult(leaderboard=leaderboard, best=scored[0], model=model, seconds=time.perf_counter() - start,
+                      budget=seconds_budget, extractions=extractions)

@@ -1,0 +1,107 @@
+"""Feature sets: pooled layers (of one or several backbones) concatenated into one matrix.
+
+A feature set is written ``stage4+pre_logits`` (every layer with each requested pooling),
+``stage4/spp+pre_logits/avg`` (a pooling per layer), and named by its blocks:
+``stage4/spp+pre_logits/avg``, or ``efficientnet_lite0:pre_logits/avg+efficientnet_lite2:pre_logits/avg``
+across backbones. Concatenated blocks are standardised by :class:`featx.heads.BlockScaler`
+*inside* the head's pipeline, so only training folds ever set the scaling. This module imports
+neither torch nor scikit-learn (a warm comparison reads its names without them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from featx.exceptions import FeatxError
+
+__all__ = ["parse_feature_sets", "set_name", "split_names"]
+
+Pair = tuple[str, str]
+
+
+def split_names(value, *, sep: str = ",") -> list[str]:
+    """A comma-separated string or a sequence of names, as a list.
+
+    Examples
+    --------
+    >>> split_names("stage4+pre_logits,stage5")
+    ['stage4+pre_logits', 'stage5']
+    """
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(sep) if v.strip()]
+    return [str(v) for v in value]
+
+
+def parse_feature_sets(layers, poolings, *, all_layers: Sequence[str] = ()) -> list[tuple[Pair, ...]]:
+    """Expand layer specifications into feature sets, each a tuple of ``(layer, pooling)`` blocks.
+
+    Parameters
+    ----------
+    layers : str or sequence of str
+        Comma-separated (or listed) entries; an entry is a layer (``stage4``), a layer with its
+        pooling (``stage4/spp``), ``all``, or several of these joined by ``+`` (one concatenated set).
+    poolings : str or sequence of str
+        Poolings for the blocks that name none: one feature set per pooling.
+    all_layers : sequence of str, default=()
+        What ``all`` stands for (the backbone's layers).
+
+    Returns
+    -------
+    list of tuple of (str, str)
+        One entry per feature set, in the order given, duplicates dropped.
+
+    Raises
+    ------
+    FeatxError
+        For an empty entry or block, or a block with more than one ``/``.
+
+    Examples
+    --------
+    >>> parse_feature_sets("stage3,stage4+pre_logits", "avg,spp")
+    [(('stage3', 'avg'),), (('stage3', 'spp'),), (('stage4', 'avg'), ('pre_logits', 'avg')), (('stage4', 'spp'), ('pre_logits', 'spp'))]
+    >>> parse_feature_sets("stage4/spp+pre_logits/avg", "avg")
+    [(('stage4', 'spp'), ('pre_logits', 'avg'))]
+    """
+    pools = split_names(poolings)
+    if not pools:
+        raise FeatxError("No pooling given: expected one or more of avg, max, avgmax, spp.")
+    sets: list[tuple[Pair, ...]] = []
+    for entry in split_names(layers):
+        parts = entry.split("+")
+        if entry == "all":
+            for layer in all_layers:
+                sets += [((layer, p),) for p in pools]
+            continue
+        blocks = []
+        for part in parts:
+            pieces = part.strip().split("/")
+            if not pieces[0] or len(pieces) > 2 or (len(pieces) == 2 and not pieces[1]):
+                raise FeatxError(
+                    f"Cannot read the layer {part!r} in {entry!r}: expected LAYER or LAYER/POOLING, joined by '+' "
+                    f"for a concatenation, e.g. 'stage4/spp+pre_logits/avg'."
+                )
+            blocks.append(pieces)
+        if all(len(b) == 2 for b in blocks):
+            sets.append(tuple((b[0], b[1]) for b in blocks))
+        else:
+            sets += [tuple((b[0], b[1] if len(b) == 2 else p) for b in blocks) for p in pools]
+    unique = list(dict.fromkeys(tuple(dict.fromkeys(s)) for s in sets))
+    if not unique:
+        raise FeatxError("No layer given: expected one or more layer names, 'all', or layers joined by '+'.")
+    return unique
+
+
+def set_name(pairs: Sequence[Pair], backbones: Sequence[str] | None = None) -> str:
+    """The name of a feature set: blocks ``layer/pooling`` joined by ``+``, each prefixed by its
+    backbone when ``backbones`` (one per block) is given.
+
+    Examples
+    --------
+    >>> set_name([("stage4", "avg"), ("pre_logits", "avg")])
+    'stage4/avg+pre_logits/avg'
+    >>> set_name([("pre_logits", "avg")] * 2, ["efficientnet_lite0", "efficientnet_lite2"])
+    'efficientnet_lite0:pre_logits/avg+efficientnet_lite2:pre_logits/avg'
+    """
+    if backbones is None:
+        return "+".join(f"{layer}/{pooling}" for layer, pooling in pairs)
+    return "+".join(f"{b}:{layer}/{pooling}" for b, (layer, pooling) in zip(backbones, pairs))
