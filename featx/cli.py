@@ -452,6 +452,8 @@ def _compare_rows(args, source, kwargs, backbones) -> list[dict]:
         repeats=args.repeats,
         random_state=args.seed,
         n_jobs=args.jobs,
+        finetune_from=getattr(args, "finetune_from", None),
+        finetune_options={"epochs": args.finetune_epochs} if getattr(args, "finetune_from", None) else None,
         **kwargs,
     )
 
@@ -655,6 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extraction_options(p, layers_default="all")
     p.add_argument("--models", default="efficientnet_lite0", help="comma-separated backbones (default: %(default)s)")
     _add_head_options(p, several=True)
+    g = p.add_argument_group("fine-tuned rows")
+    g.add_argument("--finetune-from", default=None, metavar="LAYERS",
+                   help="also fine-tune from these layers (comma-separated) on the same outer folds: one training "
+                   "per fold, on the cached maps (see 'featx finetune')")
+    g.add_argument("--finetune-epochs", type=int, default=30, help="at most this many epochs per fold (default: %(default)s)")
     p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_compare)

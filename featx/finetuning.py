@@ -65,7 +65,8 @@ from torch import nn
 from featx.backbones import Backbone, Tap, _probe, layer_shape, load_backbone, resolve_layers, run_taps
 from featx.exceptions import FeatxError
 
-__all__ = ["FinetuneError", "TailClassifier", "build_tail", "finetune", "SUPPORTED"]
+__all__ = ["FinetuneError", "SUPPORTED", "TailClassifier", "build_tail", "cross_validate_finetune", "finetune",
+           "read_maps"]
 
 SUPPORTED = (
     "efficientnet_lite0/1/2, featx_tiny_cnn, resnet18/50, mobilenet_v3_large, efficientnet_b0, "
@@ -786,3 +787,72 @@ def finetune(
         "store": str(result.store.path),
     }
     return model, report
+
+
+def cross_validate_finetune(X, y, *, cv: int = 5, repeats: int = 1, random_state: int = 0, **options) -> dict:
+    """Outer cross-validation of fine-tuning on cached maps, on the folds :func:`featx.heads.evaluate` uses.
+
+    The folds are ``StratifiedKFold(cv, shuffle=True, random_state)`` (repeated when
+    ``repeats > 1``) over ``y``, exactly as for the frozen heads, so a fine-tuned row and the
+    frozen rows of one comparison are scored on the same held-out images. In each outer fold a
+    :class:`TailClassifier` is trained on the training part only (its early-stopping split is
+    taken from that part) and scored on the held-out part.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, C*H*W)
+    y : array-like of shape (n_samples,)
+    cv, repeats, random_state
+        As in :func:`featx.heads.evaluate`.
+    **options
+        :class:`TailClassifier` parameters (``backbone``, ``layer``, ``epochs`` …).
+
+    Returns
+    -------
+    dict
+        ``accuracy_mean``, ``accuracy_std``, ``balanced_accuracy``, ``macro_f1``,
+        ``fold_accuracy``, ``best_epochs``, ``cv``, ``n_samples``, ``n_classes``, ``fit_time``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(30, 16 * 8 * 8)).astype(np.float16)
+    >>> y = np.repeat(["a", "b"], 15)
+    >>> X[y == "b"] += 1
+    >>> report = cross_validate_finetune(X, y, cv=3, backbone="featx_tiny_cnn", layer="stage1", epochs=2,
+    ...                                  val_split=0, device="cpu")
+    >>> report["cv"], len(report["fold_accuracy"])
+    (3, 3)
+    """
+    from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
+
+    from featx.heads import score_predictions
+
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    n_splits = int(min(cv, counts.min()))
+    if n_splits < 2:
+        raise FinetuneError("Cross-validating fine-tuning needs at least two images in every class.")
+    if repeats == 1:
+        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
+    else:
+        splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=random_state)
+    start = time.perf_counter()
+    folds, best_epochs = [], []
+    for train, test in splitter.split(np.zeros(len(y)), y):
+        model = TailClassifier(random_state=random_state, **options).fit(X[train], y[train])
+        folds.append(score_predictions(y[test], model.predict(X[test]), classes=classes))
+        best_epochs.append(model.best_epoch_)
+    accuracy = [f["accuracy"] for f in folds]
+    return {
+        "accuracy_mean": float(np.mean(accuracy)),
+        "accuracy_std": float(np.std(accuracy)),
+        "balanced_accuracy": float(np.mean([f["balanced_accuracy"] for f in folds])),
+        "macro_f1": float(np.mean([f["macro_f1"] for f in folds])),
+        "fold_accuracy": accuracy,
+        "best_epochs": best_epochs,
+        "cv": n_splits,
+        "n_samples": int(len(y)),
+        "n_classes": int(len(classes)),
+        "fit_time": time.perf_counter() - start,
+    }
