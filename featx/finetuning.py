@@ -28,9 +28,11 @@ BatchNorm in the tail
     ``batchnorm="train"`` (default) normalises with batch statistics while training and updates
     the running statistics, which then serve at prediction; ``"frozen"`` keeps ImageNet's running
     statistics (BatchNorm layers stay in eval mode; their scale and shift are still trained).
-    Measured on Fashion-MNIST (efficientnet_lite0 from stage4, 450 training / 50 validation
-    images per class, 6 epochs), see the README: ``train`` reached the higher validation
-    accuracy, as one expects for data whose statistics are far from ImageNet's.
+    Measured on Fashion-MNIST (efficientnet_lite0 from stage5, 1,200 training and 300
+    validation images of the training split, lr 1e-3, 4 epochs): validation accuracy 0.870 with
+    ``train``, 0.857 with ``frozen``, as one expects for data whose statistics are far from
+    ImageNet's. With ``train``, the running statistics are recomputed on up to 1,024 training
+    maps after every epoch (see :meth:`TailClassifier._recompute_batchnorm`).
 
 Augmentation
     ``flip=True`` mirrors half the cached maps of each batch along their width. For a network of
