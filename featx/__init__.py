@@ -17,6 +17,7 @@ _PUBLIC = {
     "compare_layers": "featx.compare",
     "evaluate": "featx.heads",
     "extract": "featx.extraction",
+    "finetune": "featx.finetuning",
     "list_backbones": "featx.backbones",
     "list_layers": "featx.backbones",
     "load_backbone": "featx.backbones",

@@ -41,10 +41,10 @@ QUADRANTS = {
     ("small", "similar"): "train a linear head on late features (stage5 or pre_logits): featx cv DATA --layers all",
     ("small", "different"): "train a linear head on earlier features (a middle stage, e.g. stage3 or stage4): "
     "featx cv DATA --layers all",
-    ("large", "similar"): "fine-tune the top blocks with a small learning rate (featx finetune), or a linear "
-    "head on late features as a fast baseline",
-    ("large", "different"): "fine-tune more of the network, from an earlier stage (featx finetune --from "
-    "stage3), with a small learning rate",
+    ("large", "similar"): "fine-tune the top blocks with a small learning rate: featx finetune DATA --from stage5 "
+    "(a linear head on late features, featx cv DATA --layers all, is the fast baseline)",
+    ("large", "different"): "fine-tune more of the network, from an earlier stage, with a small learning rate: "
+    "featx finetune DATA --from stage3 (or --from stage4; compare on a held-out split)",
 }
 
 

@@ -507,6 +507,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from featx.finetuning import finetune
+    from featx.models import save_model
+
+    source = _open_data(args)
+    _source_problems(source)
+
+    def on_epoch(record) -> None:
+        val = "-" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}"
+        print(f"epoch {record['epoch']:3d}  train loss {record['train_loss']:.4f}  val accuracy {val}  "
+              f"lr {record['lr']:.2e}  {record['seconds']:.1f} s", flush=True)
+
+    with _interruptible() as stop:
+        try:
+            model, report = finetune(
+                source, backbone=args.model, from_layer=args.from_layer, weights=_weights(args.weights),
+                epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                head_lr=args.head_lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                label_smoothing=args.label_smoothing, flip=not args.no_flip, batchnorm=args.batchnorm,
+                dropout=args.dropout, val_split=args.val_split, patience=args.patience, random_state=args.seed,
+                store=args.cache if args.cache else True, extract_batch_size=args.extract_batch_size,
+                device=args.device, precision=args.precision,
+                num_workers=args.workers if args.workers is not None else "auto", on_error=args.on_error,
+                on_epoch=None if args.json else on_epoch, stop=stop,
+            )
+        except KeyboardInterrupt:
+            print("featx: interrupted: the frozen part's completed batches are kept in the store; run the same "
+                  "command again to resume.", file=sys.stderr)
+            return 130
+    _report_skipped(report["skipped"])
+    save_model(model, args.output)
+    if args.json:
+        _print_json({**report, "output": args.output})
+        return 0
+    val = report["val_accuracy"]
+    print(f"frozen part: {report['n_computed']} images computed, {report['n_from_store']} from the store: "
+          f"{report['frozen_seconds']:.1f} s (maps read in {report['read_seconds']:.1f} s)")
+    print(f"training: {len(report['history'])} epochs"
+          + (" (stopped early)" if report["stopped_early"] else "")
+          + f", best epoch {report['best_epoch']}"
+          + ("" if val is None else f", val accuracy {val:.4f}")
+          + f": {report['train_seconds']:.1f} s")
+    print(f"store: {report['store']}")
+    print(f"{model.describe()}\nsaved to {args.output}")
+    return 0
+
+
 def _compare_rows(args, source, kwargs, backbones) -> list[dict]:
     """compare_layers with the options that 'featx cv' and 'featx compare' share."""
     from featx.compare import compare_layers
@@ -522,6 +569,8 @@ def _compare_rows(args, source, kwargs, backbones) -> list[dict]:
         repeats=args.repeats,
         random_state=args.seed,
         n_jobs=args.jobs,
+        finetune_from=getattr(args, "finetune_from", None),
+        finetune_options={"epochs": args.finetune_epochs} if getattr(args, "finetune_from", None) else None,
         **kwargs,
     )
 
@@ -785,6 +834,11 @@ def build_parser() -> argparse.ArgumentParser:
         "efficientnet_lite0+efficientnet_lite2 (default: %(default)s)",
     )
     _add_head_options(p, several=True)
+    g = p.add_argument_group("fine-tuned rows")
+    g.add_argument("--finetune-from", default=None, metavar="LAYERS",
+                   help="also fine-tune from these layers (comma-separated) on the same outer folds: one training "
+                   "per fold, on the cached maps (see 'featx finetune')")
+    g.add_argument("--finetune-epochs", type=int, default=30, help="at most this many epochs per fold (default: %(default)s)")
     p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_compare)
@@ -834,6 +888,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="with --auto: print the leaderboard and the winner as JSON")
     p.add_argument("-o", "--output", required=True, help="model file to write")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune the top blocks of the backbone on cached maps, save the model",
+        description="Freeze the backbone up to --from, keep that layer's output maps in the feature store "
+        "(computed once per image, float16), and train the blocks after it plus a new linear head on them, "
+        "with early stopping on a stratified held-out split of DATA. Prints one line per epoch and the time "
+        "spent in the frozen part (about 0 s when every map is in the store). The model file works with "
+        "'featx predict' and 'featx evaluate' like one from 'featx fit'.",
+        epilog="Example: featx finetune fashion-mnist --per-class 500 --from stage4 --epochs 20 -o ft.joblib",
+    )
+    _add_data_options(p)
+    g = p.add_argument_group("backbone and frozen part")
+    g.add_argument("--model", default="efficientnet_lite0", help="backbone (default: %(default)s; see 'featx models')")
+    g.add_argument("--weights", default="DEFAULT", help="DEFAULT, a weights name, a state-dict path, or none")
+    g.add_argument("--from", dest="from_layer", default="stage4",
+                   help="last frozen layer: the blocks after it are trained (default: %(default)s)")
+    g.add_argument("--extract-batch-size", type=int, default=32, help="images per frozen forward pass (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    g.add_argument("--precision", default="auto", help="of the frozen part: auto, fp32, bf16 or fp16 (default: %(default)s)")
+    g.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
+    g.add_argument("--on-error", choices=("skip", "raise"), default="skip", help="bad images: skip and report, or stop")
+    g.add_argument("--cache", default=None, metavar="DIR", help="feature store folder (default: $FEATX_CACHE or ./cache)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=64, help="maps per training step (default: %(default)s)")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="AdamW or SGD with momentum (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=3e-4, help="learning rate of the pretrained blocks (default: %(default)s)")
+    g.add_argument("--head-lr", type=float, default=None, help="learning rate of the new head (default: 10 x --lr)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
+    g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine", help="learning-rate decay (default: %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="(default: %(default)s)")
+    g.add_argument("--no-flip", action="store_true", help="no horizontal flips of the cached maps")
+    g.add_argument("--batchnorm", choices=("train", "frozen"), default="train",
+                   help="BatchNorm in the trained blocks: batch statistics or ImageNet's (default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=0.2, help="before the new head (default: %(default)s)")
+    g.add_argument("--val-split", type=float, default=0.1, help="held-out fraction for early stopping (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=5, help="epochs without improvement before stopping (default: %(default)s)")
+    p.add_argument("-o", "--output", required=True, help="model file to write")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of progress lines")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser(
         "predict",

@@ -116,6 +116,8 @@ def compare_layers(
     report=None,
     engine="local",
     tta: str | None = None,
+    finetune_from: str | Sequence[str] | None = None,
+    finetune_options: dict | None = None,
 ) -> list[dict]:
     """Cross-validate a head on every (backbone, layer, pooling) of a labelled image set.
 
@@ -147,6 +149,13 @@ def compare_layers(
     engine : "local", "ray" or featx.distributed.RayEngine, default="local"
         Where the extraction runs (see :func:`featx.extract`). To run the folds on Ray too,
         call this inside :func:`featx.distributed.joblib_on_ray` with ``n_jobs=-1``.
+    finetune_from : str or sequence of str, optional
+        Also add one fine-tuned row per backbone and layer given (head ``"finetune"``, pooling
+        ``"map"``): the blocks after that layer and a new head trained on the cached maps by
+        :func:`featx.finetuning.cross_validate_finetune`, on the same outer folds as the frozen
+        rows. Costly: one training per fold.
+    finetune_options : dict, optional
+        :class:`featx.finetuning.TailClassifier` parameters for those rows (``epochs``, ``lr`` …).
 
     Returns
     -------
@@ -260,7 +269,59 @@ def compare_layers(
                 rows.append(row)
                 if report is not None:
                     report(row)
+        if len(entry) > 1:  # fine-tuning trains the top of one network: no row for concatenated backbones
+            continue
+        for layer in _names(finetune_from or []):
+            row = _finetune_row(source, loaded[entry[0]], layer, depth=depths.get(layer, len(depths)), cv=cv,
+                                repeats=repeats, random_state=random_state, store=store, on_error=on_error,
+                                batch_size=batch_size, device=device, precision=precision,
+                                num_workers=num_workers, progress=progress, options=finetune_options or {})
+            rows.append(row)
+            if report is not None:
+                report(row)
     return rows
+
+
+def _finetune_row(source, backbone, layer, *, depth, cv, repeats, random_state, store, options, **extraction) -> dict:
+    """A comparison row for fine-tuning from ``layer``, cross-validated on the frozen rows' folds."""
+    from featx.finetuning import _split_tap, cross_validate_finetune, read_maps
+
+    _split_tap(backbone.name, layer)
+    if store is None or store is False:
+        raise FeatxError("A fine-tuned comparison row needs a feature store for the maps: pass store=True or a folder.")
+    start = time.perf_counter()
+    result = extract(source, backbone=backbone, layers=[layer], pooling=["map"], store=store, dtype="float16",
+                     **extraction)
+    extraction_time = time.perf_counter() - start if result.n_computed else 0.0
+    y = kept_labels(result)
+    X = read_maps(result, layer)
+    evaluation = cross_validate_finetune(X, y, cv=cv, repeats=repeats, random_state=random_state,
+                                         backbone=backbone.name, weights=backbone.weights_arg, layer=layer,
+                                         device=extraction["device"], **options)
+    return {
+        "model": backbone.name,
+        "layer": layer,
+        "depth": depth,
+        "pooling": "map",
+        "features": f"{layer}/map",
+        "tta": "none",
+        "head": "finetune",
+        "dim": int(X.shape[1]),
+        "accuracy_mean": evaluation["accuracy_mean"],
+        "accuracy_std": evaluation["accuracy_std"],
+        "balanced_accuracy": evaluation["balanced_accuracy"],
+        "macro_f1": evaluation["macro_f1"],
+        "chosen_params": {"best_epochs": evaluation["best_epochs"], **options},
+        "n_images": int(len(y)),
+        "n_classes": evaluation["n_classes"],
+        "cv": evaluation["cv"],
+        "extraction_time": extraction_time,
+        "fit_time": evaluation["fit_time"],
+        "from_cache": False,
+        "notes": [f"fine-tuned after {layer}: the blocks after it and a new head trained in each outer fold on its "
+                  "training part (early stopping on a split of that part), scored on the same outer folds as "
+                  "the frozen rows"],
+    }
 
 
 def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", cv: int = 3,

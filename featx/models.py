@@ -52,6 +52,10 @@ class ModelFileError(FeatxError, ValueError):
 class FeatxModel:
     """A fitted image classifier: frozen-CNN features and a scikit-learn head.
 
+    A fine-tuned model (:func:`featx.finetune`) is the same object: its features are the unpooled
+    map at the ``from`` layer (pooling ``"map"``, a float16 store) and its head is the trained top
+    of the network (:class:`featx.finetuning.TailClassifier`); ``info["kind"]`` is ``"finetuned"``.
+
     Attributes
     ----------
     features : CNNFeatures or list of CNNFeatures
@@ -102,6 +106,12 @@ class FeatxModel:
         }
 
     def describe(self) -> str:
+        if self.info.get("kind") == "finetuned":
+            f = self.features
+            return (
+                f"fine-tuned {f.backbone} after {f.layer} (the blocks after it and a new linear head; "
+                f"{f.weights_}), {len(self.classes)} classes, trained on {self.info.get('n_images')} images"
+            )
         described = " + ".join(
             f"{f.backbone} {'+'.join(r.key for r in f.requests_)}{' hflip' if getattr(f, 'tta', None) else ''} "
             f"({f.weights_})"

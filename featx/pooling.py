@@ -10,6 +10,9 @@ max       C      global maximum
 avgmax    2·C    average and maximum, concatenated
 spp       5·C    spatial pyramid of averages: the whole map (1×1), then
                  a 2×2 grid (cells in row-major order, channel-major)
+map       C·H·W  no pooling: the whole map flattened in (C, H, W) order,
+                 the input that :mod:`featx.finetune` trains the top of the
+                 network on (store it as float16: wide rows)
 ========  =====  =====================================================
 
 A 2-D output ``(n, d)`` (``pre_logits``, ``logits``) passes through unchanged, whatever the pooling.
@@ -32,7 +35,7 @@ __all__ = ["POOLINGS", "check_pooling", "pool", "pooled_dim", "feature_names"]
 
 POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax", "spp")
 
-_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5, "avgsq": 1}
+_WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5, "avgsq": 1, "map": None}
 
 
 def check_pooling(pooling: str) -> str:
@@ -45,7 +48,7 @@ def check_pooling(pooling: str) -> str:
     """
     if pooling not in _WIDTH:
         raise UnknownPoolingError(
-            f"Unknown pooling {pooling!r}: expected one of {', '.join(POOLINGS)}."
+            f"Unknown pooling {pooling!r}: expected one of {', '.join(POOLINGS)} (or 'map', the unpooled map)."
             f"{suggest(pooling, POOLINGS)}"
         )
     return pooling
@@ -58,17 +61,19 @@ def pooled_dim(shape: Sequence[int], pooling: str) -> int:
     ----------
     shape : sequence of int
         The output shape of one image, without the batch axis: ``(C, H, W)`` or ``(d,)``.
-    pooling : {"avg", "max", "avgmax", "spp"}
+    pooling : {"avg", "max", "avgmax", "spp", "map"}
 
     Examples
     --------
-    >>> pooled_dim((320, 7, 7), "spp"), pooled_dim((1280,), "spp")
-    (1600, 1280)
+    >>> pooled_dim((320, 7, 7), "spp"), pooled_dim((1280,), "spp"), pooled_dim((112, 14, 14), "map")
+    (1600, 1280, 21952)
     """
     check_pooling(pooling)
     if len(shape) == 1:
         return int(shape[0])
     if len(shape) == 3:
+        if pooling == "map":
+            return int(shape[0]) * int(shape[1]) * int(shape[2])
         return int(shape[0]) * _WIDTH[pooling]
     raise FeatxError(
         f"Cannot pool a layer output of shape {tuple(shape)}: expected (C, H, W) maps or (d,) "
@@ -82,11 +87,12 @@ def pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
     Parameters
     ----------
     output : torch.Tensor of shape (n, C, H, W) or (n, d)
-    pooling : {"avg", "max", "avgmax", "spp"}
+    pooling : {"avg", "max", "avgmax", "spp", "map"}
 
     Returns
     -------
     torch.Tensor of shape (n, d)
+        For ``"map"``, ``d = C·H·W`` in (C, H, W) order, whatever the memory format.
 
     Examples
     --------
@@ -96,6 +102,8 @@ def pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
     [[7.5, 15.0]]
     >>> pool(x, "spp").tolist()
     [[7.5, 2.5, 4.5, 10.5, 12.5]]
+    >>> pool(x, "map").shape
+    torch.Size([1, 16])
     """
     import torch
     import torch.nn.functional as F
@@ -111,6 +119,8 @@ def pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
         return torch.cat([output.mean(dim=(2, 3)), output.amax(dim=(2, 3))], dim=1)
     if pooling == "avgsq":
         return output.square().mean(dim=(2, 3))
+    if pooling == "map":
+        return output.reshape(output.shape[0], -1)  # logical (C, H, W) order, also for channels-last
     grid = F.adaptive_avg_pool2d(output, 2).flatten(1)  # (n, C*4), channel-major
     return torch.cat([output.mean(dim=(2, 3)), grid], dim=1)
 

@@ -31,6 +31,8 @@ def test_advise_places_data_in_quadrants(monkeypatch, shift, per_class, quadrant
     assert report["images_per_class"] == per_class and report["similarity_score"] == shift
     for key in ["images_per_class", "similarity", "similarity_score", "quadrant", "recommendation"]:
         assert key in report
+    # where the table says fine-tune, the advice is a runnable 'featx finetune' command
+    assert ("featx finetune DATA --from stage" in report["recommendation"]) == (quadrant[0] == "large")
 
 
 def test_advise_reports_disagreement_with_measurement(monkeypatch):

@@ -316,3 +316,30 @@ def test_cli_cv_warm_run_imports_neither_torch_nor_sklearn(tmp_path, image_folde
     assert "torch" in cold["heavy"] and warm["heavy"] == []
     assert [row["accuracy_mean"] for row in warm_rows] == [row["accuracy_mean"] for row in cold_rows]
     assert all(row["from_cache"] for row in warm_rows)
+def test_cli_finetune_then_predict_and_evaluate(tmp_path, capsys, monkeypatch):
+    """Check 'featx finetune' prints epochs and frozen-part timing, a second run computes nothing, and
+    the model file works with predict and evaluate."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    train, val = _split_folders(tmp_path)
+    model = tmp_path / "ft.joblib"
+    args = ["finetune", str(train), "--model", "featx_tiny_cnn", "--device", "cpu", "--workers", "0",
+            "--from", "stage1", "--epochs", "2", "--val-split", "0.34", "-o", str(model)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch   1  train loss" in out and "epoch   2" in out and "val accuracy" in out
+    assert "frozen part: 18 images computed, 0 from the store" in out and "saved to" in out
+    assert main(args) == 0
+    assert "frozen part: 0 images computed, 18 from the store" in capsys.readouterr().out
+    assert main(["predict", str(model), str(val)]) == 0
+    assert capsys.readouterr().out.count("\n") == 7  # header and six images
+    assert main(["evaluate", str(model), str(val), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_images"] == 6
+
+
+def test_cli_finetune_from_pre_logits_is_one_line_exit_1(tmp_path, capsys):
+    """Check that fine-tuning from pre_logits is refused in one line that points to 'featx fit'."""
+    train, _ = _split_folders(tmp_path)
+    assert main(["finetune", str(train), "--model", "featx_tiny_cnn", "--from", "pre_logits",
+                 "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "m.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "featx fit DATA --layers pre_logits" in err

@@ -106,3 +106,25 @@ def test_compare_layers_concatenated_sets_and_backbones(tmp_path):
     ]
     assert rows[0]["layer"] == "stage2+pre_logits" and rows[0]["pooling"] == "spp+avg"
     assert all(0 <= r["accuracy_mean"] <= 1 for r in rows)
+def test_compare_layers_adds_a_finetuned_row_on_the_same_folds(tmp_path):
+    """Check that finetune_from adds a 'finetune' row cross-validated on the frozen rows' folds."""
+    from featx.finetuning import cross_validate_finetune
+
+    arrays, labels = make_images(n_per_class=6)
+    source = open_source(arrays, labels=labels)
+    options = {"epochs": 2, "val_split": 0}
+    rows = compare_layers(source, backbones=TINY, layers=["stage1", "pre_logits"], cv=3, device="cpu",
+                          store=tmp_path, finetune_from="stage1", finetune_options=options)
+    assert [(r["layer"], r["pooling"], r["head"]) for r in rows][-1] == ("stage1", "map", "finetune")
+    row = rows[-1]
+    assert row["dim"] == 16 * 8 * 8 and row["cv"] == 3 and row["n_images"] == 18 and row["depth"] == 0
+    assert "same outer folds" in row["notes"][0]
+    from featx.extraction import extract
+    from featx.finetuning import read_maps
+
+    result = extract(source, backbone=TINY, layers=["stage1"], pooling="map", store=tmp_path, dtype="float16",
+                     device="cpu")
+    assert result.n_computed == 0  # the row's maps were cached
+    again = cross_validate_finetune(read_maps(result, "stage1"), labels, cv=3, backbone=TINY, layer="stage1",
+                                    device="cpu", **options)
+    assert again["accuracy_mean"] == row["accuracy_mean"]  # same folds, same seed: same figure

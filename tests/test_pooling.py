@@ -47,3 +47,12 @@ def test_pooled_dim_rejects_other_ranks():
 def test_feature_names_replace_dots():
     """Check that feature names are valid identifiers built from layer and pooling."""
     assert feature_names("blocks.4", "spp", 2) == ["blocks_4_spp_0", "blocks_4_spp_1"]
+
+
+def test_pool_map_flattens_in_chw_order_whatever_the_memory_format():
+    """Check that pooling 'map' gives the (C, H, W)-ordered map, also for a channels-last tensor."""
+    x = torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)
+    expected = x.reshape(2, -1)
+    assert torch.equal(pool(x, "map"), expected)
+    assert torch.equal(pool(x.contiguous(memory_format=torch.channels_last), "map"), expected)
+    assert pooled_dim((3, 4, 5), "map") == 60 and pooled_dim((7,), "map") == 7

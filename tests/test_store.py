@@ -726,3 +726,18 @@ def test_remove_store_refuses_what_is_not_a_store(tmp_path):
 def test_errors_are_featx_errors():
     """Check that the store's input error is a FeatxError and a ValueError."""
     assert issubclass(StoreInputError, FeatxError) and issubclass(StoreInputError, ValueError)
+
+
+def test_store_wide_float16_map_rows_round_trip(tmp_path):
+    """Check that rows as wide as a Lite0 stage4 map (21,952 values) are stored, consolidated and read back."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(40, 112 * 14 * 14)).astype(np.float16)
+    keys = [f"{i:032x}" for i in range(40)]
+    store = FeatureStore.open({"backbone": "wide"}, cache_dir=tmp_path, dtype="float16")
+    with store.writer():
+        for start in range(0, 40, 16):
+            store.write(keys[start:start + 16], {("stage4", "map"): data[start:start + 16]})
+        store.consolidate()
+    picked = [keys[i] for i in (39, 0, 17)]
+    np.testing.assert_array_equal(store.read(picked, "stage4", "map"), data[[39, 0, 17]].astype(np.float32))
+    assert store.verify()["ok"]
