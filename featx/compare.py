@@ -363,9 +363,7 @@ def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg",
     """
     from collections import Counter
 
-    from sklearn.model_selection import StratifiedKFold
-
-    from featx.heads import fit_head, score_predictions
+    from featx.heads import fit_head, fold_means, outer_splits, score_predictions
 
     y = np.asarray(y)
     names = list(candidates)
@@ -373,22 +371,17 @@ def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg",
     n_splits = int(min(cv, counts.min()))
     if n_splits < 2:
         raise FeatxError("--layers auto needs at least two images in every class.")
-    splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
     folds, chosen_per_fold = [], []
     start = time.perf_counter()
     classes = np.unique(y)
-    for train, test in splitter.split(np.zeros(len(y)), y):
+    for train, test in outer_splits(y, n_splits, random_state=random_state):
         chosen, _ = select_layer({n: candidates[n][train] for n in names}, y[train], head=head, cv=inner_cv,
                                  random_state=random_state)
         model, _ = fit_head(candidates[chosen][train], y[train], head=head, inner_cv=inner_cv, random_state=random_state)
         folds.append(score_predictions(y[test], model.predict(candidates[chosen][test]), classes=classes))
         chosen_per_fold.append(chosen)
-    accuracy = [f["accuracy"] for f in folds]
     return {
-        "accuracy_mean": float(np.mean(accuracy)),
-        "accuracy_std": float(np.std(accuracy)),
-        "balanced_accuracy": float(np.mean([f["balanced_accuracy"] for f in folds])),
-        "macro_f1": float(np.mean([f["macro_f1"] for f in folds])),
+        **fold_means(folds),
         "chosen_per_fold": chosen_per_fold,
         "chosen": Counter(chosen_per_fold).most_common(1)[0][0],
         "cv": n_splits,

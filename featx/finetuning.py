@@ -826,32 +826,21 @@ def cross_validate_finetune(X, y, *, cv: int = 5, repeats: int = 1, random_state
     >>> report["cv"], len(report["fold_accuracy"])
     (3, 3)
     """
-    from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
-
-    from featx.heads import score_predictions
+    from featx.heads import fold_means, outer_splits, score_predictions
 
     y = np.asarray(y)
     classes, counts = np.unique(y, return_counts=True)
     n_splits = int(min(cv, counts.min()))
     if n_splits < 2:
         raise FinetuneError("Cross-validating fine-tuning needs at least two images in every class.")
-    if repeats == 1:
-        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
-    else:
-        splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=random_state)
     start = time.perf_counter()
     folds, best_epochs = [], []
-    for train, test in splitter.split(np.zeros(len(y)), y):
+    for train, test in outer_splits(y, n_splits, repeats=repeats, random_state=random_state):
         model = TailClassifier(random_state=random_state, **options).fit(X[train], y[train])
         folds.append(score_predictions(y[test], model.predict(X[test]), classes=classes))
         best_epochs.append(model.best_epoch_)
-    accuracy = [f["accuracy"] for f in folds]
     return {
-        "accuracy_mean": float(np.mean(accuracy)),
-        "accuracy_std": float(np.std(accuracy)),
-        "balanced_accuracy": float(np.mean([f["balanced_accuracy"] for f in folds])),
-        "macro_f1": float(np.mean([f["macro_f1"] for f in folds])),
-        "fold_accuracy": accuracy,
+        **fold_means(folds),
         "best_epochs": best_epochs,
         "cv": n_splits,
         "n_samples": int(len(y)),

@@ -580,6 +580,45 @@ def score_predictions(y_true, y_pred, *, classes) -> dict:
     }
 
 
+def outer_splits(y, n_splits: int, *, repeats: int = 1, random_state: int = 0) -> list:
+    """The outer folds of every featx cross-validation: ``(train, test)`` index pairs.
+
+    Stratified and shuffled (:class:`~sklearn.model_selection.RepeatedStratifiedKFold` when
+    ``repeats`` is above 1). They depend on ``y`` and the arguments only, so :func:`evaluate`,
+    :func:`featx.compare.evaluate_auto` and fine-tuned comparison rows score the same folds.
+
+    Examples
+    --------
+    >>> [test.tolist() for _, test in outer_splits(["a", "a", "b", "b"], 2)]
+    [[1, 2], [0, 3]]
+    """
+    y = np.asarray(y)
+    if repeats == 1:
+        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
+    else:
+        splitter = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=repeats, random_state=random_state)
+    return list(splitter.split(np.zeros(len(y)), y))
+
+
+def fold_means(folds: list[dict]) -> dict:
+    """Means over outer folds of :func:`score_predictions` reports, as every featx report gives them.
+
+    Examples
+    --------
+    >>> fold_means([{"accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0},
+    ...             {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.4}])["accuracy_std"]
+    0.25
+    """
+    accuracy = [fold["accuracy"] for fold in folds]
+    return {
+        "accuracy_mean": float(np.mean(accuracy)),
+        "accuracy_std": float(np.std(accuracy)),
+        "fold_accuracy": accuracy,
+        "balanced_accuracy": float(np.mean([fold["balanced_accuracy"] for fold in folds])),
+        "macro_f1": float(np.mean([fold["macro_f1"] for fold in folds])),
+    }
+
+
 def evaluate(
     X,
     y,
@@ -706,13 +745,7 @@ def evaluate(
         )
         warnings.warn(message, UserWarning, stacklevel=2)
         notes.append(message)
-    if repeats == 1:
-        splitter = StratifiedKFold(n_splits, shuffle=True, random_state=random_state)
-    else:
-        splitter = RepeatedStratifiedKFold(
-            n_splits=n_splits, n_repeats=repeats, random_state=random_state
-        )
-    splits = list(splitter.split(X, y))
+    splits = outer_splits(y, n_splits, repeats=repeats, random_state=random_state)
 
     grid = _grid_for(X, head, tune=tune, l2_normalize=l2_normalize, pca=pca,
                      random_state=random_state, blocks=blocks)
@@ -724,14 +757,12 @@ def evaluate(
         delayed(_evaluate_fold)(X, y, train, test, **options) for train, test in splits
     )
 
-    fold_accuracy, fold_balanced, fold_f1, best_params = [], [], [], []
+    folds, best_params = [], []
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
     reduced, untuned, n_fits, n_not_converged = [], [], 0, 0
     for (train, test), (y_pred, params, info) in zip(splits, results):
         scores = score_predictions(y[test], y_pred, classes=classes)
-        fold_accuracy.append(scores["accuracy"])
-        fold_balanced.append(scores["balanced_accuracy"])
-        fold_f1.append(scores["macro_f1"])
+        folds.append(scores)
         matrix += np.asarray(scores["confusion_matrix"], dtype=np.int64)
         best_params.append(params)
         n_fits += info["n_fits"]
@@ -772,11 +803,7 @@ def evaluate(
         "n_classes": len(names),
         "cv": n_splits,
         "repeats": repeats,
-        "accuracy_mean": float(np.mean(fold_accuracy)),
-        "accuracy_std": float(np.std(fold_accuracy)),
-        "fold_accuracy": fold_accuracy,
-        "balanced_accuracy": float(np.mean(fold_balanced)),
-        "macro_f1": float(np.mean(fold_f1)),
+        **fold_means(folds),
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),
         "param_grid": grid,
