@@ -31,7 +31,7 @@ from featx.exceptions import FeatxError
 from featx.extraction import Request, iter_batches, prepare, resolve_device, resolve_precision
 from featx.images import ImageSource, open_source
 
-__all__ = ["QUADRANTS", "advise", "imagenet_shift"]
+__all__ = ["FINETUNE_FROM", "QUADRANTS", "advise", "imagenet_shift"]
 
 SIMILARITY_BACKBONE = "efficientnet_lite0"
 SHIFT_THRESHOLD = 0.45
@@ -45,6 +45,13 @@ QUADRANTS = {
     "(a linear head on late features, featx cv DATA --layers all, is the fast baseline)",
     ("large", "different"): "fine-tune more of the network, from an earlier stage, with a small learning rate: "
     "featx finetune DATA --from stage3 (or --from stage4; compare on a held-out split)",
+}
+# The layers each quadrant says to fine-tune from (none for small data: a head on frozen features).
+FINETUNE_FROM = {
+    ("small", "similar"): (),
+    ("small", "different"): (),
+    ("large", "similar"): ("stage5",),
+    ("large", "different"): ("stage4", "stage3"),
 }
 
 
@@ -127,7 +134,8 @@ def advise(
         ``images_per_class`` (median), ``n_images``, ``n_classes``, ``size`` (``"small"`` or
         ``"large"``), ``similarity`` (``"similar"`` or ``"different"``), ``similarity_score``
         (the shift from ImageNet, see :func:`imagenet_shift`; lower is closer),
-        ``threshold``, ``quadrant``, ``recommendation``, and with a comparison
+        ``threshold``, ``quadrant``, ``recommendation``, ``finetune_from`` (the layers the
+        table says to fine-tune from, as a list; empty for small data), and with a comparison
         ``measured_best`` and ``agrees``.
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
@@ -149,6 +157,7 @@ def advise(
         "threshold": SHIFT_THRESHOLD,
         "quadrant": f"{size} data, {similarity} {'to' if similarity == 'similar' else 'from'} ImageNet",
         "recommendation": QUADRANTS[(size, similarity)],
+        "finetune_from": list(FINETUNE_FROM[(size, similarity)]),
         "backbone": backbone,
     }
     if comparison:

@@ -43,7 +43,7 @@ import numpy as np
 
 from featx.exceptions import FeatxError
 
-__all__ = ["AutoResult", "Candidate", "FrozenCandidate", "Search", "auto_fit", "parse_budget"]
+__all__ = ["AutoResult", "Candidate", "FinetuneCandidate", "FrozenCandidate", "Search", "auto_fit", "parse_budget"]
 
 DEFAULT_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 DEFAULT_FEATURE_SETS = ("pre_logits/avg", "stage5/spp", "stage4/spp+pre_logits/avg")
@@ -59,6 +59,11 @@ _RELATIVE_COST = {"logreg": 1.0, "linear-svm": 8.0, "rbf-svm": 8.0}
 # Finished extractions take longer than the bare forward pass (decoding, pooling, writing);
 # this is the ratio assumed until one has been measured.
 _OVERHEAD_PRIOR = 1.0
+# Fine-tuning: an epoch costs more than its training steps (validation pass, BatchNorm statistics
+# recomputed on up to 1,024 maps, reading float16 maps); assumed until a candidate has run.
+_TRAIN_OVERHEAD_PRIOR = 1.25
+# The key of a backbone's float16 map extraction in Search.results (beside (backbone, tta) keys).
+MAPS = "maps"
 
 
 def parse_budget(budget) -> float:
@@ -171,6 +176,90 @@ class FrozenCandidate:
         return model
 
 
+@dataclass(frozen=True)
+class FinetuneCandidate:
+    """Partial fine-tuning of one backbone from ``from_layer`` (:mod:`featx.finetuning`).
+
+    Scored by :func:`featx.finetuning.cross_validate_finetune` on the same outer folds as the
+    frozen candidates (a tail trained in every outer fold, with early stopping on a split of that
+    fold's training part); refitted by :func:`featx.finetune` on all the data. The maps come from
+    one float16 extraction per backbone (all fine-tuning layers of that backbone in one pass).
+
+    Parameters
+    ----------
+    backbone : str
+    from_layer : str
+    epochs, lr, patience : training options of :class:`featx.finetuning.TailClassifier`
+        Upper bound on epochs (the estimate assumes all of them), learning rate of the tail,
+        early-stopping patience.
+    """
+
+    backbone: str
+    from_layer: str
+    epochs: int = 10
+    lr: float = 1e-3
+    patience: int = 3
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone} finetune from {self.from_layer}"
+
+    @property
+    def options(self) -> dict:
+        return {"epochs": self.epochs, "lr": self.lr, "patience": self.patience}
+
+    @staticmethod
+    def val_split(y, n_train: int) -> float:
+        """The early-stopping split for ``n_train`` training images of labels like ``y``.
+
+        10 %, raised so that every class can have one validation image; 0 (all epochs, no early
+        stopping) when that would take more than a third of the images or a class has fewer than
+        three images.
+
+        Examples
+        --------
+        >>> FinetuneCandidate.val_split(["a", "b"] * 500, 800), FinetuneCandidate.val_split(["a", "b", "c"] * 6, 12)
+        (0.1, 0.2917)
+        >>> FinetuneCandidate.val_split(["a", "b"] * 2, 3)
+        0.0
+        """
+        _, counts = np.unique(np.asarray(y), return_counts=True)
+        split = max(0.1, (len(counts) + 0.5) / max(n_train, 1))
+        return round(split, 4) if split <= 1 / 3 and counts.min() >= 3 else 0.0
+
+    @property
+    def config(self) -> dict:
+        return {"kind": "finetune", "backbone": self.backbone, "features": f"{self.from_layer}/map",
+                "layer": self.from_layer, "tta": "none", "head": "finetune", **self.options}
+
+    def estimate(self, search: Search) -> float:
+        return search.map_extraction_estimate(self.backbone) + search.finetune_estimate(self)
+
+    def score(self, search: Search) -> dict:
+        from featx.compare import _reports_folder, cached_evaluate, kept_labels
+        from featx.finetuning import read_maps
+
+        result = search.map_extraction(self.backbone)
+        X, y = read_maps(result, self.from_layer), kept_labels(result)
+        val_split = self.val_split(y, len(y) * (search.cv - 1) // search.cv)
+        report = cached_evaluate(X, y, folder=_reports_folder(result.store), method="finetune", cv=search.cv,
+                                 random_state=search.random_state, backbone=self.backbone, weights=search.weights,
+                                 layer=self.from_layer, device=str(search.device), val_split=val_split, **self.options)
+        return {**report, "n_features": int(X.shape[1])}
+
+    def refit(self, search: Search):
+        from featx.finetuning import finetune
+
+        options = search.extraction_options()
+        for name in ("dtype", "batch_size"):
+            options.pop(name)
+        labels = search.source.labels
+        model, _ = finetune(search.source, backbone=self.backbone, from_layer=self.from_layer,
+                            random_state=search.random_state, extract_batch_size=search.batch_size,
+                            val_split=self.val_split(labels, len(labels)), **self.options, **options)
+        return model
+
+
 class Search:
     """The state of one :func:`auto_fit` run, shared by its candidates.
 
@@ -206,6 +295,9 @@ class Search:
         self._probe: dict[str, float] = {}
         self._missing: dict = {}
         self._keys: list[str] | None = None
+        self.map_layers: dict[str, dict[str, None]] = {}
+        self.train_rate: dict[tuple[str, str], float] = {}
+        self.train_overhead: list[float] = []
 
     # ------------------------------------------------------------------ extraction
     def extraction_options(self) -> dict:
@@ -214,7 +306,11 @@ class Search:
                     device=self.device, precision=self.precision, num_workers=self.num_workers,
                     on_error=self.on_error, progress=self.progress)
 
-    def register(self, candidate: FrozenCandidate) -> None:
+    def register(self, candidate) -> None:
+        """Note what a candidate will need extracted, so that one pass per backbone computes it all."""
+        if isinstance(candidate, FinetuneCandidate):
+            self.map_layers.setdefault(candidate.backbone, {})[candidate.from_layer] = None
+            return
         for backbone in candidate.backbones:
             self.needs.setdefault((backbone, candidate.tta), {}).update(dict.fromkeys(candidate.pairs))
 
@@ -236,6 +332,56 @@ class Search:
             self.extraction_seconds[key] = seconds
         return self.results[key]
 
+    def map_extraction(self, backbone: str):
+        """The float16 maps of every registered fine-tuning layer of ``backbone``, extracted once."""
+        from featx.extraction import extract
+
+        key = (backbone, MAPS)
+        if key not in self.results:
+            options = {**self.extraction_options(), "dtype": "float16"}
+            start = time.perf_counter()
+            result = extract(self.source, backbone=backbone, layers=list(self.map_layers[backbone]), pooling=["map"],
+                             **options)
+            self.results[key] = result
+            self.extraction_seconds[key] = time.perf_counter() - start
+        return self.results[key]
+
+    def map_extraction_estimate(self, backbone: str) -> float:
+        """Seconds the map extraction of ``backbone`` still needs (0 once done)."""
+        if (backbone, MAPS) in self.results:
+            return 0.0
+        missing = self.missing_images(backbone, MAPS)
+        return missing * self._probe_seconds(backbone) * self._overhead() if missing else 0.0
+
+    def finetune_estimate(self, candidate: FinetuneCandidate) -> float:
+        """Seconds of the outer cross-validation of a fine-tuning candidate, all epochs assumed.
+
+        The training step time per map is timed on this machine
+        (:func:`featx.finetuning.train_seconds_per_image`); validation passes and the BatchNorm
+        statistics add a measured overhead (25 % assumed until a candidate has run).
+        """
+        key = (candidate.backbone, candidate.from_layer)
+        if key not in self.train_rate:
+            from featx.finetuning import train_seconds_per_image
+
+            self.train_rate[key] = train_seconds_per_image(candidate.backbone, candidate.from_layer,
+                                                           weights=self.weights, device=str(self.device))
+        n = len(self._content_keys())
+        folds = max(self.cv, 2)
+        trained = n * (folds - 1) / folds * 0.9  # the images of a training part, less its early-stopping split
+        overhead = float(np.median(self.train_overhead)) if self.train_overhead else _TRAIN_OVERHEAD_PRIOR
+        return folds * candidate.epochs * trained * self.train_rate[key] * overhead
+
+    def record_finetune(self, candidate: FinetuneCandidate, report: dict, seconds: float) -> None:
+        """Calibrate the training estimates by a scored candidate's measured time."""
+        epochs = sum(report.get("epochs_run") or report.get("best_epochs") or [])
+        rate = self.train_rate.get((candidate.backbone, candidate.from_layer))
+        if report.get("from_cache") or not epochs or not rate:
+            return
+        n = len(self._content_keys())
+        folds = max(self.cv, 2)
+        self.train_overhead.append(seconds / (epochs * n * (folds - 1) / folds * 0.9 * rate))
+
     def _overhead(self) -> float:
         return float(np.median(self.overhead)) if self.overhead else _OVERHEAD_PRIOR
 
@@ -253,7 +399,7 @@ class Search:
         return self._keys
 
     def missing_images(self, backbone: str, tta: str | None) -> int:
-        """How many images of the source the store still lacks for ``backbone`` with ``tta``."""
+        """How many images of the source the store still lacks for ``backbone`` with ``tta`` (or its maps: ``MAPS``)."""
         from featx.backbones import load_backbone
         from featx.extraction import store_config
         from featx.store import FeatureStore, store_path
@@ -261,12 +407,18 @@ class Search:
         key = (backbone, tta)
         if key not in self._missing:
             keys = self._content_keys()
-            config = store_config(load_backbone(backbone, weights=self.weights, lazy=True), self.precision, self.dtype, tta)
+            loaded = load_backbone(backbone, weights=self.weights, lazy=True)
+            if tta == MAPS:
+                config = store_config(loaded, self.precision, "float16")
+                wanted = [(layer, "map") for layer in self.map_layers.get(backbone, {})]
+            else:
+                config = store_config(loaded, self.precision, self.dtype, tta)
+                wanted = list(self.needs.get(key, {}))
             path = store_path(config, None if self.store is True else self.store)
             missing = len(keys)
             if path.exists() and keys:
                 with FeatureStore(path) as store:
-                    held = store.held(keys, list(self.needs.get(key, {})))
+                    held = store.held(keys, wanted)
                 missing = int(np.sum(~np.logical_and.reduce(list(held.values())))) if held else len(keys)
             self._missing[key] = missing
         return self._missing[key]
@@ -362,7 +514,10 @@ class AutoResult:
     budget : float
         The budget in seconds.
     extractions : list of dict
-        ``backbone``, ``tta``, ``seconds`` and ``n_computed`` of every extraction run.
+        ``backbone``, ``tta``, ``maps`` (the float16 maps of fine-tuning candidates), ``seconds``
+        and ``n_computed`` of every extraction run.
+    advice : dict or None
+        :func:`featx.advise.advise`'s report when ``finetune="advise"`` asked it.
     """
 
     leaderboard: list[dict]
@@ -371,11 +526,12 @@ class AutoResult:
     seconds: float
     budget: float
     extractions: list[dict] = field(default_factory=list)
+    advice: dict | None = None
 
     def to_json(self) -> dict:
         """The leaderboard, the winner, the timings and the chosen configuration, JSON-serialisable."""
         return {"leaderboard": self.leaderboard, "best": self.best, "seconds": self.seconds, "budget": self.budget,
-                "extractions": self.extractions, "model": self.model.describe()}
+                "extractions": self.extractions, "advice": self.advice, "model": self.model.describe()}
 
 
 def _parse_tta(value) -> str | None:
@@ -409,6 +565,46 @@ def frozen_candidates(backbones, feature_sets, ttas, heads, *, concat_backbones:
     return candidates
 
 
+def finetune_candidates(source, backbones, finetune, *, epochs: int = 10,
+                        device="auto") -> tuple[dict | None, list[FinetuneCandidate]]:
+    """The fine-tuning candidates of a search, and the advisor's report when it was asked.
+
+    ``finetune`` is ``"advise"`` (the layers :func:`featx.advise.advise` names for the data's
+    quadrant of the transfer-learning table), ``"none"``, or layers (``"stage5,stage4"``). With
+    ``"advise"``, backbones that cannot be split at the advised layer are left out; layers given
+    explicitly must split every backbone (:class:`featx.finetuning.FinetuneError` otherwise).
+    """
+    from featx.featuresets import split_names
+
+    names = split_names(finetune) if not isinstance(finetune, str) or "," in finetune else [finetune]
+    backbones = split_names(backbones)
+    if names in (["none"], []):
+        return None, []
+    advice = None
+    if names == ["advise"]:
+        from featx.advise import advise
+
+        advice = advise(source, backbone=backbones[0] if backbones else "efficientnet_lite0", device=str(device))
+        layers, strict = advice["finetune_from"], False
+    else:
+        layers, strict = names, True
+    from featx.finetuning import _split_tap
+
+    candidates = []
+    for backbone in backbones:
+        for layer in layers:
+            try:
+                _split_tap(backbone, layer)
+            except FeatxError as error:  # FinetuneError, UnknownLayerError
+                if strict:
+                    raise
+                # Advised layers are stage aliases that not every backbone has: say so in the advice.
+                advice.setdefault("finetune_skipped", []).append(f"{backbone} from {layer}: {error}")
+                continue
+            candidates.append(FinetuneCandidate(backbone, layer, epochs=epochs))
+    return advice, candidates
+
+
 def auto_fit(
     source,
     *,
@@ -419,6 +615,8 @@ def auto_fit(
     heads: str | Sequence[str] = DEFAULT_HEADS,
     concat_backbones: bool = True,
     explore_top: int = 2,
+    finetune: str | Sequence[str] = "advise",
+    finetune_epochs: int = 10,
     extra_candidates: Sequence[Candidate] = (),
     cv: int = 5,
     inner_cv: int = 3,
@@ -451,6 +649,15 @@ def auto_fit(
     explore_top : int, default=2
         Heads after the first are tried on the feature configurations whose first-head score is
         among the best ``explore_top`` so far.
+    finetune : "advise", "none" or layers, default="advise"
+        Partial fine-tuning candidates (:class:`FinetuneCandidate`), one per backbone and layer:
+        ``"advise"`` asks :func:`featx.advise.advise` (the transfer-learning table: fine-tuning
+        for large data, from ``stage5`` for data similar to ImageNet, from ``stage4`` and
+        ``stage3`` for data unlike it; none for small data); ``"none"``; or the layers to
+        fine-tune from (``"stage5,stage4"``). Like every candidate, they run only if their
+        estimate fits in the budget.
+    finetune_epochs : int, default=10
+        Upper bound on the epochs of a fine-tuning candidate (early stopping, patience 3).
     extra_candidates : sequence of Candidate
         Candidates of other kinds (e.g. fine-tuning), scheduled by their own estimates.
     cv, inner_cv, random_state
@@ -503,12 +710,13 @@ def auto_fit(
                     dtype=dtype, batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
                     on_error=on_error, progress=progress)
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
-    for candidate in frozen:
+    advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs, device=search.device)
+    for candidate in [*frozen, *tuned]:
         search.register(candidate)
     head_list = list(dict.fromkeys(c.head for c in frozen))
     first_head = head_list[0] if head_list else None
     held_back = {c.name: c for c in frozen if c.head != first_head}
-    pending: list = [c for c in frozen if c.head == first_head] + list(extra_candidates)
+    pending: list = [c for c in frozen if c.head == first_head] + tuned + list(extra_candidates)
     rows: dict[str, dict] = {}
     first_scores: dict[FrozenCandidate, float] = {}
 
@@ -547,6 +755,8 @@ def auto_fit(
         if isinstance(candidate, FrozenCandidate) and not report_.get("from_cache"):
             search.record_evaluation(candidate.head, report_.get("n_samples", 0), report_.get("n_features", 0),
                                      seconds - extraction_seconds)
+        if isinstance(candidate, FinetuneCandidate):
+            search.record_finetune(candidate, report_, seconds - extraction_seconds)
         row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
                "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
                "cv": report_.get("cv"), "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
@@ -566,7 +776,7 @@ def auto_fit(
                     other = held_back.pop(candidate.with_head(head).name, None)
                     if other is not None:
                         pending.append(other)
-    winner = next(c for c in [*frozen, *extra_candidates] if c.name == best["configuration"])
+    winner = next(c for c in [*frozen, *tuned, *extra_candidates] if c.name == best["configuration"])
     model = winner.refit(search)
     model.info["auto"] = {"configuration": best["config"], "accuracy_mean": best["accuracy_mean"],
                           "accuracy_std": best["accuracy_std"], "cv": best["cv"]}
@@ -575,7 +785,8 @@ def auto_fit(
     for rank, row in enumerate(scored, 1):
         row["rank"] = rank
     leaderboard = scored + [r for r in rows.values() if r["accuracy_mean"] is None]
-    extractions = [{"backbone": b, "tta": t or "none", "seconds": round(search.extraction_seconds[(b, t)], 1),
-                    "n_computed": search.results[(b, t)].n_computed} for b, t in search.results]
+    extractions = [{"backbone": b, "tta": "none" if t in (None, MAPS) else t, "maps": t == MAPS,
+                    "seconds": round(search.extraction_seconds[(b, t)], 1), "n_computed": search.results[(b, t)].n_computed}
+                   for b, t in search.results]
     return AutoResult(leaderboard=leaderboard, best=scored[0], model=model, seconds=time.perf_counter() - start,
-                      budget=seconds_budget, extractions=extractions)
+                      budget=seconds_budget, extractions=extractions, advice=advice)

@@ -396,6 +396,8 @@ def cmd_fit_auto(args, source, kwargs) -> int:
         feature_sets=args.auto_layers,
         ttas=args.auto_tta,
         heads=args.auto_heads,
+        finetune=args.auto_finetune,
+        finetune_epochs=args.auto_finetune_epochs,
         cv=args.cv or 5,
         random_state=args.seed,
         report=progress_line,
@@ -414,11 +416,17 @@ def cmd_fit_auto(args, source, kwargs) -> int:
              "seconds": shown(row["seconds"], ".1f"), "extraction_seconds": shown(row["extraction_seconds"], ".1f")}
             for row in result.leaderboard]
     print(format_table(rows, AUTO_COLUMNS))
+    if result.advice is not None:
+        advice = result.advice
+        print(f"\nadvisor: {advice['quadrant']} ({advice['images_per_class']:.0f} images per class, shift "
+              f"{advice['similarity_score']:.2f}): fine-tuning candidates "
+              + (f"from {', '.join(advice['finetune_from'])}" if advice["finetune_from"] else
+                 "none (small data: heads on frozen features); --auto-finetune stage5 adds one"))
     best = result.best
     print(f"\nbest: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
           f"({best['cv']}-fold CV on {source.name} only)")
-    print("extractions: " + ", ".join(f"{e['backbone']} tta={e['tta']} {e['seconds']:.0f} s ({e['n_computed']} computed)"
-                                      for e in result.extractions))
+    print("extractions: " + ", ".join(f"{e['backbone']} {'maps' if e['maps'] else 'tta=' + e['tta']} {e['seconds']:.0f} s "
+                                      f"({e['n_computed']} computed)" for e in result.extractions))
     print(f"search and refit: {result.seconds:.0f} s of a {result.budget:.0f} s budget")
     print(f"saved to {args.output}")
     return 0
@@ -871,9 +879,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extraction_options(p)
     _add_head_options(p, several=False)
     g = p.add_argument_group(
-        "auto", "--auto searches backbones, feature sets, flip averaging and heads by stratified K-fold CV on DATA "
-        "only (never on held-out data), cheapest first, within --budget; prints the leaderboard and saves the winner, "
-        "refitted on all of DATA. --model, --layers, --pool, --head and --tta are then ignored."
+        "auto", "--auto searches backbones, feature sets, flip averaging, heads and (where the advisor says so) "
+        "partial fine-tuning by stratified K-fold CV on DATA only (never on held-out data), cheapest first, within "
+        "--budget; prints the leaderboard and saves the winner, refitted on all of DATA. --model, --layers, --pool, "
+        "--head and --tta are then ignored."
     )
     g.add_argument("--auto", action="store_true", help="search for the best configuration within --budget")
     g.add_argument("--budget", default="10m", help="time for the search and the refit: 90s, 15m, 1h (default: %(default)s)")
@@ -885,6 +894,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto-heads", default=",".join(_auto_default("DEFAULT_HEADS")),
                    help="heads to try; the first is tried on every feature set, the others on the best ones "
                    "(default: %(default)s)")
+    g.add_argument("--auto-finetune", default="advise",
+                   help="fine-tuning candidates: advise (the layers 'featx advise' names for the data: none for small "
+                   "data), none, or layers to fine-tune from, e.g. stage5,stage4 (default: %(default)s)")
+    g.add_argument("--auto-finetune-epochs", type=int, default=10,
+                   help="most epochs of a fine-tuning candidate; early stopping, patience 3 (default: %(default)s)")
     g.add_argument("--json", action="store_true", help="with --auto: print the leaderboard and the winner as JSON")
     p.add_argument("-o", "--output", required=True, help="model file to write")
     p.set_defaults(func=cmd_fit)

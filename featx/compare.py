@@ -57,35 +57,54 @@ def _reports_folder(store) -> Path | None:
     return None if store is None else Path(str(store.path) + ".reports")
 
 
-def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, **settings) -> dict:
-    """:func:`featx.heads.evaluate`, with its report kept in ``folder`` under a hash of the inputs.
-
-    The hash covers the feature bytes, the labels, every setting and the versions of featx and
-    scikit-learn, so a report is reused only for the identical computation (evaluate is
-    deterministic). ``n_jobs`` does not change the report and is not part of the key.
-    """
-    # scikit-learn is imported only when a report must be computed: a warm comparison reads them.
-    if folder is None:
+def _evaluator(method: str):
+    if method == "heads":
         from featx.heads import evaluate
 
-        return evaluate(X, y, n_jobs=n_jobs, **settings)
+        return evaluate
+    if method == "finetune":
+        from featx.finetuning import cross_validate_finetune
+
+        return cross_validate_finetune
+    raise FeatxError(f"Unknown evaluation method {method!r}: expected 'heads' or 'finetune'.")
+
+
+def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "heads", **settings) -> dict:
+    """An outer cross-validation report, kept in ``folder`` under a hash of the inputs.
+
+    ``method="heads"`` runs :func:`featx.heads.evaluate` (a head on feature vectors);
+    ``"finetune"`` runs :func:`featx.finetuning.cross_validate_finetune` (``X`` holds maps).
+    The hash covers the method, the feature bytes, the labels, every setting and the versions
+    of featx and of scikit-learn or torch, so a report is reused only for the identical
+    computation (both are deterministic on the CPU). ``n_jobs`` does not change the report and
+    is not part of the key.
+    """
+    # scikit-learn (or torch) is imported only when a report must be computed: a warm run reads them.
+    if folder is None:
+        evaluate = _evaluator(method)
+        return evaluate(X, y, **({"n_jobs": n_jobs} if method == "heads" else {}), **settings)
     import importlib.metadata
 
     from featx import __version__
 
+    plain = (str, int, float, bool, type(None), list, tuple, dict, Path, np.integer, np.floating)
+    key = {**{k: v if isinstance(v, plain) else str(v) for k, v in settings.items()},  # weights enums, devices
+           "shape": list(X.shape), "dtype": str(X.dtype), "featx": __version__}
+    if method == "heads":
+        key["sklearn"] = importlib.metadata.version("scikit-learn")
+    else:
+        key.update(method=method, torch=importlib.metadata.version("torch"))
     X = np.ascontiguousarray(X)
     digest = hashlib.sha256()
-    digest.update(canonical_json({**settings, "shape": list(X.shape), "dtype": str(X.dtype),
-                                  "featx": __version__, "sklearn": importlib.metadata.version("scikit-learn")}).encode())
+    digest.update(canonical_json(key).encode())
     digest.update(X.tobytes())
     digest.update("\0".join(str(label) for label in y).encode())
     path = folder / f"{digest.hexdigest()[:32]}.json"
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):  # unreadable: recompute and rewrite it
             return {**json.loads(path.read_text()), "from_cache": True}
-    from featx.heads import evaluate
-
-    report = {**evaluate(X, y, n_jobs=n_jobs, **settings), "from_cache": False}
+    evaluate = _evaluator(method)
+    report = {**evaluate(X, y, **({"n_jobs": n_jobs} if method == "heads" else {}), **settings), "from_cache": False}
     folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp-{os.getpid()}")
     temporary.write_text(json.dumps(report))
@@ -284,7 +303,7 @@ def compare_layers(
 
 def _finetune_row(source, backbone, layer, *, depth, cv, repeats, random_state, store, options, **extraction) -> dict:
     """A comparison row for fine-tuning from ``layer``, cross-validated on the frozen rows' folds."""
-    from featx.finetuning import _split_tap, cross_validate_finetune, read_maps
+    from featx.finetuning import _split_tap, read_maps
 
     _split_tap(backbone.name, layer)
     if store is None or store is False:
@@ -295,9 +314,9 @@ def _finetune_row(source, backbone, layer, *, depth, cv, repeats, random_state, 
     extraction_time = time.perf_counter() - start if result.n_computed else 0.0
     y = kept_labels(result)
     X = read_maps(result, layer)
-    evaluation = cross_validate_finetune(X, y, cv=cv, repeats=repeats, random_state=random_state,
-                                         backbone=backbone.name, weights=backbone.weights_arg, layer=layer,
-                                         device=extraction["device"], **options)
+    evaluation = cached_evaluate(X, y, folder=_reports_folder(result.store), method="finetune", cv=cv, repeats=repeats,
+                                 random_state=random_state, backbone=backbone.name, weights=backbone.weights_arg,
+                                 layer=layer, device=str(extraction["device"]), **options)
     return {
         "model": backbone.name,
         "layer": layer,
@@ -317,7 +336,7 @@ def _finetune_row(source, backbone, layer, *, depth, cv, repeats, random_state, 
         "cv": evaluation["cv"],
         "extraction_time": extraction_time,
         "fit_time": evaluation["fit_time"],
-        "from_cache": False,
+        "from_cache": evaluation["from_cache"],
         "notes": [f"fine-tuned after {layer}: the blocks after it and a new head trained in each outer fold on its "
                   "training part (early stopping on a split of that part), scored on the same outer folds as "
                   "the frozen rows"],

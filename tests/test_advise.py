@@ -33,6 +33,9 @@ def test_advise_places_data_in_quadrants(monkeypatch, shift, per_class, quadrant
         assert key in report
     # where the table says fine-tune, the advice is a runnable 'featx finetune' command
     assert ("featx finetune DATA --from stage" in report["recommendation"]) == (quadrant[0] == "large")
+    # the layers fit --auto fine-tunes from are the ones the recommendation names
+    assert bool(report["finetune_from"]) == (quadrant[0] == "large")
+    assert all(f"--from {layer}" in report["recommendation"] for layer in report["finetune_from"])
 
 
 def test_advise_reports_disagreement_with_measurement(monkeypatch):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featx.auto import AutoResult, Candidate, FrozenCandidate, auto_fit, frozen_candidates, parse_budget
+from featx.auto import (AutoResult, Candidate, FinetuneCandidate, FrozenCandidate, Search, auto_fit,
+                        finetune_candidates, frozen_candidates, parse_budget)
 from featx.cli import main
 from featx.exceptions import FeatxError
 from featx.images import open_source
@@ -14,7 +15,7 @@ from featx.models import load_model, predict
 
 from conftest import TINY, make_images
 
-OPTIONS = dict(backbones=TINY, cv=3, device="cpu")
+OPTIONS = dict(backbones=TINY, cv=3, device="cpu", finetune="none")
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def test_auto_fit_extra_candidates_plug_in_and_budget_stops_them(source, tmp_pat
     assert alone.scored and not second.scored  # the cheapest always runs, so that there is a model; no other
     assert "started over budget" in result.best["status"] and result.best["configuration"] == "plugged alone"
     with pytest.raises(FeatxError, match="no candidate"):
-        auto_fit(source, backbones=[], extra_candidates=[], store=tmp_path, cv=3, device="cpu")
+        auto_fit(source, backbones=[], extra_candidates=[], store=tmp_path, cv=3, device="cpu", finetune="none")
 
 
 def test_auto_fit_is_public():
@@ -178,7 +179,7 @@ def test_cli_fit_auto_prints_the_leaderboard(tmp_path, capsys, image_folder):
 
 def test_search_estimates_unmeasured_heads_from_measured_ones(source, tmp_path):
     """Check that an unmeasured head's evaluation estimate scales from a measured head, by its relative cost."""
-    from featx.auto import _RELATIVE_COST, Search
+    from featx.auto import _RELATIVE_COST
 
     search = Search(source, cv=5, inner_cv=3, random_state=0, store=tmp_path, weights="DEFAULT", dtype="float32",
                     batch_size=32, device="cpu", precision="auto", num_workers=0, on_error="skip", progress=False)
@@ -188,3 +189,63 @@ def test_search_estimates_unmeasured_heads_from_measured_ones(source, tmp_path):
     assert search.evaluation_estimate("linear-svm", 100) == pytest.approx(10.0 * _RELATIVE_COST["linear-svm"])
     assert search.evaluation_estimate("rbf-svm", 200) == pytest.approx(20.0 * _RELATIVE_COST["rbf-svm"])
     assert search.evaluation_estimate("rbf-svm", 100) != before
+
+
+def _search(source, store, cv=3):
+    return Search(source, cv=cv, inner_cv=2, random_state=0, store=store, weights="DEFAULT", dtype="float32",
+                  batch_size=32, device="cpu", precision="auto", num_workers=0, on_error="skip", progress=False)
+
+
+def test_auto_fit_scores_a_finetuning_candidate_on_the_same_folds_and_reuses_it(source, tmp_path):
+    """Check that a fine-tuning candidate is scored by CV on the outer folds, from maps, and read back on a rerun."""
+    options = dict(budget="10m", feature_sets="pre_logits/avg", ttas="none", heads="logreg", store=tmp_path,
+                   backbones=TINY, cv=3, device="cpu", finetune="stage1", finetune_epochs=2)
+    first = auto_fit(source, **options)
+    row = next(r for r in first.leaderboard if r["kind"] == "finetune")
+    assert row["configuration"] == f"{TINY} finetune from stage1" and row["status"] == "scored"
+    assert row["cv"] == 3 and row["dim"] == 16 * 8 * 8 and row["features"] == "stage1/map" and row["head"] == "finetune"
+    assert 0 <= row["accuracy_mean"] <= 1
+    maps = [e for e in first.extractions if e["maps"]]
+    assert len(maps) == 1 and maps[0]["n_computed"] == len(source)
+    second = auto_fit(source, **options)
+    again = next(r for r in second.leaderboard if r["kind"] == "finetune")
+    assert again["accuracy_mean"] == row["accuracy_mean"] and again["status"] == "scored (report from the store)"
+    assert all(e["n_computed"] == 0 for e in second.extractions)
+
+
+def test_finetune_candidate_estimate_refit_and_calibration(source, tmp_path):
+    """Check the estimate (maps missing, then training only), the refit as a fine-tuned model, and the calibration."""
+    candidate = FinetuneCandidate(TINY, "stage1", epochs=2)
+    assert isinstance(candidate, Candidate) and candidate.config["kind"] == "finetune"
+    search = _search(source, tmp_path)
+    search.register(candidate)
+    before = candidate.estimate(search)
+    training = search.finetune_estimate(candidate)
+    assert before > training > 0
+    report = candidate.score(search)
+    assert candidate.estimate(search) == pytest.approx(training)  # the maps are there now
+    search.record_finetune(candidate, {**report, "from_cache": False}, 10 * training)
+    assert search.finetune_estimate(candidate) > training
+    model = candidate.refit(search)
+    assert model.info["kind"] == "finetuned" and model.classes == sorted(set(source.labels))
+    assert len(predict(model, source)) == len(source)
+
+
+def test_finetune_candidates_follow_the_advisor_or_the_layers_given(source, monkeypatch):
+    """Check that 'advise' adds the advised layers (none for small data), 'none' none, and bad layers fail loudly."""
+    advice, candidates = finetune_candidates(source, [TINY], "advise", device="cpu")
+    assert advice["size"] == "small" and advice["finetune_from"] == [] and candidates == []
+    assert finetune_candidates(source, [TINY], "none") == (None, [])
+    _, candidates = finetune_candidates(source, [TINY], "stage1,stage2", epochs=4)
+    assert [(c.from_layer, c.epochs) for c in candidates] == [("stage1", 4), ("stage2", 4)]
+    with pytest.raises(FeatxError, match="pre_logits"):
+        finetune_candidates(source, [TINY], "pre_logits")
+    import featx.advise
+
+    def large(source, **kwargs):
+        return {"size": "large", "finetune_from": ["stage5", "stage1"], "quadrant": "large data"}
+
+    monkeypatch.setattr(featx.advise, "advise", large)
+    advice, candidates = finetune_candidates(source, [TINY], "advise")
+    assert [c.from_layer for c in candidates] == ["stage1"]  # the tiny network has no stage5: said, not hidden
+    assert len(advice["finetune_skipped"]) == 1 and "stage5" in advice["finetune_skipped"][0]
