@@ -249,3 +249,17 @@ def test_finetune_candidates_follow_the_advisor_or_the_layers_given(source, monk
     advice, candidates = finetune_candidates(source, [TINY], "advise")
     assert [c.from_layer for c in candidates] == ["stage1"]  # the tiny network has no stage5: said, not hidden
     assert len(advice["finetune_skipped"]) == 1 and "stage5" in advice["finetune_skipped"][0]
+
+
+def test_cli_fit_auto_finetune_option_adds_a_scored_row(tmp_path, capsys):
+    """Check that --auto-finetune LAYERS adds fine-tuning rows to the leaderboard and the advisor is not asked."""
+    arrays, labels = make_images(n_per_class=8, seed=5)
+    train = _folder(tmp_path / "train", arrays, labels)
+    code = main(["fit", str(train), "--auto", "--budget", "5m", "--auto-models", TINY, "--auto-layers", "pre_logits/avg",
+                 "--auto-tta", "none", "--auto-heads", "logreg", "--auto-finetune", "stage1", "--auto-finetune-epochs", "2",
+                 "--cv", "3", "--device", "cpu", "--cache", str(tmp_path / "cache"), "--json", "-o", str(tmp_path / "m")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    kinds = {row["kind"]: row for row in report["leaderboard"]}
+    assert kinds["finetune"]["status"] == "scored" and kinds["finetune"]["cv"] == 3
+    assert report["advice"] is None and any(e["maps"] for e in report["extractions"])
