@@ -41,4 +41,6 @@ def test_run_bench_compile_reports_compiled_limit(tmp_path):
     folder = make_jpegs(tmp_path / "imgs", 4)
     report = run_bench(folder, model="featx_tiny_cnn", batch_size=2, device="cpu", compile=True, out=lambda line: None)
     assert report["model_only_compiled_images_per_s"] > 0 and report["compile_seconds"] > 0
+    assert report["featx_compiled_images_per_s"] > 0 and report["featx_compile_seconds"] > 0
+    assert report["compiled_speedup_vs_naive"] > 0 and report["compiled_fraction_of_compiled_limit"] > 0
     assert report["decoder"] == "pil"

@@ -423,3 +423,25 @@ def test_extract_unknown_tta_is_refused(images):
     arrays, _ = images
     with pytest.raises(FeatxError, match="expected 'none'.*'hflip'"):
         extract(arrays, backbone=TINY, device="cpu", tta="vflip")
+
+
+@pytest.mark.slow
+def test_extract_compiled_equals_eager_with_a_padded_last_batch(images, tmp_path):
+    """Check that compile=True gives the eager features (short last batch padded, flip averaging too) and the same store."""
+    arrays, _ = images  # 12 images: batches of 5, 5 and a padded 2
+    options = dict(backbone=TINY, layers=["stage1", "pre_logits"], pooling=["avg", "spp"], device="cpu", batch_size=5)
+    for tta in (None, "hflip"):
+        eager = extract(arrays, tta=tta, **options)
+        compiled = extract(arrays, tta=tta, compile=True, **options)
+        for key in eager:
+            assert compiled[key].shape == eager[key].shape
+            np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
+    stored = extract(arrays, store=tmp_path, compile=True, **options)
+    assert extract(arrays, store=tmp_path, **options).store.path == stored.store.path  # not part of the configuration
+
+
+def test_extract_compile_refuses_the_ray_engine(images, tmp_path):
+    """Check that compile=True with engine='ray' fails at once and says to leave one out."""
+    arrays, _ = images
+    with pytest.raises(FeatxError, match="does not go with engine='ray'"):
+        extract(arrays, backbone=TINY, device="cpu", store=tmp_path, engine="ray", compile=True)
