@@ -576,7 +576,7 @@ def finetune_candidates(source, backbones, finetune, *, epochs: int = 10,
     """
     from featx.featuresets import split_names
 
-    names = split_names(finetune) if not isinstance(finetune, str) or "," in finetune else [finetune]
+    names = split_names(finetune)
     backbones = split_names(backbones)
     if names in (["none"], []):
         return None, []
