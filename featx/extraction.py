@@ -155,7 +155,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     """Resolve ``"auto"`` to the fastest precision that keeps features faithful on ``device``.
 
     ``auto`` is ``fp16`` on CUDA, ``bf16`` on CPUs with native bf16 (AVX512-BF16 or AMX: CPU
-    autocast), and ``fp32`` elsewhere (emulated bf16 was 18× slower than fp32 on an AVX2 CPU).
+    autocast), and ``fp32`` elsewhere (emulated bf16 was 8–18× slower than fp32 on an AVX2 CPU).
 
     Examples
     --------
