@@ -14,7 +14,10 @@ Three measurements on the same images, each in a fresh process (so that peak mem
     loop, taps as hooks, short batches padded), timed after a warm-up extraction of one batch
     that compiles it; the compile time is reported apart, so that whether compiling pays for N
     images can be read off: it does when N / featx_images_per_s - N / featx_compiled_images_per_s
-    exceeds compile_seconds.
+    exceeds compile_seconds;
+(f) with ``runtime="onnxruntime"``, featx's extraction with the network exported to ONNX and run
+    by ONNX Runtime (export timed apart, on one batch first), and (g) ONNX Runtime's own
+    model-only limit on random tensors.
 
 Nothing here asserts a time: the figures are printed for people to compare, side by side, from
 one run.
@@ -86,7 +89,8 @@ def _naive(folder: str, model: str, batch_size: int, device: str) -> dict:
     return {"images_per_s": n / (time.perf_counter() - start), "n": n}
 
 
-def _featx(folder: str, model: str, batch_size: int, device: str, compiled: bool = False) -> dict:
+def _featx(folder: str, model: str, batch_size: int, device: str, compiled: bool = False,
+           runtime: str = "torch") -> dict:
     from featx.backbones import load_backbone
     from featx.extraction import extract
     from featx.images import open_source
@@ -94,22 +98,23 @@ def _featx(folder: str, model: str, batch_size: int, device: str, compiled: bool
     backbone = load_backbone(model)  # loaded before the clock starts, as in the naive loop
     source = open_source(folder)
     compile_seconds = None
-    if compiled:  # compile on one batch of the images, into a store of its own, before the clock starts
+    if compiled or runtime != "torch":  # prepare on one batch, into a store of its own, before the clock starts
         with tempfile.TemporaryDirectory() as cache:
             start = time.perf_counter()
             extract(source.subset(list(range(min(batch_size, len(source))))), backbone=backbone,
                     layers=["pre_logits"], store=cache, batch_size=batch_size, device=device, progress=False,
-                    compile=True)
+                    compile=compiled, runtime=runtime)
             compile_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         result = extract(source, backbone=backbone, layers=["pre_logits"], store=cache,
-                         batch_size=batch_size, device=device, progress=False, compile=compiled)
+                         batch_size=batch_size, device=device, progress=False, compile=compiled, runtime=runtime)
         seconds = time.perf_counter() - start
     return {"images_per_s": result.n_computed / seconds, "n": result.n_computed, "compile_seconds": compile_seconds}
 
 
-def _model_only(folder: str, model: str, batch_size: int, device: str, n: int, compiled: bool = False) -> dict:
+def _model_only(folder: str, model: str, batch_size: int, device: str, n: int, compiled: bool = False,
+                runtime: str = "torch") -> dict:
     import torch
 
     from featx.backbones import load_backbone
@@ -123,6 +128,12 @@ def _model_only(folder: str, model: str, batch_size: int, device: str, n: int, c
     x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     batches = max(1, n // batch_size)
     net = torch.compile(backbone.module) if compiled else backbone.module
+    if runtime == "onnxruntime":
+        from featx.backbones import resolve_layers
+        from featx.runners import onnx_taps
+
+        taps = [tap for _, tap in resolve_layers(backbone.name, ["pre_logits"])]
+        net = onnx_taps(backbone.module, taps, x.contiguous())
     with torch.inference_mode(), _autocast(dev, precision):
         warm_up = time.perf_counter()
         net(x)  # warm-up (and, compiled, the compilation)
@@ -160,7 +171,7 @@ def _isolated(kind: str, *args) -> dict:
 
 
 def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, batch_size: int = 32,
-              device: str = "auto", compile: bool = False, out=print) -> dict:
+              device: str = "auto", compile: bool = False, runtime: str = "torch", out=print) -> dict:
     """Measure naive, featx and model-only throughput on the same images, side by side.
 
     Parameters
@@ -173,6 +184,10 @@ def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, b
     compile : bool, default=False
         Also measure the model-only limit under ``torch.compile`` and featx's extraction with
         ``compile=True``.
+    runtime : {"torch", "onnxruntime"}, default="torch"
+        ``"onnxruntime"``: also measure featx's extraction and the model-only limit with ONNX
+        Runtime (``onnx_images_per_s``, ``model_only_onnx_images_per_s``, ``onnx_export_seconds``,
+        ``onnx_speedup_vs_naive``, ``onnx_fraction_of_onnx_limit``, ``onnx_peak_rss_mb``).
 
     Returns
     -------
@@ -211,9 +226,22 @@ def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, b
             ours_compiled = _isolated("_featx", folder, model, batch_size, device, True)
             out(f"    {ours_compiled['images_per_s']:.1f} images/s (compiling, on one batch first, took "
                 f"{ours_compiled['compile_seconds']:.0f} s)")
+        if runtime == "onnxruntime":
+            out("(f) featx extraction with runtime='onnxruntime' into a fresh store …")
+            ours_onnx = _isolated("_featx", folder, model, batch_size, device, False, runtime)
+            out(f"    {ours_onnx['images_per_s']:.1f} images/s (exporting, on one batch first, took "
+                f"{ours_onnx['compile_seconds']:.0f} s)")
+            out("(g) model-only forward pass with ONNX Runtime …")
+            limit_onnx = _isolated("_model_only", folder, model, batch_size, device, ours["n"], False, runtime)
+            out(f"    {limit_onnx['images_per_s']:.1f} images/s")
     extra = {}
+    if runtime == "onnxruntime":
+        extra = {"onnx_images_per_s": ours_onnx["images_per_s"], "onnx_export_seconds": ours_onnx["compile_seconds"],
+                 "onnx_peak_rss_mb": ours_onnx["peak_rss_mb"], "model_only_onnx_images_per_s": limit_onnx["images_per_s"],
+                 "onnx_speedup_vs_naive": ours_onnx["images_per_s"] / naive["images_per_s"],
+                 "onnx_fraction_of_onnx_limit": ours_onnx["images_per_s"] / limit_onnx["images_per_s"]}
     if compile:
-        extra = {"model_only_compiled_images_per_s": compiled["images_per_s"], "compile_seconds": compiled["warm_up_s"],
+        extra |= {"model_only_compiled_images_per_s": compiled["images_per_s"], "compile_seconds": compiled["warm_up_s"],
                  "featx_compiled_images_per_s": ours_compiled["images_per_s"],
                  "featx_compile_seconds": ours_compiled["compile_seconds"],
                  "featx_compiled_peak_rss_mb": ours_compiled["peak_rss_mb"],

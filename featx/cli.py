@@ -225,7 +225,7 @@ def cmd_extract(args) -> int:
     with _interruptible() as stop:
         try:
             result = extract(source, layers=args.layers, pooling=args.pool, stop=stop, shard=shard,
-                             decoder=args.decoder, compile=args.compile, **kwargs)
+                             decoder=args.decoder, compile=args.compile, runtime=args.runtime, **kwargs)
         except KeyboardInterrupt:
             print(
                 "featx: interrupted: every completed batch is kept in the store; run the same command "
@@ -631,7 +631,7 @@ def cmd_bench(args) -> int:
     from featx.bench import run_bench
 
     report = run_bench(args.folder, model=args.model, n=args.n, batch_size=args.batch_size, device=args.device,
-                       compile=args.compile, out=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+                       compile=args.compile, runtime=args.runtime, out=(lambda line: print(line, file=sys.stderr)) if args.json else print)
     if args.json:
         _print_json(report)
         return 0
@@ -650,6 +650,13 @@ def cmd_bench(args) -> int:
             if "compile_seconds" in report
             else ""
         )
+        + (
+            f"  featx, onnxruntime {report['onnx_images_per_s']:5.1f} images/s (peak RSS {report['onnx_peak_rss_mb']:.0f} "
+            f"MB; export took {report['onnx_export_seconds']:.0f} s before); model only with onnxruntime "
+            f"{report['model_only_onnx_images_per_s']:.1f} images/s\n"
+            if "onnx_images_per_s" in report
+            else ""
+        )
         + f"  decoder {report['decoder']}; "
         f"speedup vs naive {report['speedup_vs_naive']:.2f}x, "
         f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit"
@@ -657,6 +664,12 @@ def cmd_bench(args) -> int:
             f"; compiled: {report['compiled_speedup_vs_naive']:.2f}x, "
             f"{100 * report['compiled_fraction_of_compiled_limit']:.0f}% of the compiled limit"
             if "compile_seconds" in report
+            else ""
+        )
+        + (
+            f"; onnxruntime: {report['onnx_speedup_vs_naive']:.2f}x, "
+            f"{100 * report['onnx_fraction_of_onnx_limit']:.0f}% of its model-only limit"
+            if "onnx_images_per_s" in report
             else ""
         )
     )
@@ -811,6 +824,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true",
         help="run the network under torch.compile (CPU or CUDA): compiles once (seconds to minutes), then "
         "faster; pays on large folders ('featx bench --compile' measures both). Same features up to rounding.",
+    )  # fmt: skip
+    p.add_argument(
+        "--runtime", choices=("torch", "onnxruntime"), default="torch",
+        help="onnxruntime: export the network to ONNX once and run it with ONNX Runtime on the CPU "
+        '(pip install "featx[onnx]"); same features up to rounding (default: %(default)s)',
     )  # fmt: skip
     _add_engine_options(p)
     p.add_argument(
@@ -996,7 +1014,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
     p.add_argument(
         "--compile", action="store_true",
-        help="also measure the model-only limit under torch.compile (its compile time is reported apart)",
+        help="also measure featx and the model-only limit under torch.compile (compile time reported apart)",
+    )  # fmt: skip
+    p.add_argument(
+        "--runtime", choices=("torch", "onnxruntime"), default="torch",
+        help="onnxruntime: also measure featx and the model-only limit with ONNX Runtime (default: %(default)s)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_bench)

@@ -20,7 +20,6 @@ import re
 import sys
 import time
 import warnings
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +211,23 @@ def check_tta(tta: str | None) -> str | None:
             f"image and its horizontal mirror)."
         )
     return tta
+
+
+def check_runtime(runtime: str, device, compile: bool = False) -> str:
+    """Validate ``runtime`` (``"torch"`` or ``"onnxruntime"``) against the device and ``compile``."""
+    from featx.runners import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        raise FeatxError(f"Unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}.")
+    if runtime == "onnxruntime":
+        kind = getattr(device, "type", device)
+        if kind != "cpu":
+            raise FeatxError(f"runtime='onnxruntime' runs on the CPU, not on {kind!r}: use device='cpu', or the "
+                             f"default runtime='torch' on {kind!r}.")
+        if compile:
+            raise FeatxError("compile=True compiles the torch runtime; it does not go with runtime='onnxruntime'. "
+                             "Leave one of them out.")
+    return runtime
 
 
 def _autocast(device: torch.device, precision: str):
@@ -411,6 +427,7 @@ def iter_batches(
     decoder: str = "pil",
     tta: str | None = None,
     compile: bool = False,
+    runtime: str = "torch",
 ) -> Iterator[Batch]:
     """Yield pooled features batch by batch: the single loop every consumer uses.
 
@@ -435,12 +452,14 @@ def iter_batches(
         ``"hflip"``: every batch and its horizontal mirror go through the network together (one
         forward pass on the doubled batch) and the pooled features of the two views are averaged.
     compile : bool, default=False
-        Run the network under ``torch.compile`` (see :func:`compiled_taps`): every batch has
-        ``batch_size`` images (a short last batch is padded), so it compiles once per process,
-        backbone and layer set. The forward pass then runs to the end of the network (it cannot
-        stop at the last tap).
+        Run the network under ``torch.compile`` (:func:`featx.runners.compiled_taps`).
+    runtime : {"torch", "onnxruntime"}, default="torch"
+        ``"onnxruntime"`` exports the network to ONNX once and runs it with ONNX Runtime on the
+        CPU (:func:`featx.runners.onnx_taps`). With either, every batch has ``batch_size`` images
+        (a short last batch is padded) and the forward pass runs to the end of the network.
     """
     tta = check_tta(tta)
+    runtime = check_runtime(runtime, device, compile)
     if on_error not in ("skip", "raise"):
         raise FeatxError(f"Unknown on_error {on_error!r}: expected 'skip' or 'raise'.")
     if batch_size < 1:
@@ -465,7 +484,17 @@ def iter_batches(
         prefetch_factor=4 if num_workers else None,
     )
     taps = list(dict.fromkeys(r.tap for r in requests))
-    runner = compiled_taps(backbone.module, taps, device) if compile else None
+    full = batch_size * (2 if tta == "hflip" else 1)  # the batch the network sees
+    runner = None
+    if compile:
+        from featx.runners import compiled_taps
+
+        runner = compiled_taps(backbone.module, taps, device)
+    elif runtime == "onnxruntime":
+        from featx.runners import onnx_taps
+
+        size = backbone.preprocess.crop
+        runner = onnx_taps(backbone.module, taps, torch.zeros(full, 3, size, size))
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
     if show:
@@ -491,10 +520,10 @@ def iter_batches(
                     n = x.shape[0]
                     if tta == "hflip":
                         x = torch.cat([x, x.flip(-1)])
-                    if runner is not None and len(x) < batch_size * (2 if tta == "hflip" else 1):
+                    if runner is not None and len(x) < full:
                         # one input shape, one compilation: pad the short last batch (eval-mode
                         # BatchNorm treats rows independently, so the padding changes no real row)
-                        x = torch.cat([x, x.new_zeros(batch_size * (2 if tta == "hflip" else 1) - len(x), *x.shape[1:])])
+                        x = torch.cat([x, x.new_zeros(full - len(x), *x.shape[1:])])
                     if device.type != "mps":
                         x = x.contiguous(memory_format=torch.channels_last)
                     with _autocast(device, precision):
@@ -514,66 +543,6 @@ def iter_batches(
     finally:
         if bar is not None:
             bar.close()
-
-
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled_taps(module, taps: Sequence[Tap], device: torch.device):
-    """``module`` under ``torch.compile``, returning the tensors at ``taps`` as a tuple.
-
-    The taps are persistent forward hooks that record their tensors (the loop's
-    :func:`~featx.backbones.run_taps` stops the forward pass by raising, which compiled code
-    cannot). Compiled once per module, layer set and device in a process, with static shapes.
-    The features equal the eager ones up to float rounding (measured within 1e-4 relative on
-    efficientnet_lite0), which is why compiling is not part of a store's configuration, like the
-    batch size.
-
-    Compiling costs seconds to minutes the first time (Inductor keeps a cache on disk for later
-    processes) and pays on large extractions; ``featx bench --compile`` measures both.
-    """
-    import torch
-    from torch import nn
-
-    if device.type not in ("cpu", "cuda"):
-        raise FeatxError(f"compile=True runs on the CPU or CUDA, not on {device.type!r}; leave it off there.")
-    key = (tuple(taps), str(device))
-    per_module = _COMPILED.setdefault(module, {})
-    if key not in per_module:
-
-        class TapModule(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.net = module
-                self.seen: dict[int, torch.Tensor] = {}
-                self.recording = False
-
-            def forward(self, x):
-                self.seen.clear()
-                self.recording = True  # the hooks stay on the module: eager runs elsewhere must not feed them
-                self.net(x)
-                self.recording = False
-                outputs = tuple(self.seen[i] for i in range(len(taps)))
-                self.seen.clear()
-                return outputs
-
-        wrapper = TapModule()
-
-        def make_hook(i: int, port: str):
-            def hook(_module, args, output=None):
-                if wrapper.recording:
-                    wrapper.seen[i] = args[0] if port == "input" else output
-
-            return hook
-
-        for i, tap in enumerate(taps):
-            sub = module.get_submodule(tap.node)
-            if tap.port == "input":
-                sub.register_forward_pre_hook(make_hook(i, "input"))
-            else:
-                sub.register_forward_hook(make_hook(i, "output"))
-        per_module[key] = torch.compile(wrapper, dynamic=False)
-    return per_module[key]
 
 
 def prepare(backbone: Backbone, device: torch.device) -> Backbone:
@@ -775,6 +744,7 @@ def extract(
     engine="local",
     tta: str | None = None,
     compile: bool = False,
+    runtime: str = "torch",
 ):
     """Extract pooled features from a frozen backbone, in memory or into a feature store.
 
@@ -867,9 +837,10 @@ def extract(
             f"{'shard=' if shard is not None else 'engine='}{shard if shard is not None else 'ray'!r} writes to a "
             "feature store, but store=None was given: pass store=True (the cache folder), a folder or a .h5 path"
         )
-    if compile and engine is not None:
-        raise FeatxError("compile=True compiles the network in this process; it does not go with engine='ray'. "
-                         "Leave one of them out.")
+    check_runtime(runtime, "cpu", compile)  # the name and the combination; the device is checked by the loop
+    if (compile or runtime != "torch") and engine is not None:
+        raise FeatxError(f"{'compile=True' if compile else f'runtime={runtime!r}'} prepares the network in this "
+                         "process; it does not go with engine='ray'. Leave one of them out.")
     if shard is not None:
         from featx.shards import check_shard
 
@@ -892,7 +863,8 @@ def extract(
     precision = resolve_precision(precision, kind)
     decoder = resolve_decoder(decoder, kind)
     loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress,
-                decoder=decoder, tta=tta, **({"compile": True} if compile else {}))
+                decoder=decoder, tta=tta, **({"compile": True} if compile else {}),
+                **({"runtime": runtime} if runtime != "torch" else {}))
     if store is None:
         prepare(backbone, device)
         chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
@@ -909,7 +881,7 @@ def extract(
     except _DeviceTypeChanged as changed:  # the driver said one device type and torch another: torch decides
         return extract(source, backbone=backbone, layers=layers, pooling=pooling, store=store, dtype=dtype,
                        on_error=on_error, batch_size=batch_size, device=changed.device, num_workers=num_workers,
-                       progress=progress, stop=stop, shard=shard, engine=engine, tta=tta, compile=compile, **arguments)
+                       progress=progress, stop=stop, shard=shard, engine=engine, tta=tta, compile=compile, runtime=runtime, **arguments)
 
 
 class _DeviceTypeChanged(Exception):

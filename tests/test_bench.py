@@ -44,3 +44,14 @@ def test_run_bench_compile_reports_compiled_limit(tmp_path):
     assert report["featx_compiled_images_per_s"] > 0 and report["featx_compile_seconds"] > 0
     assert report["compiled_speedup_vs_naive"] > 0 and report["compiled_fraction_of_compiled_limit"] > 0
     assert report["decoder"] == "pil"
+
+
+def test_run_bench_onnxruntime_reports_its_rate_and_limit(tmp_path):
+    """Check that bench --runtime onnxruntime adds featx's and the model-only rates with ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    report = run_bench(folder, model="featx_tiny_cnn", batch_size=2, device="cpu", runtime="onnxruntime",
+                       out=lambda line: None)
+    assert report["onnx_images_per_s"] > 0 and report["model_only_onnx_images_per_s"] > 0
+    assert report["onnx_export_seconds"] > 0 and report["onnx_speedup_vs_naive"] > 0
+    assert "model_only_compiled_images_per_s" not in report
