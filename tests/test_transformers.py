@@ -162,3 +162,16 @@ def test_cnnfeatures_hflip_matches_extract(images, tmp_path):
         np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(FeatxError, match="Unknown tta"):
         CNNFeatures(TINY, tta="flip").fit()
+
+
+def test_cnnfeatures_onnxruntime_matches_torch(images, tmp_path):
+    """Check that runtime='onnxruntime' in the transformer gives torch's features, cached or not, and bad runtimes fail at fit."""
+    pytest.importorskip("onnxruntime")
+    arrays, _ = images
+    expected = CNNFeatures(TINY, layer="stage2/spp+pre_logits", device="cpu", cache=None).fit_transform(arrays)
+    for cache in (None, tmp_path):
+        X = CNNFeatures(TINY, layer="stage2/spp+pre_logits", device="cpu", cache=cache,
+                        runtime="onnxruntime").fit_transform(arrays)
+        np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FeatxError, match="Unknown runtime 'tvm'"):
+        CNNFeatures(TINY, device="cpu", runtime="tvm").fit()
