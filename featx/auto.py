@@ -366,11 +366,13 @@ class Search:
 
             self.train_rate[key] = train_seconds_per_image(candidate.backbone, candidate.from_layer,
                                                            weights=self.weights, device=str(self.device))
-        n = len(self._content_keys())
-        folds = max(self.cv, 2)
-        trained = n * (folds - 1) / folds * 0.9  # the images of a training part, less its early-stopping split
         overhead = float(np.median(self.train_overhead)) if self.train_overhead else _TRAIN_OVERHEAD_PRIOR
-        return folds * candidate.epochs * trained * self.train_rate[key] * overhead
+        return max(self.cv, 2) * candidate.epochs * self._trained_per_fold() * self.train_rate[key] * overhead
+
+    def _trained_per_fold(self) -> float:
+        """Images one outer fold trains on: its training part, less the early-stopping split (about 10 %)."""
+        folds = max(self.cv, 2)
+        return len(self._content_keys()) * (folds - 1) / folds * 0.9
 
     def record_finetune(self, candidate: FinetuneCandidate, report: dict, seconds: float) -> None:
         """Calibrate the training estimates by a scored candidate's measured time."""
@@ -378,9 +380,7 @@ class Search:
         rate = self.train_rate.get((candidate.backbone, candidate.from_layer))
         if report.get("from_cache") or not epochs or not rate:
             return
-        n = len(self._content_keys())
-        folds = max(self.cv, 2)
-        self.train_overhead.append(seconds / (epochs * n * (folds - 1) / folds * 0.9 * rate))
+        self.train_overhead.append(seconds / (epochs * self._trained_per_fold() * rate))
 
     def _overhead(self) -> float:
         return float(np.median(self.overhead)) if self.overhead else _OVERHEAD_PRIOR
@@ -401,8 +401,8 @@ class Search:
     def missing_images(self, backbone: str, tta: str | None) -> int:
         """How many images of the source the store still lacks for ``backbone`` with ``tta`` (or its maps: ``MAPS``)."""
         from featx.backbones import load_backbone
-        from featx.extraction import store_config
-        from featx.store import FeatureStore, store_path
+        from featx.extraction import store_config, store_location
+        from featx.store import FeatureStore
 
         key = (backbone, tta)
         if key not in self._missing:
@@ -414,7 +414,7 @@ class Search:
             else:
                 config = store_config(loaded, self.precision, self.dtype, tta)
                 wanted = list(self.needs.get(key, {}))
-            path = store_path(config, None if self.store is True else self.store)
+            path = store_location(self.store, config)
             missing = len(keys)
             if path.exists() and keys:
                 with FeatureStore(path) as store:

@@ -14,7 +14,7 @@ Three measurements on the same images, each in a fresh process (so that peak mem
     loop, taps as hooks, short batches padded), timed after a warm-up extraction of one batch
     that compiles it; the compile time is reported apart, so that whether compiling pays for N
     images can be read off: it does when N / featx_images_per_s - N / featx_compiled_images_per_s
-    exceeds compile_seconds;
+    exceeds featx_compile_seconds;
 (f) with ``runtime="onnxruntime"``, featx's extraction with the network exported to ONNX and run
     by ONNX Runtime (export timed apart, on one batch first), and (g) ONNX Runtime's own
     model-only limit on random tensors.
@@ -97,20 +97,20 @@ def _featx(folder: str, model: str, batch_size: int, device: str, compiled: bool
 
     backbone = load_backbone(model)  # loaded before the clock starts, as in the naive loop
     source = open_source(folder)
-    compile_seconds = None
+    prepare_seconds = None
     if compiled or runtime != "torch":  # prepare on one batch, into a store of its own, before the clock starts
         with tempfile.TemporaryDirectory() as cache:
             start = time.perf_counter()
             extract(source.subset(list(range(min(batch_size, len(source))))), backbone=backbone,
                     layers=["pre_logits"], store=cache, batch_size=batch_size, device=device, progress=False,
                     compile=compiled, runtime=runtime)
-            compile_seconds = time.perf_counter() - start
+            prepare_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         result = extract(source, backbone=backbone, layers=["pre_logits"], store=cache,
                          batch_size=batch_size, device=device, progress=False, compile=compiled, runtime=runtime)
         seconds = time.perf_counter() - start
-    return {"images_per_s": result.n_computed / seconds, "n": result.n_computed, "compile_seconds": compile_seconds}
+    return {"images_per_s": result.n_computed / seconds, "n": result.n_computed, "prepare_seconds": prepare_seconds}
 
 
 def _model_only(folder: str, model: str, batch_size: int, device: str, n: int, compiled: bool = False,
@@ -225,25 +225,25 @@ def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, b
             out("(e) featx extraction with compile=True into a fresh store …")
             ours_compiled = _isolated("_featx", folder, model, batch_size, device, True)
             out(f"    {ours_compiled['images_per_s']:.1f} images/s (compiling, on one batch first, took "
-                f"{ours_compiled['compile_seconds']:.0f} s)")
+                f"{ours_compiled['prepare_seconds']:.0f} s)")
         if runtime == "onnxruntime":
             out("(f) featx extraction with runtime='onnxruntime' into a fresh store …")
             ours_onnx = _isolated("_featx", folder, model, batch_size, device, False, runtime)
             out(f"    {ours_onnx['images_per_s']:.1f} images/s (exporting, on one batch first, took "
-                f"{ours_onnx['compile_seconds']:.0f} s)")
+                f"{ours_onnx['prepare_seconds']:.0f} s)")
             out("(g) model-only forward pass with ONNX Runtime …")
             limit_onnx = _isolated("_model_only", folder, model, batch_size, device, ours["n"], False, runtime)
             out(f"    {limit_onnx['images_per_s']:.1f} images/s")
     extra = {}
     if runtime == "onnxruntime":
-        extra = {"onnx_images_per_s": ours_onnx["images_per_s"], "onnx_export_seconds": ours_onnx["compile_seconds"],
+        extra = {"onnx_images_per_s": ours_onnx["images_per_s"], "onnx_export_seconds": ours_onnx["prepare_seconds"],
                  "onnx_peak_rss_mb": ours_onnx["peak_rss_mb"], "model_only_onnx_images_per_s": limit_onnx["images_per_s"],
                  "onnx_speedup_vs_naive": ours_onnx["images_per_s"] / naive["images_per_s"],
                  "onnx_fraction_of_onnx_limit": ours_onnx["images_per_s"] / limit_onnx["images_per_s"]}
     if compile:
         extra |= {"model_only_compiled_images_per_s": compiled["images_per_s"], "compile_seconds": compiled["warm_up_s"],
                  "featx_compiled_images_per_s": ours_compiled["images_per_s"],
-                 "featx_compile_seconds": ours_compiled["compile_seconds"],
+                 "featx_compile_seconds": ours_compiled["prepare_seconds"],
                  "featx_compiled_peak_rss_mb": ours_compiled["peak_rss_mb"],
                  "compiled_speedup_vs_naive": ours_compiled["images_per_s"] / naive["images_per_s"],
                  "compiled_fraction_of_compiled_limit": ours_compiled["images_per_s"] / compiled["images_per_s"]}

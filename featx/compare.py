@@ -57,11 +57,14 @@ def _reports_folder(store) -> Path | None:
     return None if store is None else Path(str(store.path) + ".reports")
 
 
-def _evaluator(method: str):
+def _evaluator(method: str, n_jobs=None):
+    """The outer cross-validation function of ``method`` (``n_jobs`` goes to the heads' one)."""
     if method == "heads":
+        import functools
+
         from featx.heads import evaluate
 
-        return evaluate
+        return functools.partial(evaluate, n_jobs=n_jobs)
     if method == "finetune":
         from featx.finetuning import cross_validate_finetune
 
@@ -81,8 +84,7 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
     """
     # scikit-learn (or torch) is imported only when a report must be computed: a warm run reads them.
     if folder is None:
-        evaluate = _evaluator(method)
-        return evaluate(X, y, **({"n_jobs": n_jobs} if method == "heads" else {}), **settings)
+        return _evaluator(method, n_jobs)(X, y, **settings)
     import importlib.metadata
 
     from featx import __version__
@@ -103,8 +105,7 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):  # unreadable: recompute and rewrite it
             return {**json.loads(path.read_text()), "from_cache": True}
-    evaluate = _evaluator(method)
-    report = {**evaluate(X, y, **({"n_jobs": n_jobs} if method == "heads" else {}), **settings), "from_cache": False}
+    report = {**_evaluator(method, n_jobs)(X, y, **settings), "from_cache": False}
     folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp-{os.getpid()}")
     temporary.write_text(json.dumps(report))

@@ -87,6 +87,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def _kind(device: str | torch.device) -> str:
+    """The device type of a device or of a device type already resolved (``"cpu"``, ``"cuda"`` …)."""
+    return device if isinstance(device, str) else device.type
+
+
 def device_type(device: str | torch.device = "auto") -> str | None:
     """The type (``"cpu"``, ``"cuda"``, ``"mps"``) :func:`resolve_device` would give, without
     importing torch where that can be known; ``None`` where only torch can tell.
@@ -161,7 +166,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     >>> resolve_precision("auto", "cpu") in ("fp32", "bf16")
     True
     """
-    kind = device if isinstance(device, str) else device.type
+    kind = _kind(device)
     if precision not in PRECISIONS:
         raise FeatxError(f"Unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}.")
     if precision == "auto":
@@ -189,7 +194,7 @@ def resolve_decoder(decoder: str, device: str | torch.device) -> str:
     >>> resolve_decoder("auto", "cuda")
     'torch'
     """
-    kind = device if isinstance(device, str) else device.type
+    kind = _kind(device)
     if decoder not in DECODERS:
         raise FeatxError(f"Unknown decoder {decoder!r}: expected one of {', '.join(DECODERS)}.")
     if decoder == "auto":
@@ -213,15 +218,15 @@ def check_tta(tta: str | None) -> str | None:
     return tta
 
 
-def check_runtime(runtime: str, device, compile: bool = False) -> str:
-    """Validate ``runtime`` (``"torch"`` or ``"onnxruntime"``) against the device and ``compile``."""
+def check_runtime(runtime: str, device=None, compile: bool = False) -> str:
+    """Validate ``runtime`` (``"torch"`` or ``"onnxruntime"``) against ``compile`` and, when given, the device."""
     from featx.runners import RUNTIMES
 
     if runtime not in RUNTIMES:
         raise FeatxError(f"Unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}.")
     if runtime == "onnxruntime":
-        kind = getattr(device, "type", device)
-        if kind != "cpu":
+        kind = None if device is None else _kind(device)
+        if kind not in (None, "cpu"):
             raise FeatxError(f"runtime='onnxruntime' runs on the CPU, not on {kind!r}: use device='cpu', or the "
                              f"default runtime='torch' on {kind!r}.")
         if compile:
@@ -571,7 +576,7 @@ def store_config(backbone: Backbone, precision: str, dtype: str = "float32", dec
 
     config = {**backbone.config(), "precision": precision, "dtype": dtype, "featx_version": __version__}
     if decoder != "pil":
-        config["decoder"] = f"torchvision.io.decode_jpeg:{device if isinstance(device, str) else device.type}"
+        config["decoder"] = f"torchvision.io.decode_jpeg:{_kind(device)}"
     tta = check_tta(tta)
     if tta is not None:
         config["tta"] = tta
@@ -618,12 +623,7 @@ def open_store(store, config: Mapping, *, dtype: str = "float32"):
         if store.config == json.loads(canonical_json(config)) and store.dtype == dtype:
             return store
         return FeatureStore.open(config, path=store.path, dtype=dtype, provenance=provenance())
-    if store is True:
-        return FeatureStore.open(config, dtype=dtype, provenance=provenance())
-    path = Path(store)
-    if path.suffix == ".h5":
-        return FeatureStore.open(config, path=path, dtype=dtype, provenance=provenance())
-    return FeatureStore.open(config, cache_dir=path, dtype=dtype, provenance=provenance())
+    return FeatureStore.open(config, path=store_location(store, config), dtype=dtype, provenance=provenance())
 
 
 class ExtractionResult(Mapping):
@@ -837,7 +837,7 @@ def extract(
             f"{'shard=' if shard is not None else 'engine='}{shard if shard is not None else 'ray'!r} writes to a "
             "feature store, but store=None was given: pass store=True (the cache folder), a folder or a .h5 path"
         )
-    check_runtime(runtime, "cpu", compile)  # the name and the combination; the device is checked by the loop
+    check_runtime(runtime, compile=compile)  # the name and the combination; the loop checks the device
     if (compile or runtime != "torch") and engine is not None:
         raise FeatxError(f"{'compile=True' if compile else f'runtime={runtime!r}'} prepares the network in this "
                          "process; it does not go with engine='ray'. Leave one of them out.")
@@ -863,8 +863,9 @@ def extract(
     precision = resolve_precision(precision, kind)
     decoder = resolve_decoder(decoder, kind)
     loop = dict(batch_size=batch_size, device=device, precision=precision, num_workers=num_workers, progress=progress,
-                decoder=decoder, tta=tta, **({"compile": True} if compile else {}),
-                **({"runtime": runtime} if runtime != "torch" else {}))
+                decoder=decoder, tta=tta,
+                # only when asked for: an engine's batches() (refused with them above) takes neither
+                **({"compile": True} if compile else {}), **({"runtime": runtime} if runtime != "torch" else {}))
     if store is None:
         prepare(backbone, device)
         chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
@@ -881,7 +882,8 @@ def extract(
     except _DeviceTypeChanged as changed:  # the driver said one device type and torch another: torch decides
         return extract(source, backbone=backbone, layers=layers, pooling=pooling, store=store, dtype=dtype,
                        on_error=on_error, batch_size=batch_size, device=changed.device, num_workers=num_workers,
-                       progress=progress, stop=stop, shard=shard, engine=engine, tta=tta, compile=compile, runtime=runtime, **arguments)
+                       progress=progress, stop=stop, shard=shard, engine=engine, tta=tta, compile=compile,
+                       runtime=runtime, **arguments)
 
 
 class _DeviceTypeChanged(Exception):
@@ -894,14 +896,9 @@ class _DeviceTypeChanged(Exception):
 
 def _store_exists(store, config: Mapping) -> bool:
     """Whether ``store`` (as :func:`open_store` takes it) already exists for ``config``."""
-    from featx.store import FeatureStore, store_path
+    from featx.store import FeatureStore
 
-    if isinstance(store, FeatureStore):
-        return True
-    if store is True:
-        return store_path(config).exists()
-    path = Path(store)
-    return path.exists() if path.suffix == ".h5" else store_path(config, path).exists()
+    return isinstance(store, FeatureStore) or store_location(store, config).exists()
 
 
 def _resolve_engine(engine):
@@ -926,16 +923,15 @@ def _extract_to_store(backbone, source, requests, *, store, dtype, on_error, loo
                       engine=None) -> ExtractionResult:
     start = time.perf_counter()
     config = store_config(backbone, loop["precision"], dtype, loop["decoder"], kind, loop["tta"])
+    keys, unreadable = _content_keys(source, on_error)
     if shard is None:
         feature_store = lookup = open_store(store, config, dtype=dtype)
-        keys, unreadable = _content_keys(source, on_error)
     else:
         from featx.shards import in_shard, open_shard
 
         # The shard writes its own store; what the main store or a sibling shard holds is not recomputed.
         feature_store, lookup = open_shard(store_location(store, config), config, dtype=dtype, shard=shard,
                                            provenance=provenance())
-        keys, unreadable = _content_keys(source, on_error)
         keys = [key if member else None for key, member in zip(keys, in_shard(keys, shard))]
     first: dict[str, int] = {}
     for i, key in enumerate(keys):
