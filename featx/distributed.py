@@ -36,15 +36,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, RayUnavailableError
 
 __all__ = ["RayEngine", "joblib_on_ray", "require_ray", "ray_session"]
 
 _EXTRA = 'pip install "featx[ray]"'
-
-
-class RayUnavailableError(FeatxError, ImportError):
-    """Ray is not installed; the message names the extra that brings it."""
 
 
 def require_ray():
@@ -63,7 +59,7 @@ def require_ray():
     ...     require_ray()
     Traceback (most recent call last):
     ...
-    featx.distributed.RayUnavailableError: the Ray engine needs Ray, which is not installed: pip install "featx[ray]" (or pip install ray), or run without --engine ray
+    featx.exceptions.RayUnavailableError: the Ray engine needs Ray, which is not installed: pip install "featx[ray]" (or pip install ray), or run without --engine ray
     """
     try:
         import ray

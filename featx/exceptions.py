@@ -14,9 +14,12 @@ __all__ = [
     "CacheMismatchError",
     "EvaluationError",
     "FeatxError",
+    "FinetuneError",
     "ImageDecodeError",
     "MissingKeysError",
+    "ModelFileError",
     "NotFittedError",
+    "RayUnavailableError",
     "StoreError",
     "StoreInputError",
     "UnknownHeadError",
@@ -70,6 +73,18 @@ class StoreInputError(FeatxError, ValueError):
 
 class CacheMismatchError(FeatxError, ValueError):
     """A feature store written with another extraction configuration than the one requested."""
+
+
+class ModelFileError(FeatxError, ValueError):
+    """A model file that cannot be used: not a featx model, another version, or a backbone it cannot build."""
+
+
+class FinetuneError(FeatxError, ValueError):
+    """A fine-tuning request featx cannot carry out: a layer it cannot split after, bad options."""
+
+
+class RayUnavailableError(FeatxError, ImportError):
+    """Ray is not installed; the message names the extra that brings it."""
 
 
 class MissingKeysError(FeatxError, KeyError):

@@ -65,7 +65,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from featx.backbones import Backbone, Tap, _probe, layer_shape, load_backbone, resolve_layers, run_taps
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, FinetuneError
 
 __all__ = ["FinetuneError", "SUPPORTED", "TailClassifier", "build_tail", "cross_validate_finetune", "finetune",
            "read_maps", "train_seconds_per_image"]
@@ -80,10 +80,6 @@ BATCHNORM = ("train", "frozen")
 _READ_BLOCK = 512
 _PREDICT_BATCH = 256
 _BN_SAMPLES = 1024
-
-
-class FinetuneError(FeatxError, ValueError):
-    """A fine-tuning request featx cannot carry out: a layer it cannot split after, bad options."""
 
 
 # --------------------------------------------------------------------------- the tail

@@ -29,7 +29,7 @@ from sklearn.pipeline import Pipeline
 
 from featx.backbones import load_backbone
 from featx.compare import kept_labels
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, ModelFileError
 from featx.extraction import extract
 from featx.heads import fit_head, score_predictions
 from featx.images import ImageSource, describe, open_source
@@ -42,10 +42,6 @@ FORMAT_VERSION = 1
 _HEADER = re.compile(rb"featx-model sha256=([0-9a-f]{64})\n")
 _HEADER_PREFIX = b"featx-model "
 _HEADER_MAX = 128
-
-
-class ModelFileError(FeatxError, ValueError):
-    """A model file that cannot be used: not a featx model, another version, or a backbone it cannot build."""
 
 
 @dataclass

@@ -1,0 +1,93 @@
+"""Small foundations every layer uses: name lists and files replaced atomically.
+
+This module imports neither torch nor scikit-learn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write", "fsync_dir", "split_names", "temporary_name"]
+
+
+def split_names(value, *, sep: str = ",") -> list[str]:
+    """A ``sep``-separated string or a sequence of names, as a list (spaces around names dropped).
+
+    Examples
+    --------
+    >>> split_names("stage4+pre_logits, stage5,")
+    ['stage4+pre_logits', 'stage5']
+    >>> split_names(("avg", "spp"))
+    ['avg', 'spp']
+    """
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(sep) if v.strip()]
+    return [str(v) for v in value]
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """Where a new version of ``path`` is written before it replaces it: ``<name>.tmp-<pid>`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable (where the platform allows opening a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without error it replaces ``path``.
+
+    Readers see the old file or the new one, never half of one. On any error the temporary file
+    is removed and the error goes on. ``durable=True`` also fsyncs the file and its folder, so
+    the new version survives a power cut once the block has ended.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "table.json"
+    >>> with atomic_path(target) as tmp:
+    ...     _ = tmp.write_text("{}")
+    >>> target.read_text(), sorted(p.name for p in target.parent.iterdir())
+    ('{}', ['table.json'])
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, durable: bool = False) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path` (str as UTF-8).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> atomic_write(target, "hello"); target.read_text()
+    'hello'
+    """
+    with atomic_path(path, durable=durable) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
