@@ -263,3 +263,19 @@ def test_cli_fit_auto_finetune_option_adds_a_scored_row(tmp_path, capsys):
     kinds = {row["kind"]: row for row in report["leaderboard"]}
     assert kinds["finetune"]["status"] == "scored" and kinds["finetune"]["cv"] == 3
     assert report["advice"] is None and any(e["maps"] for e in report["extractions"])
+
+
+def test_search_counts_the_store_warm_after_one_extraction(source, tmp_path):
+    """Check that after one extraction of the registered layers, the search estimates no extraction work."""
+    from featx.extraction import extract
+
+    search = _search(source, tmp_path)
+    candidate = FrozenCandidate((TINY,), (("pre_logits", "avg"),), None, "logreg")
+    search.register(candidate)
+    assert search.missing_images(TINY, None) == len(source)
+    extract(source, backbone=TINY, layers=["pre_logits"], pooling=["avg"], store=tmp_path, device="cpu",
+            num_workers=0)
+    fresh = _search(source, tmp_path)
+    fresh.register(candidate)
+    assert fresh.missing_images(TINY, None) == 0
+    assert fresh.extraction_estimate(TINY, None) == 0.0
