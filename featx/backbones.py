@@ -889,7 +889,7 @@ def _probe_file(name: str) -> Path | None:
     import importlib.metadata
 
     from featx import __version__
-    from featx.store import default_cache_dir
+    from featx.paths import default_cache_dir
 
     versions = {"featx": __version__, "name": name, "input_size": _SPECS[name].input_size}
     for package in ("torch", "torchvision", "timm"):

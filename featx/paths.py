@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "fsync_dir", "split_names", "temporary_name"]
+__all__ = ["atomic_path", "atomic_write", "default_cache_dir", "fsync_dir", "split_names", "temporary_name"]
 
 
 def split_names(value, *, sep: str = ",") -> list[str]:
@@ -91,3 +91,29 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
     """
     with atomic_path(path, durable=durable) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def default_cache_dir() -> Path:
+    """Return the folder where stores go: ``$FEATX_CACHE`` if set, else ``cache`` in the CWD.
+
+    The environment variable is read at every call, so it can be changed while running.
+
+    Returns
+    -------
+    Path
+        The cache folder (it may not exist yet).
+
+    Examples
+    --------
+    >>> import os
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"FEATX_CACHE": "/tmp/featx-cache"}):
+    ...     default_cache_dir()
+    PosixPath('/tmp/featx-cache')
+    >>> with mock.patch.dict(os.environ):
+    ...     _ = os.environ.pop("FEATX_CACHE", None)
+    ...     default_cache_dir()
+    PosixPath('cache')
+    """
+    env = os.environ.get("FEATX_CACHE")
+    return Path(env).expanduser() if env else Path("cache")

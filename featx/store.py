@@ -64,6 +64,7 @@ from typing import Any, Callable, TypeVar
 import h5py
 import numpy as np
 
+from featx.paths import default_cache_dir
 from featx.exceptions import CacheMismatchError, FeatxError, MissingKeysError, StoreError, StoreInputError, suggest
 
 __all__ = [
@@ -203,33 +204,6 @@ def config_hash(config: Mapping) -> str:
     if not isinstance(config, Mapping):
         raise StoreInputError(f"the configuration must be a mapping (dict), got {type(config).__name__}")
     return hashlib.sha256(canonical_json(config).encode("ascii")).hexdigest()[:12]
-
-
-def default_cache_dir() -> pathlib.Path:
-    """Return the folder where stores go: ``$FEATX_CACHE`` if set, else ``cache`` in the CWD.
-
-    The environment variable is read at every call, so it can be changed while running.
-
-    Returns
-    -------
-    pathlib.Path
-        The cache folder (it may not exist yet).
-
-    Examples
-    --------
-    >>> import os
-    >>> from unittest import mock
-    >>> from featx.store import default_cache_dir
-    >>> with mock.patch.dict(os.environ, {"FEATX_CACHE": "/tmp/featx-cache"}):
-    ...     default_cache_dir()
-    PosixPath('/tmp/featx-cache')
-    >>> with mock.patch.dict(os.environ):
-    ...     _ = os.environ.pop("FEATX_CACHE", None)
-    ...     default_cache_dir()
-    PosixPath('cache')
-    """
-    env = os.environ.get("FEATX_CACHE")
-    return pathlib.Path(env).expanduser() if env else pathlib.Path("cache")
 
 
 def _file_stem(backbone: str) -> str:
