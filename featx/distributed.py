@@ -5,7 +5,7 @@ the local run: the driver lists the source, computes content keys, drops what th
 holds and keeps the one writer of the store. Only the forward passes move: the images still to
 compute are cut into blocks of whole batches, a pool of actors each loads the frozen backbone
 once (on a GPU when ``gpus_per_worker > 0``) and runs the same loop,
-:func:`featx.extraction.iter_batches`, on its blocks; the pooled features come back to the driver,
+:func:`featx.loop.iter_batches`, on its blocks; the pooled features come back to the driver,
 which writes them as they arrive.
 
 Why results stream to the driver rather than into shard stores on the workers: pooled features
@@ -36,7 +36,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from featx.devices import check_resolved, resolve
 from featx.exceptions import FeatxError, RayUnavailableError
+from featx.loop import Batch, iter_batches, prepare
+from featx.options import ExtractOptions
 
 __all__ = ["RayEngine", "joblib_on_ray", "require_ray", "ray_session"]
 
@@ -131,15 +136,10 @@ def joblib_on_ray(address: str | None = None):
 class _Worker:
     """A Ray actor's state: the backbone, loaded once, and the loop run on each block."""
 
-    def __init__(self, backbone, requests, device: str, precision: str, batch_size: int, num_workers,
-                 on_error: str, decoder: str = "pil", tta: str | None = None):
-        from featx.extraction import prepare, resolve_device, resolve_precision
-
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.backbone = prepare(backbone, self.device)
+    def __init__(self, backbone, requests, options: ExtractOptions):
+        self.options = resolve(options)
+        self.backbone = prepare(backbone, self.options.device)
         self.requests = list(requests)
-        self.options = dict(batch_size=batch_size, num_workers=num_workers, on_error=on_error, decoder=decoder, tta=tta)
 
     def run(self, positions: Sequence[int], items: Sequence) -> tuple:
         """Features of one block, its batches joined: ``(source positions, {request key: array}, skipped)``.
@@ -147,13 +147,8 @@ class _Worker:
         One result per block means one durable write per block on the driver (an fsync costs
         ~10 ms on a busy disk: per 32-image batch that would cap the driver at ~3,000 images/s).
         """
-        import numpy as np
-
-        from featx.extraction import iter_batches
-
         done, features, skipped = [], {request.key: [] for request in self.requests}, []
-        for batch in iter_batches(self.backbone, list(items), self.requests, device=self.device,
-                                  precision=self.precision, progress=False, **self.options):
+        for batch in iter_batches(self.backbone, list(items), self.requests, self.options):
             done += [positions[i] for i in batch.indices]
             skipped += [(positions[i], message) for i, message in batch.skipped]
             for request, value in batch.features.items():
@@ -235,9 +230,11 @@ class RayEngine:
             return max(1, int(resources.get("GPU", 0) // self.gpus_per_worker))
         return max(1, int(resources.get("CPU", 1) // self.cpus_per_worker))
 
-    def batches(self, backbone, source, requests, *, indices, batch_size, device, precision, num_workers="auto",
-                on_error="skip", progress=None, decoder="pil", tta=None) -> Iterator:
-        """Yield :class:`featx.extraction.Batch` objects of ``source[indices]`` computed by the actors.
+    def batches(self, backbone, source, requests, options: ExtractOptions, *, indices) -> Iterator:
+        """Yield :class:`featx.loop.Batch` objects of ``source[indices]`` computed by the actors.
+
+        ``options`` are resolved for the actors' device (:meth:`resolve_device`); each actor runs
+        :func:`featx.loop.iter_batches` with them.
 
         Blocks are contiguous runs of ``indices`` of whole batches, so every actor's batches are
         the local loop's batches: the features are the same, row for row (up to the float32
@@ -245,10 +242,8 @@ class RayEngine:
         block (the driver writes it as one segment), in the order the blocks finish. Closing the generator (the run ends, fails or is interrupted) kills
         the actors; what was already yielded is the caller's.
         """
-        from featx.extraction import Batch
-
-        import numpy as np
-
+        check_resolved(options, "RayEngine.batches")
+        batch_size = options.batch_size
         indices = list(indices)
         by_key = {request.key: request for request in requests}
         with ray_session(self.address, num_cpus=self.num_cpus) as ray:
@@ -262,15 +257,16 @@ class RayEngine:
             actor = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker)(_Worker)
             # "auto": an actor of one CPU decodes in its own process; with more CPUs (a GPU actor
             # needs them: decoding is its limit), one DataLoader decoding process per CPU.
+            num_workers = options.num_workers
             if num_workers == "auto":
                 num_workers = int(self.cpus_per_worker) if self.cpus_per_worker >= 2 else 0
+            # What an actor needs, and nothing it cannot unpickle: the backbone travels once, apart.
+            remote = options.replace(backbone=backbone.name, store=None, engine="local", device=options.device.type,
+                                     num_workers=num_workers, progress=False)
             shared = ray.put(backbone)
-            actors = [
-                actor.remote(shared, requests, device.type, precision, batch_size, num_workers, on_error, decoder, tta)
-                for _ in range(n_workers)
-            ]
+            actors = [actor.remote(shared, requests, remote) for _ in range(n_workers)]
             bar = None
-            if sys.stderr.isatty() if progress is None else progress:
+            if sys.stderr.isatty() if options.progress is None else options.progress:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name} on {n_workers} Ray workers",

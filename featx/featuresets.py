@@ -13,23 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from featx.exceptions import FeatxError
+from featx.paths import split_names
 
-__all__ = ["parse_feature_sets", "set_name", "split_names"]
+__all__ = ["parse_blocks", "parse_feature_sets", "set_name", "split_names"]
 
 Pair = tuple[str, str]
-
-
-def split_names(value, *, sep: str = ",") -> list[str]:
-    """A comma-separated string or a sequence of names, as a list.
-
-    Examples
-    --------
-    >>> split_names("stage4+pre_logits,stage5")
-    ['stage4+pre_logits', 'stage5']
-    """
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(sep) if v.strip()]
-    return [str(v) for v in value]
 
 
 def parse_feature_sets(layers, poolings, *, all_layers: Sequence[str] = ()) -> list[tuple[Pair, ...]]:
@@ -89,6 +77,21 @@ def parse_feature_sets(layers, poolings, *, all_layers: Sequence[str] = ()) -> l
     if not unique:
         raise FeatxError("No layer given: expected one or more layer names, 'all', or layers joined by '+'.")
     return unique
+
+
+def parse_blocks(layers, poolings, *, all_layers: Sequence[str] = ()) -> list[Pair]:
+    """The distinct ``(layer, pooling)`` blocks of :func:`parse_feature_sets`, in order: what one
+    extraction must compute for all those feature sets (or for one concatenated transformer output).
+
+    Examples
+    --------
+    >>> parse_blocks("stage2/spp+pre_logits", "avg,max")
+    [('stage2', 'spp'), ('pre_logits', 'avg'), ('pre_logits', 'max')]
+    >>> parse_blocks(["stage1", "all"], ["avg"], all_layers=["stage1", "stage2"])
+    [('stage1', 'avg'), ('stage2', 'avg')]
+    """
+    sets = parse_feature_sets(layers, poolings, all_layers=all_layers)
+    return list(dict.fromkeys(block for blocks in sets for block in blocks))
 
 
 def set_name(pairs: Sequence[Pair], backbones: Sequence[str] | None = None) -> str:

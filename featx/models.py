@@ -27,10 +27,12 @@ import joblib
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from featx import __version__
 from featx.backbones import load_backbone
-from featx.compare import kept_labels
 from featx.exceptions import FeatxError, ModelFileError
-from featx.extraction import extract
+from featx.extraction import extract, join_features, kept_labels
+from featx.options import CACHED, ExtractOptions
+from featx.paths import split_names
 from featx.heads import fit_head, score_predictions
 from featx.images import ImageSource, describe, open_source
 from featx.transformers import CNNFeatures
@@ -85,21 +87,11 @@ class FeatxModel:
         union = FeatureUnion([(f"cnnfeatures{i}", part) for i, part in enumerate(self.parts)])
         return Pipeline([("cnnfeatures", union), ("head", self.head)])
 
-    def extraction_kwargs(self, part: CNNFeatures | None = None) -> dict:
-        """Keyword arguments of :func:`featx.extract` for one part (default: the first)."""
+    def extraction_options(self, part: CNNFeatures | None = None) -> ExtractOptions:
+        """The :class:`~featx.options.ExtractOptions` of one part (default: the first): its blocks,
+        resolved device and precision, store, and the storage dtype it was trained with."""
         f = self.parts[0] if part is None else part
-        return {
-            "backbone": f.backbone_,
-            "layers": list(dict.fromkeys(r.layer for r in f.requests_)),
-            "pooling": list(dict.fromkeys(r.pooling for r in f.requests_)),
-            "batch_size": f.batch_size,
-            "device": f.device_,
-            "precision": f.precision_,
-            "num_workers": f.num_workers,
-            "store": None if f.cache in (None, False) else f.cache,
-            "dtype": self.info.get("dtype", "float32"),
-            "tta": getattr(f, "tta", None),
-        }
+        return f.extraction_options().replace(dtype=self.info.get("dtype", "float32"))
 
     def describe(self) -> str:
         if self.info.get("kind") == "finetuned":
@@ -119,27 +111,15 @@ class FeatxModel:
         )
 
 
-def _features_matrix(result, requests) -> np.ndarray:
-    blocks = [np.asarray(result[r.key], dtype=np.float32) for r in requests]
-    return np.hstack(blocks) if len(blocks) > 1 else blocks[0]
-
-
-def _extract_parts(parts, source, kwargs) -> tuple[np.ndarray, object, np.ndarray]:
-    """Features of every part (backbone) for ``source``, concatenated in order.
+def _extract_parts(source, parts, options: list[ExtractOptions]) -> tuple[np.ndarray, object, np.ndarray]:
+    """Features of every part (backbone) for ``source``, extracted with its options, concatenated in order.
 
     Returns the matrix, the first part's extraction result (skipped images and the store), and
     the source positions of its rows: those every part could decode.
     """
-    results = [extract(source, **{**kwargs(part)}) for part in parts]
-    kept = results[0].kept
-    for result in results[1:]:
-        kept = np.intersect1d(kept, result.kept)
-    blocks = []
-    for part, result in zip(parts, results):
-        X = _features_matrix(result, part.requests_)
-        rows = np.searchsorted(result.kept, kept)
-        blocks.append(X[rows])
-    return (np.hstack(blocks) if len(blocks) > 1 else blocks[0]), results[0], kept
+    results = [extract(source, part_options) for part_options in options]
+    X, _, kept = join_features(results, [[r.key for r in part.requests_] for part in parts])
+    return X, results[0], kept
 
 
 def _model_blocks(parts) -> list[int] | None:
@@ -150,24 +130,13 @@ def _model_blocks(parts) -> list[int] | None:
 
 def fit_model(
     source,
+    options: ExtractOptions | None = None,
     *,
-    backbone: str = "efficientnet_lite0",
-    layer="pre_logits",
-    pooling="avg",
     head: str = "logreg",
-    weights: object = "DEFAULT",
     inner_cv: int = 3,
     random_state: int = 0,
     class_weight=None,
-    store=True,
-    dtype: str = "float32",
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "auto",
-    num_workers="auto",
-    on_error: str = "skip",
-    progress: bool | None = None,
-    tta: str | None = None,
+    **settings,
 ) -> tuple[FeatxModel, object]:
     """Tune a head by inner cross-validation on all of ``source`` and refit it.
 
@@ -175,16 +144,18 @@ def fit_model(
     ----------
     source : ImageSource or anything :func:`featx.images.open_source` accepts
         Labelled images.
-    backbone, layer, pooling, weights, tta
-        What to extract (see :class:`~featx.transformers.CNNFeatures`). Several backbones
-        (``"efficientnet_lite0+efficientnet_lite2"`` or a list) concatenate their features; with
-        several blocks (layers, poolings or backbones) each block is standardised and weighted
-        inside the head (:class:`~featx.heads.BlockScaler`).
+    options : ExtractOptions, optional
+        What to extract and how; default :data:`featx.options.CACHED` (the cache folder, bad
+        images skipped). Several backbones (``backbone="efficientnet_lite0+efficientnet_lite2"``
+        or a list) concatenate their features; with several blocks (layers, poolings or
+        backbones) each block is standardised and weighted inside the head
+        (:class:`~featx.heads.BlockScaler`).
     head : {"logreg", "linear-svm", "rbf-svm"}, default="logreg"
     inner_cv, random_state, class_weight
         See :func:`featx.heads.fit_head`.
-    store, dtype, batch_size, device, precision, num_workers, on_error, progress
-        Extraction options of :func:`featx.extract`.
+    **settings
+        :class:`~featx.options.ExtractOptions` fields by name, replacing those of ``options``
+        (``layer=`` is accepted for ``layers``, as :class:`~featx.transformers.CNNFeatures` names it).
 
     Returns
     -------
@@ -203,46 +174,16 @@ def fit_model(
     >>> model.classes, predict(model, images[:2])[0]["label"]
     (['dark', 'light'], 'light')
     """
+    options = ExtractOptions.merge(options or CACHED, settings, aliases={"layer": "layers"}, where="fit_model")
     source = source if isinstance(source, ImageSource) else open_source(source)
-    names = backbone.split("+") if isinstance(backbone, str) else list(backbone)
-    parts = [
-        CNNFeatures(
-            name,
-            weights=weights,
-            layer=layer,
-            pooling=pooling,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            cache=store,
-            num_workers=num_workers,
-            tta=tta,
-        ).fit()
-        for name in names
-    ]
-
-    def kwargs(part):
-        return dict(
-            backbone=part.backbone_,
-            layers=list(dict.fromkeys(r.layer for r in part.requests_)),
-            pooling=list(dict.fromkeys(r.pooling for r in part.requests_)),
-            store=store,
-            dtype=dtype,
-            on_error=on_error,
-            batch_size=batch_size,
-            device=part.device_,
-            precision=part.precision_,
-            num_workers=num_workers,
-            progress=progress,
-            tta=tta,
-        )
-
-    X, result, kept = _extract_parts(parts, source, kwargs)
+    names = split_names(options.backbone, sep="+") if isinstance(options.backbone, str) else list(options.backbone)
+    parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
+    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress)
+           for part in parts]
+    X, result, kept = _extract_parts(source, parts, run)
     y = kept_labels(result, kept)
     fitted, params = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state, class_weight=class_weight,
                               blocks=_model_blocks(parts))
-    from featx import __version__
-
     model = FeatxModel(
         features=parts[0] if len(parts) == 1 else parts,
         head=fitted,
@@ -255,8 +196,8 @@ def fit_model(
             "trained_on": source.name,
             "n_images": int(len(y)),
             "weights": "+".join(part.weights_ for part in parts),
-            "dtype": dtype,
-            "tta": tta,
+            "dtype": options.dtype,
+            "tta": options.tta,
         },
     )
     return model, result
@@ -269,8 +210,6 @@ def save_model(model: FeatxModel, path: str | os.PathLike) -> None:
     The file is written beside ``path`` under a temporary name, flushed to disk and renamed, so
     ``path`` holds either the previous file or the complete new one.
     """
-    from featx import __version__
-
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "featx_version": __version__, "model": model}
     buffer = io.BytesIO()
     joblib.dump(payload, buffer)
@@ -361,8 +300,6 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
         checksum header, was written by another featx major version, or needs a backbone or
         weights this machine cannot provide (the message says which and how).
     """
-    from featx import __version__
-
     if not os.path.isfile(path):
         raise ModelFileError(f"Model file {str(path)!r} does not exist; create one with 'featx fit DATA -o {path}'.")
     payload = _read_payload(path)
@@ -403,9 +340,8 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
         ``error`` (the reason, for skipped images), and ``p_<class>`` per class.
     """
     source = images if isinstance(images, ImageSource) else open_source(images)
-    X, result, kept = _extract_parts(
-        model.parts, source, lambda part: dict(on_error=on_error, progress=progress, **model.extraction_kwargs(part))
-    )
+    X, result, kept = _extract_parts(source, model.parts, [
+        model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts])
     rows = [{"image": describe(source[i], i), "label": None, "error": None} for i in range(len(source))]
     for position, (_, reason) in zip(result.skipped_positions, result.skipped):
         rows[position]["error"] = reason
@@ -428,9 +364,8 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         ``classes``, ``n_images`` and ``skipped``.
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
-    X, result, kept = _extract_parts(
-        model.parts, source, lambda part: dict(on_error=on_error, progress=progress, **model.extraction_kwargs(part))
-    )
+    X, result, kept = _extract_parts(source, model.parts, [
+        model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts])
     y = kept_labels(result, kept)
     unknown = sorted(set(map(str, y)) - set(model.classes))
     if unknown:

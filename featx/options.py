@@ -92,7 +92,7 @@ class ExtractOptions:
         A name from ``featx models`` (or ``"timm:<name>"``), or a loaded backbone.
     weights : str, path or None, default="DEFAULT"
         See :func:`featx.backbones.load_backbone`; ignored when ``backbone`` is loaded.
-    layers : str or sequence of str, default=("pre_logits",)
+    layers : str or sequence of str, default="pre_logits"
         Layer aliases (``stem``, ``stage1`` …, ``pre_logits``, ``logits``), raw node names, or ``"all"``.
     pooling : str or sequence of str, default="avg"
         ``avg``, ``max``, ``avgmax``, ``spp`` (or ``map``); several come from one forward pass.
@@ -138,7 +138,7 @@ class ExtractOptions:
 
     backbone: object = "efficientnet_lite0"
     weights: object = "DEFAULT"
-    layers: str | tuple = ("pre_logits",)
+    layers: str | tuple = "pre_logits"
     pooling: str | tuple = "avg"
     store: object = None
     dtype: str = "float32"

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 
 from featx.backbones import Tap
 from featx.exceptions import FeatxError
+from featx.options import RUNTIMES
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["RUNTIMES", "compiled_taps", "onnx_taps"]
 
-RUNTIMES = ("torch", "onnxruntime")
 
 # Prepared runners, per module (weakly: they go with the backbone) and (taps, device or batch shape).
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -13,18 +13,17 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featx.backbones import Backbone, layer_shape, list_layers, load_backbone
+from featx.devices import check_runtime, resolve
 from featx.exceptions import FeatxError
-from featx.extraction import check_runtime, check_tta, extract, make_requests, resolve_device, resolve_precision
+from featx.extraction import extract
 from featx.images import ImageSource, open_source
+from featx.loop import make_requests
+from featx.options import ExtractOptions
 from featx.pooling import POOLINGS, feature_names, pooled_dim
 
 __all__ = ["CNNFeatures"]
 
-
-def _as_list(value) -> list[str]:
-    if isinstance(value, str):
-        return [v for v in value.split(",") if v]
-    return list(value)
+_DEFAULT = ExtractOptions()
 
 
 class CNNFeatures(TransformerMixin, BaseEstimator):
@@ -100,22 +99,24 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     ([160, 32], ['stage2_spp_0', 'pre_logits_avg_31'])
     """
 
+    # The defaults are ExtractOptions' (spelled there once), except the transformer's own choices:
+    # it caches by default (a grid search then runs the network once per image) and is quiet.
     def __init__(
         self,
-        backbone="efficientnet_lite0",
+        backbone=_DEFAULT.backbone,
         *,
-        weights="DEFAULT",
-        layer="pre_logits",
-        pooling="avg",
-        batch_size=32,
-        device="auto",
-        precision="auto",
+        weights=_DEFAULT.weights,
+        layer=_DEFAULT.layers,
+        pooling=_DEFAULT.pooling,
+        batch_size=_DEFAULT.batch_size,
+        device=_DEFAULT.device,
+        precision=_DEFAULT.precision,
         cache=True,
         prefetch="all",
-        num_workers="auto",
+        num_workers=_DEFAULT.num_workers,
         progress=False,
-        tta=None,
-        runtime="torch",
+        tta=_DEFAULT.tta,
+        runtime=_DEFAULT.runtime,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -146,12 +147,13 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         """
         if self.prefetch not in ("all", "none"):
             raise FeatxError(f"prefetch must be 'all' or 'none', got {self.prefetch!r}.")
-        check_tta(self.tta)
-        backbone = load_backbone(self.backbone, weights=self.weights, lazy=True)
-        self.requests_ = _requests(backbone.name, self.layer, self.pooling)
-        self.device_ = resolve_device(self.device)
-        self.precision_ = resolve_precision(self.precision, self.device_)
-        check_runtime(getattr(self, "runtime", "torch"), self.device_)
+        options = self._options()  # checks every setting before anything is loaded
+        backbone = load_backbone(options.backbone, weights=options.weights, lazy=True)
+        self.requests_ = make_requests(backbone.name, options.layers, options.pooling)
+        resolved = resolve(options)
+        check_runtime(options.runtime, resolved.device)
+        self.device_ = resolved.device
+        self.precision_ = resolved.precision
         self.backbone_ = backbone
         self.weights_ = backbone.weights
         dims = {(r.layer, r.pooling): _dim(backbone, r) for r in self.requests_}
@@ -161,6 +163,50 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
             [feature_names(r.layer, r.pooling, dims[(r.layer, r.pooling)]) for r in self.requests_]
         ).astype(object)
         return self
+
+    @classmethod
+    def from_options(cls, options: ExtractOptions, **params) -> CNNFeatures:
+        """A transformer (unfitted) that extracts what ``options`` say; ``params`` set its own
+        parameters (``prefetch``, ``progress`` …) or override one.
+
+        ``store`` becomes ``cache`` and ``layers`` ``layer``; the settings a transformer has no
+        parameter for (``dtype``, ``on_error``, ``decoder``, ``compile``, ``engine``) are left out.
+
+        Examples
+        --------
+        >>> CNNFeatures.from_options(ExtractOptions(backbone="featx_tiny_cnn", layers="stage2", store=None)).cache is None
+        True
+        """
+        return cls(options.backbone if isinstance(options.backbone, str) else options.backbone.name,
+                   **{"weights": options.weights, "layer": options.layers, "pooling": options.pooling,
+                      "batch_size": options.batch_size, "device": options.device, "precision": options.precision,
+                      "cache": options.store, "num_workers": options.num_workers, "tta": options.tta,
+                      "runtime": options.runtime, **params})
+
+    def _options(self) -> ExtractOptions:
+        return ExtractOptions(backbone=self.backbone, weights=self.weights, layers=self.layer, pooling=self.pooling,
+                              batch_size=self.batch_size, device=self.device, precision=self.precision,
+                              store=None if self.cache is False else self.cache, num_workers=self.num_workers,
+                              progress=self.progress, on_error="raise", tta=self.tta, runtime=self.runtime)
+
+    def extraction_options(self) -> ExtractOptions:
+        """The options this fitted transformer extracts its blocks with (device and precision resolved).
+
+        Their ``layers`` are the output blocks (``"stage4/spp"`` …), in order; ``store`` is the
+        ``cache``; ``on_error`` is ``"raise"``, as a transformer cannot drop rows.
+
+        Returns
+        -------
+        ExtractOptions
+        """
+        check_is_fitted(self, "requests_")
+        return self._options().replace(backbone=self.backbone_, layers=tuple(r.key for r in self.requests_),
+                                       pooling=tuple(dict.fromkeys(r.pooling for r in self.requests_)),
+                                       device=self.device_, precision=self.precision_)
+
+    def __setstate__(self, state):
+        # Transformers pickled (in model files) before a parameter existed get its default.
+        super().__setstate__({"tta": None, "runtime": "torch", **state})
 
     def transform(self, X):
         """Pooled features of the images in ``X``.
@@ -180,26 +226,11 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "requests_")
         source = X if isinstance(X, ImageSource) else open_source(X)
-        cache = None if self.cache is False else self.cache
-        common = dict(
-            backbone=self.backbone_,
-            batch_size=self.batch_size,
-            device=self.device_,
-            precision=self.precision_,
-            num_workers=self.num_workers,
-            progress=self.progress,
-            on_error="raise",
-            tta=getattr(self, "tta", None),
-            runtime=getattr(self, "runtime", "torch"),  # models saved before runtime existed lack it
-        )
-        layers = [r.layer for r in self.requests_]
-        poolings = [r.pooling for r in self.requests_]
-        if cache is not None and self.prefetch == "all":
-            layers = [*(info.alias for info in list_layers(self.backbone_.name)), *layers]
-            poolings = list(POOLINGS)
-        features = extract(
-            source, layers=list(dict.fromkeys(layers)), pooling=list(dict.fromkeys(poolings)), store=cache, **common
-        )
+        options = self.extraction_options()
+        if options.store is not None and self.prefetch == "all":
+            aliases = [info.alias for info in list_layers(self.backbone_.name)]
+            options = options.replace(layers=(*aliases, *options.layers), pooling=tuple(POOLINGS))
+        features = extract(source, options)
         blocks = [np.asarray(features[r.key], dtype=np.float32) for r in self.requests_]
         return np.hstack(blocks) if len(blocks) > 1 else blocks[0]
 
@@ -227,28 +258,6 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = ["float32"]
         tags.non_deterministic = False
         return tags
-
-
-def _requests(backbone: str, layer, pooling) -> list:
-    """One request per distinct (layer, pooling) block, in output order.
-
-    ``layer`` entries (a list, or a string split at ``,`` and ``+``) are ``LAYER`` (with every
-    pooling of ``pooling``), ``LAYER/POOLING`` or ``all``.
-    """
-    poolings = _as_list(pooling)
-    pairs: list[tuple[str, str]] = []
-    for entry in _as_list(layer):
-        for part in entry.split("+"):
-            name, _, fixed = part.strip().partition("/")
-            if not name:
-                raise FeatxError(f"Empty layer name in {layer!r}: expected names such as 'stage4' or 'stage4/spp'.")
-            pairs += [(name, fixed)] if fixed else [(name, p) for p in poolings]
-    if not pairs:
-        raise FeatxError(f"No layer given (layer={layer!r}): expected one or more layer names, or 'all'.")
-    requests = []
-    for name, p in dict.fromkeys(pairs):
-        requests += make_requests(backbone, [name], [p])
-    return list({(r.layer, r.pooling): r for r in requests}.values())
 
 
 def _dim(backbone: Backbone, request) -> int:

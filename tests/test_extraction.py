@@ -49,7 +49,7 @@ def test_extract_uses_eval_mode_batch_statistics_would_differ(images):
     """Check that features come from eval-mode BatchNorm: train-mode statistics give other values."""
     arrays, _ = images
     backbone = load_backbone(TINY)
-    features = extract(arrays, backbone=backbone, layers=["stage3"], device="cpu")["stage3/avg"]
+    features = extract(arrays, backbone=backbone, layers=["stage3"], device="cpu", precision="fp32")["stage3/avg"]
     x = backbone.preprocess.normalize(torch.stack([backbone.preprocess.to_tensor(Image.fromarray(a)) for a in arrays]))
     module = backbone.module
     with torch.inference_mode():
@@ -231,7 +231,8 @@ def test_extract_to_store_mismatched_store_file_is_refused(tmp_path, images):
     from featx.exceptions import CacheMismatchError
 
     arrays, _ = images
-    result = extract(arrays[:2], backbone=TINY, layers=["stage2"], store=tmp_path / "c", device="cpu")
+    result = extract(arrays[:2], backbone=TINY, layers=["stage2"], store=tmp_path / "c", device="cpu",
+                     precision="fp32")
     with pytest.raises(CacheMismatchError, match=r'precision: existing "fp32" but "bf16" was requested'):
         extract(arrays[:2], backbone=TINY, layers=["stage2"], store=result.store.path, device="cpu", precision="bf16")
 
@@ -268,7 +269,7 @@ def test_backbone_pickle_drops_the_network():
 
 def test_resolve_precision_auto_follows_cpu_flags(monkeypatch):
     """Check that auto picks bf16 only on CPUs with native bf16."""
-    from featx import extraction as ex
+    from featx import devices as ex
 
     monkeypatch.setattr(ex, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"

@@ -9,7 +9,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_sco
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from featx import extraction
+from featx import loop
 from featx.exceptions import FeatxError, UnknownLayerError
 from featx.extraction import extract
 from featx.transformers import CNNFeatures
@@ -21,13 +21,13 @@ from conftest import TINY, make_images
 def count_images(monkeypatch):
     """Count the images that go through the network (per forward pass)."""
     seen = []
-    original = extraction.run_taps
+    original = loop.run_taps
 
     def counting(module, x, taps):
         seen.append(len(x))
         return original(module, x, taps)
 
-    monkeypatch.setattr(extraction, "run_taps", counting)
+    monkeypatch.setattr(loop, "run_taps", counting)
     return seen
 
 

@@ -1,0 +1,158 @@
+"""Images to pixels for THE loop: the DataLoader dataset, its batches, and decoding on the device.
+
+DataLoader workers decode and crop images to ``uint8`` tensors (:class:`ImageDataset`), or, with
+the ``"torch"`` decoder, read a JPEG file's bytes for the main process to decode on the device
+(:func:`decode_on_device`: nvjpeg on CUDA). A bad image comes back as its error message, never
+as an exception in a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from featx.exceptions import ImageDecodeError
+from featx.images import jpeg_bytes, load_image
+from featx.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ImageDataset", "LoadedBatch", "auto_workers", "collate", "decode_crop", "decode_on_device", "worker_init"]
+
+
+class ImageDataset:
+    """Decodes and crops one image per item; a bad image comes back as its error message.
+
+    With the ``"torch"`` decoder, a plain JPEG file comes back as its encoded bytes, for the
+    main process to decode on the device.
+    """
+
+    def __init__(self, source, indices: Sequence[int], preprocess: Preprocess, decoder: str = "pil"):
+        self.source = source
+        self.indices = list(indices)
+        self.preprocess = preprocess
+        self.decoder = decoder
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        index = self.indices[position]
+        item = self.source[index]
+        if self.decoder == "torch":
+            import torch
+
+            data = jpeg_bytes(item)
+            if data is not None:
+                return index, None, None, torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        try:
+            return index, decode_crop(item, self.preprocess), None, None
+        except ImageDecodeError as exc:
+            return index, None, str(exc), None
+
+
+def decode_crop(item, preprocess: Preprocess) -> torch.Tensor:
+    """Decode with PIL and crop: ``uint8`` tensor of shape (crop, crop, 3)."""
+    import torch
+
+    image = load_image(item, draft_size=preprocess.draft_size)
+    return torch.from_numpy(preprocess.crop_array(image))
+
+
+@dataclass
+class LoadedBatch:
+    """One collated batch: ``indices`` in batch order; rows of ``pixels`` are decoded crops,
+    ``encoded`` holds (row, JPEG bytes) for the rows still to decode."""
+
+    indices: torch.Tensor
+    pixels: torch.Tensor | None
+    pixel_rows: torch.Tensor
+    encoded: list[tuple[int, torch.Tensor]]
+    errors: list[tuple[int, str]]
+
+    def pin_memory(self):
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate(samples) -> LoadedBatch:
+    import torch
+
+    kept = [s for s in samples if s[2] is None]
+    errors = [(i, e) for i, _, e, _ in samples if e is not None]
+    indices = torch.tensor([s[0] for s in kept], dtype=torch.long)
+    rows = [row for row, s in enumerate(kept) if s[1] is not None]
+    encoded = [(row, s[3]) for row, s in enumerate(kept) if s[3] is not None]
+    # (n, H, W, 3) stacked, then viewed as (n, 3, H, W): channels-last, with no copy.
+    pixels = torch.stack([kept[row][1] for row in rows]).permute(0, 3, 1, 2) if rows else None
+    return LoadedBatch(indices, pixels, torch.tensor(rows, dtype=torch.long), encoded, errors)
+
+
+def decode_on_device(loaded: LoadedBatch, source, preprocess: Preprocess, device: torch.device):
+    """The batch's pixels on ``device``, decoding its JPEG bytes there (nvjpeg on CUDA).
+
+    Returns ``(pixels, indices, skipped)``: an image the tensor decoder refuses is decoded by
+    PIL instead, and one that PIL refuses too is skipped with PIL's message.
+    """
+    import torch
+
+    n = len(loaded.indices)
+    if not loaded.encoded:
+        return loaded.pixels.to(device, non_blocking=True), loaded.indices, []
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    crop = preprocess.crop
+    pixels = torch.empty((n, 3, crop, crop), dtype=torch.uint8, device=device)
+    if loaded.pixels is not None:
+        pixels[loaded.pixel_rows.to(device)] = loaded.pixels.to(device, non_blocking=True)
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders in favour of TorchCodec; the call is unchanged.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        data = [b for _, b in loaded.encoded]
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad image fails the batched call: decode one by one
+            images = []
+            for b in data:
+                try:
+                    images.append(decode_jpeg(b, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    images.append(None)
+    keep = torch.ones(n, dtype=torch.bool)
+    skipped = []
+    for (row, _), image in zip(loaded.encoded, images):
+        index = int(loaded.indices[row])
+        if image is None:  # the tensor decoder refused it: PIL decodes it, or says why it cannot
+            try:
+                image = decode_crop(source[index], preprocess).permute(2, 0, 1).to(device)
+            except ImageDecodeError as exc:
+                keep[row] = False
+                skipped.append((index, str(exc)))
+                continue
+        else:
+            image = preprocess.crop_tensor(image)
+        pixels[row] = image
+    if not keep.all():
+        pixels, indices = pixels[keep.to(device)], loaded.indices[keep]
+    else:
+        indices = loaded.indices
+    return pixels, indices, skipped
+
+
+def worker_init(_worker_id: int) -> None:
+    # Inside a worker process only: decoding is single-threaded, one core per worker.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def auto_workers(source, n_items: int) -> int:
+    """One decoding process per core for image files; none for in-memory images or short runs."""
+    if n_items < 64 or not isinstance(source[0], (str, os.PathLike)):
+        return 0
+    return max(1, min(8, os.cpu_count() or 1))

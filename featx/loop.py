@@ -1,0 +1,202 @@
+"""THE batched extraction loop.
+
+DataLoader workers decode and crop images to ``uint8`` tensors (:mod:`featx.decoding`); the main
+process moves each batch to the device, normalises it, runs the frozen backbone once under
+``torch.inference_mode()`` (and autocast where the precision asks for it), and pools every
+requested layer from that one forward pass. Every consumer — the in-memory
+:func:`featx.extract`, the feature store, the scikit-learn transformer, the Ray engine's actors,
+the advisor — reads batches from :func:`iter_batches`; there is no second loop.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from featx.backbones import Backbone, Tap, resolve_layers, run_taps
+from featx.decoding import ImageDataset, auto_workers, collate, decode_on_device, worker_init
+from featx.devices import autocast, check_resolved, check_runtime
+from featx.exceptions import ImageDecodeError
+from featx.options import ExtractOptions
+from featx.featuresets import parse_blocks
+from featx.paths import split_names
+from featx.pooling import check_pooling, pool
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Batch", "Request", "iter_batches", "make_requests", "prepare"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One (layer, pooling) output: ``name`` is what the user asked for, ``tap`` where it is read."""
+
+    layer: str
+    pooling: str
+    tap: Tap
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}/{self.pooling}"
+
+
+@dataclass
+class Batch:
+    """What one forward pass produced: source indices, pooled features per request, and skips."""
+
+    indices: np.ndarray
+    features: dict[Request, np.ndarray]
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+def make_requests(backbone: str, layers, pooling) -> list[Request]:
+    """Validate layers and poolings; one :class:`Request` per distinct (layer, pooling) block.
+
+    ``layers`` uses the one layer grammar of :func:`featx.featuresets.parse_feature_sets`: names
+    (a list, or comma-separated), ``all``, ``LAYER/POOLING`` for a block with its own pooling,
+    and ``+`` between the blocks of a concatenation; here only the blocks matter, in order.
+
+    Examples
+    --------
+    >>> [r.key for r in make_requests("featx_tiny_cnn", "stage2/spp+pre_logits", ["avg", "max"])]
+    ['stage2/spp', 'pre_logits/avg', 'pre_logits/max']
+    """
+    poolings = [check_pooling(p) for p in split_names(pooling)]
+    everything = [name for name, _ in resolve_layers(backbone, ["all"])]
+    requests = []
+    for layer, p in parse_blocks(layers, poolings, all_layers=everything):
+        check_pooling(p)
+        (name, tap), = resolve_layers(backbone, [layer])
+        requests.append(Request(name, p, tap))
+    return list(dict.fromkeys(requests))
+
+
+def iter_batches(
+    backbone: Backbone,
+    source,
+    requests: Sequence[Request],
+    options: ExtractOptions,
+    *,
+    indices: Sequence[int] | None = None,
+) -> Iterator[Batch]:
+    """Yield pooled features batch by batch: the single loop every consumer uses.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        Already moved to the device (see :func:`prepare`).
+    source : ImageSource or sequence
+        Indexable images; ``source[i]`` is a path, PIL image or array.
+    requests : sequence of Request
+    options : ExtractOptions
+        Resolved (:func:`featx.devices.resolve`): a concrete device, precision and decoder. The
+        loop reads ``batch_size``, ``num_workers``, ``progress``, ``tta``, ``compile``,
+        ``runtime`` and ``on_error`` from it (``None``: ``"skip"``). A bad image is reported in
+        :attr:`Batch.skipped`, or with ``"raise"`` stops the loop with
+        :class:`~featx.exceptions.ImageDecodeError` naming the file; batches already yielded
+        are the caller's and are never lost. ``tta="hflip"``: every batch and its mirror go
+        through the network together and their pooled features are averaged. ``compile`` and
+        ``runtime="onnxruntime"`` (:mod:`featx.runners`) give every batch ``batch_size`` images
+        (a short last batch is padded) and run the forward pass to the end of the network.
+    indices : sequence of int, optional
+        Which items of ``source`` to run (default: all), in this order.
+    """
+    check_resolved(options, "iter_batches")
+    device, precision, decoder, tta = options.device, options.precision, options.decoder, options.tta
+    batch_size, num_workers, progress, compile = options.batch_size, options.num_workers, options.progress, options.compile
+    on_error = options.on_error or "skip"
+    check_runtime(options.runtime, device, compile)
+    runtime = options.runtime
+    indices = list(range(len(source))) if indices is None else list(indices)
+    if not indices:
+        return
+    if num_workers == "auto":
+        num_workers = auto_workers(source, len(indices))
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        ImageDataset(source, indices, backbone.preprocess, decoder),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init if num_workers else None,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+    taps = list(dict.fromkeys(r.tap for r in requests))
+    full = batch_size * (2 if tta == "hflip" else 1)  # the batch the network sees
+    runner = None
+    if compile:
+        from featx.runners import compiled_taps
+
+        runner = compiled_taps(backbone.module, taps, device)
+    elif runtime == "onnxruntime":
+        from featx.runners import onnx_taps
+
+        size = backbone.preprocess.crop
+        runner = onnx_taps(backbone.module, taps, torch.zeros(full, 3, size, size))
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name}", leave=False)
+    try:
+        for loaded in loader:
+            skipped = [(int(i), message) for i, message in loaded.errors]
+            if skipped and on_error == "raise":
+                raise ImageDecodeError(skipped[0][1])
+            features = {}
+            batch_indices = loaded.indices
+            if len(batch_indices):
+                with torch.inference_mode():
+                    pixels, batch_indices, refused = decode_on_device(loaded, source, backbone.preprocess, device)
+                if refused and on_error == "raise":
+                    raise ImageDecodeError(refused[0][1])
+                skipped += refused
+            if len(batch_indices):
+                with torch.inference_mode():
+                    x = backbone.preprocess.normalize(pixels)
+                    n = x.shape[0]
+                    if tta == "hflip":
+                        x = torch.cat([x, x.flip(-1)])
+                    if runner is not None and len(x) < full:
+                        # one input shape, one compilation: pad the short last batch (eval-mode
+                        # BatchNorm treats rows independently, so the padding changes no real row)
+                        x = torch.cat([x, x.new_zeros(full - len(x), *x.shape[1:])])
+                    if device.type != "mps":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast(device, precision):
+                        if runner is None:
+                            outputs = run_taps(backbone.module, x, taps)
+                        else:
+                            width = 2 * n if tta == "hflip" else n
+                            outputs = {tap: out[:width] for tap, out in zip(taps, runner(x))}
+                    for request in requests:
+                        pooled = pool(outputs[request.tap].float(), request.pooling)
+                        if tta == "hflip":
+                            pooled = (pooled[:n] + pooled[n:]) / 2
+                        features[request] = pooled.cpu().numpy().astype(np.float32, copy=False)
+            if bar is not None:
+                bar.update(len(batch_indices) + len(skipped))
+            yield Batch(indices=batch_indices.numpy(), features=features, skipped=skipped)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def prepare(backbone: Backbone, device: torch.device) -> Backbone:
+    """Move a backbone to ``device`` in the memory format the loop feeds it."""
+    import torch
+
+    memory_format = torch.preserve_format if device.type == "mps" else torch.channels_last
+    backbone.module.to(device=device, memory_format=memory_format)
+    return backbone
