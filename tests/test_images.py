@@ -190,7 +190,7 @@ def test_content_key_missing_file_raises_decode_error(tmp_path):
 
 def test_content_key_unreadable_file_raises_decode_error(tmp_path, monkeypatch):
     """Check that a permission error while hashing becomes ImageDecodeError naming the file."""
-    import featx.images as images
+    import featx.images.items as images
 
     path = _save(tmp_path / "a.png", _halves())
 
@@ -278,7 +278,7 @@ def test_load_image_unreadable_file_raises_permission_denied(tmp_path):
 
 def test_load_image_permission_error_simulated(tmp_path, monkeypatch):
     """Check that a PermissionError on open becomes 'unreadable: permission denied' (works as root)."""
-    import featx.images as images
+    import featx.images.items as images
 
     path = _save(tmp_path / "locked.png", _halves())
 

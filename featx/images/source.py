@@ -1,0 +1,175 @@
+"""The ImageSource: an ordered list of image references with optional class labels.
+
+A source holds references (paths, PIL images or the rows of ONE array), never decoded pixels;
+:func:`~featx.images.open_source` builds one, :func:`~featx.images.load_image` decodes an item.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from featx.exceptions import FeatxError
+from featx.images.items import ImageItem
+
+__all__ = ["ArrayItems", "ImageSource"]
+
+
+class ArrayItems:
+    """Rows of ONE array of images (ndarray or lazy IDX file), selected by `rows`.
+
+    Indexing returns a view of a row; :meth:`take` composes selections without copying pixels.
+    """
+
+    def __init__(self, base, rows: np.ndarray | None = None) -> None:
+        self.base = base
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.base) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, index):
+        position = operator.index(index)
+        size = len(self)
+        if position < 0:
+            position += size
+        if not 0 <= position < size:
+            raise IndexError(f"index {index} is out of range for {size} images")
+        row = position if self.rows is None else int(self.rows[position])
+        return self.base[row]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, positions: np.ndarray) -> ArrayItems:
+        rows = positions if self.rows is None else self.rows[positions]
+        return ArrayItems(self.base, np.asarray(rows, dtype=np.int64))
+
+    def __repr__(self) -> str:
+        shape = getattr(self.base, "shape", None)
+        return f"<{len(self)} rows of an array of shape {shape}>"
+
+
+@dataclass(eq=False)
+class ImageSource:
+    """What to extract: an ordered list of image references with optional labels.
+
+    Build one with :func:`open_source`. A source holds references, never decoded pixels: paths
+    as ``str``, PIL images, or the rows of ONE array (a view per item, read lazily for the
+    built-in Fashion-MNIST files). Decode an item with :func:`load_image`.
+
+    Parameters
+    ----------
+    items : list or array-like
+        Image references (see :data:`ImageItem`); for array sources an internal sequence of the
+        rows of one array.
+    labels : ndarray of shape (n_samples,) of str, or None
+        Class name of every item, or None for an unlabelled source.
+    classes : list of str, or None
+        Sorted class names; computed from `labels` when None.
+    name : str
+        What the source is: ``'digits'``, the folder or CSV path, ``'<memory>'`` …
+    root : str, optional
+        Folder the paths were found in (folder sources) or are relative to (CSV sources).
+    problems : list of (str, str)
+        ``(path, reason)`` for what was skipped while walking a folder: symlink loops,
+        unreadable sub-folders, broken links, images outside the class sub-folders.
+
+    Attributes
+    ----------
+    n_classes : int
+        Number of classes (0 when unlabelled).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> src = ImageSource(items=["a.png", "b.png", "c.png"], labels=np.array(["x", "y", "x"]),
+    ...                   classes=None, name="<memory>")
+    >>> len(src), src.classes, src[1]
+    (3, ['x', 'y'], 'b.png')
+    >>> sub = src.subset([2, 0])
+    >>> sub.items, sub.labels.tolist()
+    (['c.png', 'a.png'], ['x', 'x'])
+    """
+
+    items: Any
+    labels: np.ndarray | None
+    classes: list[str] | None
+    name: str
+    root: str | None = None
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:
+            self.labels = np.asarray([str(label) for label in self.labels], dtype=str)
+            if len(self.labels) != len(self.items):
+                raise FeatxError(
+                    f"{self.name}: got {len(self.items)} images but {len(self.labels)} labels; "
+                    "pass one label per image"
+                )
+            if self.classes is None:
+                self.classes = sorted(set(self.labels.tolist()))
+        elif self.classes is not None:
+            self.classes = list(self.classes)
+
+    @property
+    def n_classes(self) -> int:
+        return 0 if self.classes is None else len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i) -> ImageItem:
+        try:
+            position = operator.index(i)
+        except TypeError:
+            raise TypeError(
+                f"ImageSource indices must be integers, not {type(i).__name__}; "
+                "use source.subset(indices) to select several images"
+            ) from None
+        return self.items[position]
+
+    def __iter__(self):
+        return (self.items[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        labelled = f"{self.n_classes} classes" if self.labels is not None else "unlabelled"
+        problems = f", {len(self.problems)} problems" if self.problems else ""
+        return f"ImageSource(name={self.name!r}, n={len(self)}, {labelled}{problems})"
+
+    def subset(self, indices) -> ImageSource:
+        """Return a source with the items at `indices` (integers or a boolean mask), in that order.
+
+        The class list is kept, so labels mean the same in every subset. Array sources keep
+        sharing the one array.
+        """
+        positions = _positions(indices, len(self))
+        if isinstance(self.items, ArrayItems):
+            items = self.items.take(positions)
+        else:
+            items = [self.items[int(p)] for p in positions]
+        labels = None if self.labels is None else self.labels[positions]
+        return ImageSource(
+            items=items, labels=labels, classes=None if self.classes is None else list(self.classes),
+            name=self.name, root=self.root, problems=list(self.problems),
+        )  # fmt: skip
+
+
+def _positions(indices, size: int) -> np.ndarray:
+    positions = np.asarray(indices)
+    if positions.dtype == bool:
+        if positions.shape != (size,):
+            raise IndexError(f"a boolean mask must have shape ({size},); got {positions.shape}")
+        return np.flatnonzero(positions)
+    if positions.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if positions.ndim != 1 or positions.dtype.kind not in "iu":
+        raise IndexError(f"indices must be a 1-d sequence of integers or a boolean mask; got {positions!r}")
+    positions = positions.astype(np.int64)
+    out_of_range = (positions < -size) | (positions >= size)
+    if out_of_range.any():
+        raise IndexError(f"index {positions[out_of_range][0]} is out of range for {size} images")
+    return np.where(positions < 0, positions + size, positions)
