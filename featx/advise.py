@@ -28,7 +28,9 @@ from torch import nn
 
 from featx.backbones import Tap, load_backbone
 from featx.exceptions import FeatxError
-from featx.extraction import Request, iter_batches, prepare, resolve_device, resolve_precision
+from featx.devices import resolve
+from featx.loop import Request, iter_batches, prepare
+from featx.options import ExtractOptions
 from featx.images import ImageSource, open_source
 
 __all__ = ["FINETUNE_FROM", "QUADRANTS", "advise", "imagenet_shift"]
@@ -80,12 +82,13 @@ def imagenet_shift(source, *, n_images: int = 200, random_state: int = 0, layers
     backbone = load_backbone(SIMILARITY_BACKBONE)
     norms = _first_batchnorms(backbone.module, layers)
     requests = [Request(name, pooling, Tap(name, "input")) for name, _ in norms for pooling in ("avg", "avgsq")]
-    device = resolve_device(device)
-    prepare(backbone, device)
+    # fp32 whatever the machine: the statistics are compared with ImageNet's running ones.
+    options = resolve(ExtractOptions(backbone=backbone, batch_size=batch_size, device=device, precision="fp32",
+                                     on_error="skip", progress=False))
+    prepare(backbone, options.device)
     sums = {r: 0.0 for r in requests}
     count = 0
-    for batch in iter_batches(backbone, source, requests, batch_size=batch_size, device=device,
-                              precision=resolve_precision("fp32", device), on_error="skip", progress=False):
+    for batch in iter_batches(backbone, source, requests, options):
         if not len(batch.indices):  # every image of the batch was skipped
             continue
         for request in requests:

@@ -41,7 +41,16 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from featx.backbones import load_backbone
+from featx.compare import cached_evaluate, reports_folder
+from featx.devices import autocast, resolve
 from featx.exceptions import FeatxError
+from featx.extraction import extract, join_features, kept_labels, prepare, store_config, store_location
+from featx.featuresets import parse_feature_sets, set_name
+from featx.images import ImageSource, content_key, open_source
+from featx.options import CACHED, ExtractOptions, FinetuneOptions, check_tta
+from featx.paths import split_names
+from featx.store import FeatureStore
 
 __all__ = ["AutoResult", "Candidate", "FinetuneCandidate", "FrozenCandidate", "Search", "auto_fit", "parse_budget"]
 
@@ -134,8 +143,6 @@ class FrozenCandidate:
 
     @property
     def features(self) -> str:
-        from featx.featuresets import set_name
-
         if len(self.backbones) == 1:
             return set_name(self.pairs)
         return set_name([p for _ in self.backbones for p in self.pairs], [b for b in self.backbones for _ in self.pairs])
@@ -161,8 +168,6 @@ class FrozenCandidate:
         return extraction + search.evaluation_estimate(self.head, search.dim(self))
 
     def score(self, search: Search) -> dict:
-        from featx.compare import cached_evaluate
-
         X, y, folder, blocks = search.matrix(self)
         return cached_evaluate(X, y, folder=folder, head=self.head, cv=search.cv, inner_cv=search.inner_cv,
                                random_state=search.random_state, **({"blocks": blocks} if len(blocks) > 1 else {}))
@@ -170,9 +175,9 @@ class FrozenCandidate:
     def refit(self, search: Search):
         from featx.models import fit_model
 
-        model, _ = fit_model(search.source, backbone=list(self.backbones), layer=self.layer_spec, head=self.head,
-                             tta=self.tta, inner_cv=search.inner_cv, random_state=search.random_state,
-                             **search.extraction_options())
+        options = search.options.replace(backbone=list(self.backbones), layers=self.layer_spec, tta=self.tta)
+        model, _ = fit_model(search.source, options, head=self.head, inner_cv=search.inner_cv,
+                             random_state=search.random_state)
         return model
 
 
@@ -236,27 +241,24 @@ class FinetuneCandidate:
         return search.map_extraction_estimate(self.backbone) + search.finetune_estimate(self)
 
     def score(self, search: Search) -> dict:
-        from featx.compare import _reports_folder, cached_evaluate, kept_labels
-        from featx.finetuning import read_maps
+        from featx.finetuning import read_maps  # torch: only when a fine-tuning candidate runs
 
         result = search.map_extraction(self.backbone)
         X, y = read_maps(result, self.from_layer), kept_labels(result)
         val_split = self.val_split(y, len(y) * (search.cv - 1) // search.cv)
-        report = cached_evaluate(X, y, folder=_reports_folder(result.store), method="finetune", cv=search.cv,
-                                 random_state=search.random_state, backbone=self.backbone, weights=search.weights,
-                                 layer=self.from_layer, device=str(search.device), val_split=val_split, **self.options)
+        report = cached_evaluate(X, y, folder=reports_folder(result.store), method="finetune", cv=search.cv,
+                                 random_state=search.random_state, backbone=self.backbone,
+                                 weights=search.options.weights, layer=self.from_layer,
+                                 device=str(search.options.device), val_split=val_split, **self.options)
         return {**report, "n_features": int(X.shape[1])}
 
     def refit(self, search: Search):
-        from featx.finetuning import finetune
+        from featx.finetuning import finetune  # torch: only when a fine-tuning candidate wins
 
-        options = search.extraction_options()
-        for name in ("dtype", "batch_size"):
-            options.pop(name)
         labels = search.source.labels
-        model, _ = finetune(search.source, backbone=self.backbone, from_layer=self.from_layer,
-                            random_state=search.random_state, extract_batch_size=search.batch_size,
-                            val_split=self.val_split(labels, len(labels)), **self.options, **options)
+        training = FinetuneOptions(val_split=self.val_split(labels, len(labels)), **self.options)
+        model, _ = finetune(search.source, search.options.replace(backbone=self.backbone), from_layer=self.from_layer,
+                            training=training, random_state=search.random_state)
         return model
 
 
@@ -266,26 +268,17 @@ class Search:
     It extracts each (backbone, tta) once, with every (layer, pooling) any registered frozen
     candidate needs; keeps the measured extraction and evaluation speeds for the estimates; and
     hands candidates the training source, the store and the CV settings. Candidates of other
-    kinds read ``source``, ``cv``, ``inner_cv``, ``random_state`` and :meth:`extraction_options`.
+    kinds read ``source``, ``cv``, ``inner_cv``, ``random_state`` and :attr:`options`.
     """
 
-    def __init__(self, source, *, cv, inner_cv, random_state, store, weights, dtype, batch_size, device, precision,
-                 num_workers, on_error, progress):
-        from featx.extraction import resolve_device, resolve_precision
-
+    def __init__(self, source, options: ExtractOptions | None = None, *, cv, inner_cv, random_state, **settings):
         self.source = source
         self.cv = cv
         self.inner_cv = inner_cv
         self.random_state = random_state
-        self.store = store
-        self.weights = weights
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.num_workers = num_workers
-        self.on_error = on_error
-        self.progress = progress
+        #: The search's extraction settings, device and precision resolved: every extraction of the
+        #: search and every store it looks into are built from these.
+        self.options = resolve(ExtractOptions.merge(options or CACHED, settings, where="Search"))
         self.needs: dict[tuple[str, str | None], dict[tuple[str, str], None]] = {}
         self.results: dict = {}
         self.extraction_seconds: dict[tuple[str, str | None], float] = {}
@@ -300,12 +293,6 @@ class Search:
         self.train_overhead: list[float] = []
 
     # ------------------------------------------------------------------ extraction
-    def extraction_options(self) -> dict:
-        """Extraction keyword arguments of :func:`featx.extract` / :func:`featx.models.fit_model`."""
-        return dict(weights=self.weights, store=self.store, dtype=self.dtype, batch_size=self.batch_size,
-                    device=self.device, precision=self.precision, num_workers=self.num_workers,
-                    on_error=self.on_error, progress=self.progress)
-
     def register(self, candidate) -> None:
         """Note what a candidate will need extracted, so that one pass per backbone computes it all."""
         if isinstance(candidate, FinetuneCandidate):
@@ -316,15 +303,11 @@ class Search:
 
     def extraction(self, backbone: str, tta: str | None):
         """The extraction of every registered (layer, pooling) of ``backbone`` with ``tta``, run once."""
-        from featx.extraction import extract
-
         key = (backbone, tta)
         if key not in self.results:
-            pairs = list(self.needs[key])
             estimate = self.extraction_estimate(backbone, tta)
             start = time.perf_counter()
-            result = extract(self.source, backbone=backbone, layers=list(dict.fromkeys(l for l, _ in pairs)),
-                             pooling=list(dict.fromkeys(p for _, p in pairs)), tta=tta, **self.extraction_options())
+            result = extract(self.source, self.frozen_options(backbone, tta))
             seconds = time.perf_counter() - start
             if result.n_computed >= 32:
                 self.overhead.append(seconds / max(estimate, 1e-9) * self._overhead())
@@ -334,17 +317,22 @@ class Search:
 
     def map_extraction(self, backbone: str):
         """The float16 maps of every registered fine-tuning layer of ``backbone``, extracted once."""
-        from featx.extraction import extract
-
         key = (backbone, MAPS)
         if key not in self.results:
-            options = {**self.extraction_options(), "dtype": "float16"}
             start = time.perf_counter()
-            result = extract(self.source, backbone=backbone, layers=list(self.map_layers[backbone]), pooling=["map"],
-                             **options)
+            result = extract(self.source, self.maps_options(backbone))
             self.results[key] = result
             self.extraction_seconds[key] = time.perf_counter() - start
         return self.results[key]
+
+    def frozen_options(self, backbone: str, tta: str | None) -> ExtractOptions:
+        """The extraction of every registered (layer, pooling) of ``backbone`` with ``tta``."""
+        blocks = tuple(f"{layer}/{pooling}" for layer, pooling in self.needs[(backbone, tta)])
+        return self.options.replace(backbone=backbone, layers=blocks, tta=tta)
+
+    def maps_options(self, backbone: str) -> ExtractOptions:
+        """The float16 map extraction of every registered fine-tuning layer of ``backbone``."""
+        return self.options.for_maps(backbone, tuple(self.map_layers[backbone]))
 
     def map_extraction_estimate(self, backbone: str) -> float:
         """Seconds the map extraction of ``backbone`` still needs (0 once done)."""
@@ -365,7 +353,8 @@ class Search:
             from featx.finetuning import train_seconds_per_image
 
             self.train_rate[key] = train_seconds_per_image(candidate.backbone, candidate.from_layer,
-                                                           weights=self.weights, device=str(self.device))
+                                                           weights=self.options.weights,
+                                                           device=str(self.options.device))
         overhead = float(np.median(self.train_overhead)) if self.train_overhead else _TRAIN_OVERHEAD_PRIOR
         return max(self.cv, 2) * candidate.epochs * self._trained_per_fold() * self.train_rate[key] * overhead
 
@@ -387,8 +376,6 @@ class Search:
 
     def _content_keys(self) -> list[str]:
         if self._keys is None:
-            from featx.images import content_key
-
             keys = []
             for i in range(len(self.source)):
                 try:
@@ -400,21 +387,19 @@ class Search:
 
     def missing_images(self, backbone: str, tta: str | None) -> int:
         """How many images of the source the store still lacks for ``backbone`` with ``tta`` (or its maps: ``MAPS``)."""
-        from featx.backbones import load_backbone
-        from featx.extraction import store_config, store_location
-        from featx.store import FeatureStore
-
         key = (backbone, tta)
         if key not in self._missing:
             keys = self._content_keys()
-            loaded = load_backbone(backbone, weights=self.weights, lazy=True)
+            loaded = load_backbone(backbone, weights=self.options.weights, lazy=True)
             if tta == MAPS:
-                config = store_config(loaded, self.precision, "float16")
+                options = self.maps_options(backbone)
                 wanted = [(layer, "map") for layer in self.map_layers.get(backbone, {})]
             else:
-                config = store_config(loaded, self.precision, self.dtype, tta)
+                options = self.frozen_options(backbone, tta) if key in self.needs else self.options.replace(tta=tta)
                 wanted = list(self.needs.get(key, {}))
-            path = store_location(self.store, config)
+            # The configuration the extraction itself will key its store by: built by the same function.
+            config = store_config(loaded, options=options, kind=self.options.device.type)
+            path = store_location(self.options.store, config)
             missing = len(keys)
             if path.exists() and keys:
                 with FeatureStore(path) as store:
@@ -428,16 +413,14 @@ class Search:
         if backbone not in self._probe:
             import torch
 
-            from featx.backbones import load_backbone
-            from featx.extraction import _autocast, prepare
-
-            loaded = prepare(load_backbone(backbone, weights=self.weights), self.device)
+            device = self.options.device
+            loaded = prepare(load_backbone(backbone, weights=self.options.weights), device)
             size = loaded.preprocess.crop
-            x = torch.zeros(16, 3, size, size, device=self.device)
-            if self.device.type != "mps":
+            x = torch.zeros(16, 3, size, size, device=device)
+            if device.type != "mps":
                 x = x.contiguous(memory_format=torch.channels_last)
             timings = []
-            with torch.inference_mode(), _autocast(self.device, self.precision):
+            with torch.inference_mode(), autocast(device, self.options.precision):
                 for _ in range(4):
                     start = time.perf_counter()
                     loaded.module(x)
@@ -460,7 +443,7 @@ class Search:
             from featx.transformers import CNNFeatures
 
             self._dims[candidate.features] = sum(
-                CNNFeatures(b, weights=self.weights, layer=candidate.layer_spec, device="cpu").fit().n_features_out_
+                CNNFeatures(b, weights=self.options.weights, layer=candidate.layer_spec, device="cpu").fit().n_features_out_
                 for b in candidate.backbones
             )
         return self._dims[candidate.features]
@@ -480,18 +463,10 @@ class Search:
 
     def matrix(self, candidate: FrozenCandidate):
         """``(X, y, reports_folder, block_widths)`` of a frozen candidate, from the store."""
-        from featx.compare import _reports_folder, kept_labels
-
         results = [self.extraction(b, candidate.tta) for b in candidate.backbones]
-        kept = results[0].kept
-        for result in results[1:]:
-            kept = np.intersect1d(kept, result.kept)
-        blocks = []
-        for result in results:
-            rows = np.searchsorted(result.kept, kept)
-            blocks += [result[f"{layer}/{pooling}"][rows] for layer, pooling in candidate.pairs]
-        X = np.hstack(blocks) if len(blocks) > 1 else blocks[0]
-        return X, kept_labels(results[0], kept), _reports_folder(results[0].store), [b.shape[1] for b in blocks]
+        keys = [f"{layer}/{pooling}" for layer, pooling in candidate.pairs]
+        X, widths, kept = join_features(results, [keys] * len(results))
+        return X, kept_labels(results[0], kept), reports_folder(results[0].store), widths
 
 
 @dataclass
@@ -534,12 +509,6 @@ class AutoResult:
                 "extractions": self.extractions, "advice": self.advice, "model": self.model.describe()}
 
 
-def _parse_tta(value) -> str | None:
-    from featx.extraction import check_tta
-
-    return check_tta(value)
-
-
 def frozen_candidates(backbones, feature_sets, ttas, heads, *, concat_backbones: bool = True,
                       concat_features: Sequence[str] = ("pre_logits/avg",)) -> list[FrozenCandidate]:
     """The frozen-feature candidates of a search: every backbone x feature set x tta x head, and
@@ -550,13 +519,11 @@ def frozen_candidates(backbones, feature_sets, ttas, heads, *, concat_backbones:
     >>> [c.name for c in frozen_candidates(["a"], ["pre_logits/avg"], ["none", "hflip"], ["logreg"])]
     ['a pre_logits/avg tta=none logreg', 'a pre_logits/avg tta=hflip logreg']
     """
-    from featx.featuresets import parse_feature_sets, split_names
-
     sets = parse_feature_sets(split_names(feature_sets), "avg")
     extra = parse_feature_sets(split_names(concat_features), "avg") if concat_backbones else []
     backbones = split_names(backbones)
     candidates = []
-    for tta in dict.fromkeys(_parse_tta(t) for t in split_names(ttas)):
+    for tta in dict.fromkeys(check_tta(t) for t in split_names(ttas)):
         for head in split_names(heads):
             for backbone in backbones:
                 candidates += [FrozenCandidate((backbone,), pairs, tta, head) for pairs in sets]
@@ -574,8 +541,6 @@ def finetune_candidates(source, backbones, finetune, *, epochs: int = 10,
     ``"advise"``, backbones that cannot be split at the advised layer are left out; layers given
     explicitly must split every backbone (:class:`featx.finetuning.FinetuneError` otherwise).
     """
-    from featx.featuresets import split_names
-
     names = split_names(finetune)
     backbones = split_names(backbones)
     if names in (["none"], []):
@@ -588,13 +553,13 @@ def finetune_candidates(source, backbones, finetune, *, epochs: int = 10,
         layers, strict = advice["finetune_from"], False
     else:
         layers, strict = names, True
-    from featx.finetuning import _split_tap
+    from featx.finetuning import split_tap  # torch: only when fine-tuning is asked for
 
     candidates = []
     for backbone in backbones:
         for layer in layers:
             try:
-                _split_tap(backbone, layer)
+                split_tap(backbone, layer)
             except FeatxError as error:  # FinetuneError, UnknownLayerError
                 if strict:
                     raise
@@ -607,6 +572,7 @@ def finetune_candidates(source, backbones, finetune, *, epochs: int = 10,
 
 def auto_fit(
     source,
+    options: ExtractOptions | None = None,
     *,
     budget="10m",
     backbones: str | Sequence[str] = DEFAULT_BACKBONES,
@@ -621,16 +587,8 @@ def auto_fit(
     cv: int = 5,
     inner_cv: int = 3,
     random_state: int = 0,
-    weights: object = "DEFAULT",
-    store=True,
-    dtype: str = "float32",
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "auto",
-    num_workers: int | str = "auto",
-    on_error: str = "skip",
-    progress: bool | None = None,
     report: Callable[[dict], None] | None = None,
+    **settings,
 ) -> AutoResult:
     """Search backbones, feature sets, flip averaging and heads by cross-validation on ``source`` within a budget.
 
@@ -663,11 +621,15 @@ def auto_fit(
     cv, inner_cv, random_state
         Stratified K-fold CV that scores each candidate; the heads' C and gamma are tuned by
         ``inner_cv`` folds inside every training part (:func:`featx.heads.evaluate`).
-    weights, store, dtype, batch_size, device, precision, num_workers, on_error, progress
-        Extraction options, see :func:`featx.extract`; ``store`` must be ``True`` or a folder
-        (several configurations mean several store files).
     report : callable, optional
         Called with each leaderboard row as soon as it is scored.
+    options : ExtractOptions, optional
+        How to extract (default :data:`featx.options.CACHED`); the search sets ``backbone``,
+        ``layers``, ``pooling`` and ``tta`` itself. ``store`` must be ``True`` or a folder
+        (several configurations mean several store files).
+    **settings
+        :class:`~featx.options.ExtractOptions` fields by name (``store=``, ``device=`` …),
+        replacing those of ``options``.
 
     Returns
     -------
@@ -693,10 +655,10 @@ def auto_fit(
     >>> result.model.classes
     ['dark', 'light']
     """
-    from featx.images import ImageSource, open_source
-
     start = time.perf_counter()
     seconds_budget = parse_budget(budget)
+    options = ExtractOptions.merge(options or CACHED, settings, where="auto_fit")
+    store = options.store
     if store is None or store is False or (not isinstance(store, bool) and Path(str(store)).suffix == ".h5"):
         raise FeatxError(
             f"auto_fit needs a cache folder (store=True or a folder), got store={store!r}: the search keeps one "
@@ -706,11 +668,10 @@ def auto_fit(
     if source.labels is None:
         raise FeatxError(f"{source.name} has no labels: --auto needs a folder of class sub-folders, a labelled CSV "
                          f"or a built-in dataset.")
-    search = Search(source, cv=cv, inner_cv=inner_cv, random_state=random_state, store=store, weights=weights,
-                    dtype=dtype, batch_size=batch_size, device=device, precision=precision, num_workers=num_workers,
-                    on_error=on_error, progress=progress)
+    search = Search(source, options, cv=cv, inner_cv=inner_cv, random_state=random_state)
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
-    advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs, device=search.device)
+    advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs,
+                                        device=search.options.device)
     for candidate in [*frozen, *tuned]:
         search.register(candidate)
     head_list = list(dict.fromkeys(c.head for c in frozen))

@@ -34,6 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
+from featx.backbones import load_backbone, resolve_layers
+from featx.devices import autocast, resolve, resolve_device
+from featx.extraction import extract
+from featx.images import open_source
+from featx.loop import prepare
+from featx.options import ExtractOptions
+from featx.runners import onnx_taps
+
 __all__ = ["make_jpegs", "run_bench"]
 
 
@@ -61,13 +69,11 @@ def _peak_rss_mb() -> float:
     return max(own, children) / 1024.0
 
 
-def _naive(folder: str, model: str, batch_size: int, device: str) -> dict:
+def _naive(folder: str, options: ExtractOptions) -> dict:
     import torch
     from torchvision import datasets, transforms
 
-    from featx.backbones import load_backbone
-
-    backbone = load_backbone(model)
+    backbone = load_backbone(options.backbone)
     p = backbone.preprocess
     transform = transforms.Compose(
         [
@@ -78,7 +84,8 @@ def _naive(folder: str, model: str, batch_size: int, device: str) -> dict:
         ]
     )
     dataset = datasets.ImageFolder(folder, transform=transform)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, num_workers=os.cpu_count() or 1)
+    device = resolve_device(options.device)
     net = backbone.module.to(device)
     start = time.perf_counter()
     n = 0
@@ -89,52 +96,38 @@ def _naive(folder: str, model: str, batch_size: int, device: str) -> dict:
     return {"images_per_s": n / (time.perf_counter() - start), "n": n}
 
 
-def _featx(folder: str, model: str, batch_size: int, device: str, compiled: bool = False,
-           runtime: str = "torch") -> dict:
-    from featx.backbones import load_backbone
-    from featx.extraction import extract
-    from featx.images import open_source
-
-    backbone = load_backbone(model)  # loaded before the clock starts, as in the naive loop
+def _featx(folder: str, options: ExtractOptions) -> dict:
+    backbone = load_backbone(options.backbone)  # loaded before the clock starts, as in the naive loop
     source = open_source(folder)
+    options = options.replace(backbone=backbone, layers="pre_logits", progress=False)
     prepare_seconds = None
-    if compiled or runtime != "torch":  # prepare on one batch, into a store of its own, before the clock starts
+    if options.compile or options.runtime != "torch":  # prepare on one batch, in a store of its own, off the clock
         with tempfile.TemporaryDirectory() as cache:
             start = time.perf_counter()
-            extract(source.subset(list(range(min(batch_size, len(source))))), backbone=backbone,
-                    layers=["pre_logits"], store=cache, batch_size=batch_size, device=device, progress=False,
-                    compile=compiled, runtime=runtime)
+            extract(source.subset(list(range(min(options.batch_size, len(source))))), options, store=cache)
             prepare_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
-        result = extract(source, backbone=backbone, layers=["pre_logits"], store=cache,
-                         batch_size=batch_size, device=device, progress=False, compile=compiled, runtime=runtime)
+        result = extract(source, options, store=cache)
         seconds = time.perf_counter() - start
     return {"images_per_s": result.n_computed / seconds, "n": result.n_computed, "prepare_seconds": prepare_seconds}
 
 
-def _model_only(folder: str, model: str, batch_size: int, device: str, n: int, compiled: bool = False,
-                runtime: str = "torch") -> dict:
+def _model_only(folder: str, options: ExtractOptions, n: int) -> dict:
     import torch
 
-    from featx.backbones import load_backbone
-    from featx.extraction import _autocast, prepare, resolve_device, resolve_precision
-
-    backbone = load_backbone(model)
-    dev = resolve_device(device)
-    precision = resolve_precision("auto", dev)
+    backbone = load_backbone(options.backbone)
+    run = resolve(options)
+    dev, batch_size = run.device, run.batch_size
     prepare(backbone, dev)
     size = backbone.preprocess.crop
     x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     batches = max(1, n // batch_size)
-    net = torch.compile(backbone.module) if compiled else backbone.module
-    if runtime == "onnxruntime":
-        from featx.backbones import resolve_layers
-        from featx.runners import onnx_taps
-
+    net = torch.compile(backbone.module) if run.compile else backbone.module
+    if run.runtime == "onnxruntime":
         taps = [tap for _, tap in resolve_layers(backbone.name, ["pre_logits"])]
         net = onnx_taps(backbone.module, taps, x.contiguous())
-    with torch.inference_mode(), _autocast(dev, precision):
+    with torch.inference_mode(), autocast(dev, run.precision):
         warm_up = time.perf_counter()
         net(x)  # warm-up (and, compiled, the compilation)
         if dev.type == "cuda":
@@ -144,7 +137,7 @@ def _model_only(folder: str, model: str, batch_size: int, device: str, n: int, c
             net(x)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-    return {"images_per_s": batches * batch_size / (time.perf_counter() - start), "precision": precision,
+    return {"images_per_s": batches * batch_size / (time.perf_counter() - start), "precision": run.precision,
             "warm_up_s": start - warm_up}
 
 
@@ -170,24 +163,25 @@ def _isolated(kind: str, *args) -> dict:
     return result
 
 
-def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, batch_size: int = 32,
-              device: str = "auto", compile: bool = False, runtime: str = "torch", out=print) -> dict:
+def run_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 256, out=print, **settings) -> dict:
     """Measure naive, featx and model-only throughput on the same images, side by side.
 
     Parameters
     ----------
     folder : path, optional
         A folder of class sub-folders of images; by default ``n`` generated 500×375 JPEGs.
-    model : str, default="efficientnet_lite0"
+    options : ExtractOptions, optional
+        The ``backbone`` (``model=`` is accepted for it), ``batch_size`` and ``device`` measured.
+        ``compile=True`` also measures the model-only limit under ``torch.compile`` and featx's
+        extraction with ``compile=True``; ``runtime="onnxruntime"`` also measures featx's
+        extraction and the model-only limit with ONNX Runtime (``onnx_images_per_s``,
+        ``model_only_onnx_images_per_s``, ``onnx_export_seconds``, ``onnx_speedup_vs_naive``,
+        ``onnx_fraction_of_onnx_limit``, ``onnx_peak_rss_mb``). The plain featx run (b) uses
+        eager torch either way.
     n : int, default=256
         Images to generate (ignored with ``folder``).
-    compile : bool, default=False
-        Also measure the model-only limit under ``torch.compile`` and featx's extraction with
-        ``compile=True``.
-    runtime : {"torch", "onnxruntime"}, default="torch"
-        ``"onnxruntime"``: also measure featx's extraction and the model-only limit with ONNX
-        Runtime (``onnx_images_per_s``, ``model_only_onnx_images_per_s``, ``onnx_export_seconds``,
-        ``onnx_speedup_vs_naive``, ``onnx_fraction_of_onnx_limit``, ``onnx_peak_rss_mb``).
+    **settings
+        :class:`~featx.options.ExtractOptions` fields by name, replacing those of ``options``.
 
     Returns
     -------
@@ -200,39 +194,41 @@ def run_bench(folder=None, *, model: str = "efficientnet_lite0", n: int = 256, b
         ``featx_compile_seconds`` (the warm-up extraction of one batch), ``compiled_speedup_vs_naive``
         and ``compiled_fraction_of_compiled_limit``.
     """
-    from featx.extraction import resolve_decoder, resolve_device
-
-    resolved = resolve_device(device)
-    device, decoder = str(resolved), resolve_decoder("auto", resolved)
+    options = ExtractOptions.merge(options, settings, aliases={"model": "backbone"}, where="run_bench")
+    resolved = resolve(options)
+    model, batch_size, device, decoder = options.backbone, options.batch_size, str(resolved.device), resolved.decoder
+    compile, runtime = options.compile, options.runtime
+    # Plain options for the children (they start with spawn): the device as a string, eager torch.
+    plain = options.replace(device=device, compile=False, runtime="torch")
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
             out(f"generating {n} JPEGs of 500×375 …")
             folder = make_jpegs(Path(tmp) / "images", n)
         folder = str(folder)
         out(f"(a) naive loop (ImageFolder + DataLoader + fp32 model) on {model} …")
-        naive = _isolated("_naive", folder, model, batch_size, device)
+        naive = _isolated("_naive", folder, plain)
         out(f"    {naive['images_per_s']:.1f} images/s")
         out("(b) featx extraction into a fresh store …")
-        ours = _isolated("_featx", folder, model, batch_size, device)
+        ours = _isolated("_featx", folder, plain)
         out(f"    {ours['images_per_s']:.1f} images/s")
         out("(c) model-only forward pass on random tensors …")
-        limit = _isolated("_model_only", folder, model, batch_size, device, ours["n"])
+        limit = _isolated("_model_only", folder, plain, ours["n"])
         out(f"    {limit['images_per_s']:.1f} images/s at {limit['precision']}")
         if compile:
             out("(d) model-only forward pass under torch.compile …")
-            compiled = _isolated("_model_only", folder, model, batch_size, device, ours["n"], True)
+            compiled = _isolated("_model_only", folder, plain.replace(compile=True), ours["n"])
             out(f"    {compiled['images_per_s']:.1f} images/s (compiling took {compiled['warm_up_s']:.0f} s)")
             out("(e) featx extraction with compile=True into a fresh store …")
-            ours_compiled = _isolated("_featx", folder, model, batch_size, device, True)
+            ours_compiled = _isolated("_featx", folder, plain.replace(compile=True))
             out(f"    {ours_compiled['images_per_s']:.1f} images/s (compiling, on one batch first, took "
                 f"{ours_compiled['prepare_seconds']:.0f} s)")
         if runtime == "onnxruntime":
             out("(f) featx extraction with runtime='onnxruntime' into a fresh store …")
-            ours_onnx = _isolated("_featx", folder, model, batch_size, device, False, runtime)
+            ours_onnx = _isolated("_featx", folder, plain.replace(runtime=runtime))
             out(f"    {ours_onnx['images_per_s']:.1f} images/s (exporting, on one batch first, took "
                 f"{ours_onnx['prepare_seconds']:.0f} s)")
             out("(g) model-only forward pass with ONNX Runtime …")
-            limit_onnx = _isolated("_model_only", folder, model, batch_size, device, ours["n"], False, runtime)
+            limit_onnx = _isolated("_model_only", folder, plain.replace(runtime=runtime), ours["n"])
             out(f"    {limit_onnx['images_per_s']:.1f} images/s")
     extra = {}
     if runtime == "onnxruntime":

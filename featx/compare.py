@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,9 +18,11 @@ import numpy as np
 
 from featx.backbones import load_backbone, resolve_layers
 from featx.exceptions import FeatxError
-from featx.extraction import extract
-from featx.featuresets import parse_feature_sets, set_name, split_names
+from featx.extraction import extract, join_features, kept_labels
+from featx.featuresets import parse_feature_sets, set_name
 from featx.images import ImageSource, open_source
+from featx.options import CACHED, ExtractOptions, FinetuneOptions
+from featx.paths import atomic_write, split_names
 from featx.store import canonical_json
 
 __all__ = [
@@ -31,29 +32,14 @@ __all__ = [
     "evaluate_auto",
     "kept_labels",
     "plot_comparison",
+    "reports_folder",
     "select_layer",
     "write_comparison",
 ]
 
 
-def _names(value) -> list[str]:
-    if isinstance(value, str):
-        return [v for v in value.split(",") if v]
-    return list(value)
-
-
-def kept_labels(result, positions=None) -> np.ndarray:
-    """Labels of the images an extraction kept (or of the source ``positions`` given); raises if the source has none."""
-    source = result.source
-    if source.labels is None:
-        raise FeatxError(
-            f"{source.name} has no labels: this needs a folder of class sub-folders, a CSV with a "
-            f"'label' column, or a built-in dataset."
-        )
-    return np.asarray(source.labels)[result.kept if positions is None else positions]
-
-
-def _reports_folder(store) -> Path | None:
+def reports_folder(store) -> Path | None:
+    """Where the evaluation reports of the features in ``store`` are kept: ``<store>.h5.reports``."""
     return None if store is None else Path(str(store.path) + ".reports")
 
 
@@ -107,14 +93,13 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
             return {**json.loads(path.read_text()), "from_cache": True}
     report = {**_evaluator(method, n_jobs)(X, y, **settings), "from_cache": False}
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(report))
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps(report))
     return report
 
 
 def compare_layers(
     source,
+    options: ExtractOptions | None = None,
     *,
     backbones: str | Sequence[str] = ("efficientnet_lite0",),
     layers: str | Sequence[str] = "all",
@@ -123,21 +108,11 @@ def compare_layers(
     cv: int = 5,
     repeats: int = 1,
     random_state: int = 0,
-    weights: object = "DEFAULT",
-    store=True,
-    dtype: str = "float32",
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "auto",
-    num_workers: int | str = "auto",
-    on_error: str = "skip",
-    progress: bool | None = None,
     n_jobs: int | None = None,
     report=None,
-    engine="local",
-    tta: str | None = None,
     finetune_from: str | Sequence[str] | None = None,
-    finetune_options: dict | None = None,
+    finetune_options: FinetuneOptions | dict | None = None,
+    **settings,
 ) -> list[dict]:
     """Cross-validate a head on every (backbone, layer, pooling) of a labelled image set.
 
@@ -158,24 +133,27 @@ def compare_layers(
         Heads of :mod:`featx.heads`.
     cv, repeats, random_state
         Outer cross-validation of :func:`featx.heads.evaluate`.
-    weights, store, dtype, batch_size, device, precision, num_workers, on_error, progress, tta
-        Extraction options of :func:`featx.extract`; ``store=True`` uses the cache folder.
-        With a store, evaluation reports are kept beside it too (keyed by a hash of the
-        features, labels and settings), so a repeated comparison is read back, not refitted.
+    options : ExtractOptions, optional
+        How to extract (default :data:`featx.options.CACHED`: the cache folder, bad images
+        skipped); its ``backbone``, ``layers`` and ``pooling`` are replaced by the comparison's
+        axes above. With a store, evaluation reports are kept beside it too (keyed by a hash of
+        the features, labels and settings), so a repeated comparison is read back, not refitted.
     n_jobs : int, optional
         Outer folds evaluated in parallel.
     report : callable, optional
         Called with each row as soon as it is ready (progress for long comparisons).
-    engine : "local", "ray" or featx.distributed.RayEngine, default="local"
-        Where the extraction runs (see :func:`featx.extract`). To run the folds on Ray too,
-        call this inside :func:`featx.distributed.joblib_on_ray` with ``n_jobs=-1``.
+    **settings
+        :class:`~featx.options.ExtractOptions` fields by name (``store=``, ``device=``, ``tta=``,
+        ``engine=`` …), replacing those of ``options``. With ``engine="ray"`` the extraction runs
+        on Ray; to run the folds on Ray too, call this inside
+        :func:`featx.distributed.joblib_on_ray` with ``n_jobs=-1``.
     finetune_from : str or sequence of str, optional
         Also add one fine-tuned row per backbone and layer given (head ``"finetune"``, pooling
         ``"map"``): the blocks after that layer and a new head trained on the cached maps by
         :func:`featx.finetuning.cross_validate_finetune`, on the same outer folds as the frozen
         rows. Costly: one training per fold.
-    finetune_options : dict, optional
-        :class:`featx.finetuning.TailClassifier` parameters for those rows (``epochs``, ``lr`` …).
+    finetune_options : FinetuneOptions or dict, optional
+        How those rows train (``epochs``, ``lr`` …; see :class:`~featx.options.FinetuneOptions`).
 
     Returns
     -------
@@ -201,62 +179,45 @@ def compare_layers(
     >>> [(row["layer"], row["dim"], row["accuracy_mean"]) for row in rows]
     [('stage1', 16, 1.0), ('pre_logits', 32, 1.0)]
     """
+    for axis in ("backbone", "pooling"):
+        if axis in settings:
+            raise FeatxError(f"compare_layers compares {axis}s: pass {axis}s={settings[axis]!r}, not {axis}=.")
+    options = ExtractOptions.merge(options or CACHED, settings, where="compare_layers")
+    finetune = FinetuneOptions.merge(finetune_options, where="compare_layers")
     source = source if isinstance(source, ImageSource) else open_source(source)
-    entries = [entry.split("+") for entry in split_names(backbones)]
+    entries = [split_names(entry, sep="+") for entry in split_names(backbones)]
     # Each backbone runs once, for the union of what every entry asks of it.
     loaded, sets, results, extraction_times = {}, {}, {}, {}
     for name in dict.fromkeys(n for entry in entries for n in entry):
-        backbone = load_backbone(name, weights=weights, lazy=True)
+        backbone = load_backbone(name, weights=options.weights, lazy=True)
         loaded[name] = backbone
         all_layers = [layer for layer, _ in resolve_layers(backbone.name, "all")]
         sets[name] = parse_feature_sets(layers, poolings, all_layers=all_layers)
-        pairs = list(dict.fromkeys(pair for fs in sets[name] for pair in fs))
+        blocks = list(dict.fromkeys(pair for fs in sets[name] for pair in fs))
         start = time.perf_counter()
-        results[name] = extract(
-            source,
-            backbone=backbone,
-            layers=list(dict.fromkeys(layer for layer, _ in pairs)),
-            pooling=list(dict.fromkeys(pooling for _, pooling in pairs)),
-            store=store,
-            dtype=dtype,
-            on_error=on_error,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            num_workers=num_workers,
-            progress=progress,
-            engine=engine,
-            tta=tta,
-        )
+        results[name] = extract(source, options.replace(backbone=backbone, pooling="avg",
+                                                        layers=tuple(f"{layer}/{p}" for layer, p in blocks)))
         extraction_times[name] = time.perf_counter() - start if results[name].n_computed else 0.0
     rows = []
     for entry in entries:
-        kept = results[entry[0]].kept
-        for name in entry[1:]:
-            kept = np.intersect1d(kept, results[name].kept)
-        y = kept_labels(results[entry[0]], kept)
         model = "+".join(loaded[name].name for name in entry)
         depths: dict[str, int] = {}
         for pairs in sets[entry[0]]:
             layer_name = "+".join(layer for layer, _ in pairs)
             depth = depths.setdefault(layer_name, len(depths))
-            blocks = []
-            for name in entry:
-                result = results[name]
-                rows_of = np.searchsorted(result.kept, kept)
-                blocks += [result[f"{layer}/{pooling}"][rows_of] for layer, pooling in pairs]
-            X = np.hstack(blocks) if len(blocks) > 1 else blocks[0]
-            widths = [int(block.shape[1]) for block in blocks]
+            keys = [f"{layer}/{pooling}" for layer, pooling in pairs]
+            X, widths, kept = join_features([results[name] for name in entry], [keys] * len(entry))
+            y = kept_labels(results[entry[0]], kept)
             if len(entry) > 1:
                 features = set_name([pair for _ in entry for pair in pairs],
                                     [loaded[name].name for name in entry for _ in pairs])
             else:
                 features = set_name(pairs)
-            for head in _names(heads):
+            for head in split_names(heads):
                 evaluation = cached_evaluate(
                     X,
                     y,
-                    folder=_reports_folder(results[entry[0]].store),
+                    folder=reports_folder(results[entry[0]].store),
                     head=head,
                     cv=cv,
                     repeats=repeats,
@@ -270,7 +231,7 @@ def compare_layers(
                     "depth": depth,
                     "pooling": "+".join(pooling for _, pooling in pairs),
                     "features": features,
-                    "tta": tta or "none",
+                    "tta": options.tta or "none",
                     "head": head,
                     "dim": int(X.shape[1]),
                     "accuracy_mean": evaluation["accuracy_mean"],
@@ -291,33 +252,32 @@ def compare_layers(
                     report(row)
         if len(entry) > 1:  # fine-tuning trains the top of one network: no row for concatenated backbones
             continue
-        for layer in _names(finetune_from or []):
-            row = _finetune_row(source, loaded[entry[0]], layer, depth=depths.get(layer, len(depths)), cv=cv,
-                                repeats=repeats, random_state=random_state, store=store, on_error=on_error,
-                                batch_size=batch_size, device=device, precision=precision,
-                                num_workers=num_workers, progress=progress, options=finetune_options or {})
+        for layer in split_names(finetune_from or []):
+            row = _finetune_row(source, loaded[entry[0]], layer, options, finetune, depth=depths.get(layer, len(depths)),
+                                cv=cv, repeats=repeats, random_state=random_state)
             rows.append(row)
             if report is not None:
                 report(row)
     return rows
 
 
-def _finetune_row(source, backbone, layer, *, depth, cv, repeats, random_state, store, options, **extraction) -> dict:
+def _finetune_row(source, backbone, layer, options: ExtractOptions, finetune: FinetuneOptions, *, depth, cv,
+                  repeats, random_state) -> dict:
     """A comparison row for fine-tuning from ``layer``, cross-validated on the frozen rows' folds."""
-    from featx.finetuning import _split_tap, read_maps
+    from featx.finetuning import read_maps, split_tap  # torch: only for a fine-tuned row
 
-    _split_tap(backbone.name, layer)
-    if store is None or store is False:
+    split_tap(backbone.name, layer)
+    if options.store is None or options.store is False:
         raise FeatxError("A fine-tuned comparison row needs a feature store for the maps: pass store=True or a folder.")
     start = time.perf_counter()
-    result = extract(source, backbone=backbone, layers=[layer], pooling=["map"], store=store, dtype="float16",
-                     **extraction)
+    result = extract(source, options.for_maps(backbone, layer))
     extraction_time = time.perf_counter() - start if result.n_computed else 0.0
     y = kept_labels(result)
     X = read_maps(result, layer)
-    evaluation = cached_evaluate(X, y, folder=_reports_folder(result.store), method="finetune", cv=cv, repeats=repeats,
+    settings = finetune.changes()
+    evaluation = cached_evaluate(X, y, folder=reports_folder(result.store), method="finetune", cv=cv, repeats=repeats,
                                  random_state=random_state, backbone=backbone.name, weights=backbone.weights_arg,
-                                 layer=layer, device=str(extraction["device"]), **options)
+                                 layer=layer, device=str(options.device), **settings)
     return {
         "model": backbone.name,
         "layer": layer,
@@ -331,7 +291,7 @@ def _finetune_row(source, backbone, layer, *, depth, cv, repeats, random_state, 
         "accuracy_std": evaluation["accuracy_std"],
         "balanced_accuracy": evaluation["balanced_accuracy"],
         "macro_f1": evaluation["macro_f1"],
-        "chosen_params": {"best_epochs": evaluation["best_epochs"], **options},
+        "chosen_params": {"best_epochs": evaluation["best_epochs"], **settings},
         "n_images": int(len(y)),
         "n_classes": evaluation["n_classes"],
         "cv": evaluation["cv"],

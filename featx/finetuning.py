@@ -52,6 +52,7 @@ Determinism
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import math
 import time
@@ -64,16 +65,26 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
+from featx import __version__
 from featx.backbones import Backbone, Tap, _probe, layer_shape, load_backbone, resolve_layers, run_taps
-from featx.exceptions import FeatxError, FinetuneError
+from featx.devices import resolve_device
+from featx.exceptions import FinetuneError
+from featx.extraction import extract, kept_labels
+from featx.heads import fold_means, outer_splits, score_predictions
+from featx.images import ImageSource, open_source
+from featx.models import FeatxModel
+from featx.options import CACHED, ExtractOptions, FinetuneOptions
+from featx.transformers import CNNFeatures
 
 __all__ = ["FinetuneError", "SUPPORTED", "TailClassifier", "build_tail", "cross_validate_finetune", "finetune",
-           "read_maps", "train_seconds_per_image"]
+           "read_maps", "split_tap", "train_seconds_per_image"]
 
 SUPPORTED = (
     "efficientnet_lite0/1/2, featx_tiny_cnn, resnet18/50, mobilenet_v3_large, efficientnet_b0, "
     "and timm EfficientNet/MobileNet-style models"
 )
+_TRAINING = FinetuneOptions()  # the training defaults, spelled once in featx.options
+_DEVICE = ExtractOptions().device
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 BATCHNORM = ("train", "frozen")
@@ -118,7 +129,7 @@ class _Net(nn.Module):
         return self.head(self.dropout(self.tail(x)))
 
 
-def _split_tap(backbone: str, layer: str) -> tuple[Tap, Tap]:
+def split_tap(backbone: str, layer: str) -> tuple[Tap, Tap]:
     """(tap of ``layer``, tap of pre_logits), refusing layers after which nothing can be trained."""
     (name, tap), = resolve_layers(backbone, [layer])
     aliases = _probe(backbone).aliases
@@ -206,7 +217,7 @@ def build_tail(backbone: Backbone, layer: str, *, check: bool = True) -> tuple[_
     >>> tail(torch.zeros(2, 16, 8, 8)).shape, n_features
     (torch.Size([2, 32]), 32)
     """
-    tap, pre_logits = _split_tap(backbone.name, layer)
+    tap, pre_logits = split_tap(backbone.name, layer)
     names = _modules_after(backbone.module, tap.node, pre_logits.node, backbone.name)
     tail = _Tail([copy.deepcopy(backbone.module.get_submodule(name)) for name in names])
     tail.float().to(memory_format=torch.contiguous_format)
@@ -262,10 +273,8 @@ def train_seconds_per_image(backbone: str, layer: str, *, weights: object = "DEF
     >>> train_seconds_per_image("featx_tiny_cnn", "stage1", device="cpu", batch_size=8) > 0
     True
     """
-    from featx.extraction import resolve_device
-
     loaded = load_backbone(backbone, weights=weights)
-    tap, _ = _split_tap(loaded.name, layer)
+    tap, _ = split_tap(loaded.name, layer)
     shape = tuple(int(v) for v in layer_shape(loaded.name, tap))
     device = resolve_device(device)
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -378,20 +387,20 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         *,
         weights="DEFAULT",
         layer="stage4",
-        epochs=30,
-        batch_size=64,
-        optimizer="adamw",
-        lr=3e-4,
-        head_lr=None,
-        weight_decay=0.01,
-        schedule="cosine",
-        label_smoothing=0.1,
-        flip=True,
-        batchnorm="train",
-        dropout=0.2,
-        val_split=0.1,
-        patience=5,
-        device="auto",
+        epochs=_TRAINING.epochs,
+        batch_size=_TRAINING.batch_size,
+        optimizer=_TRAINING.optimizer,
+        lr=_TRAINING.lr,
+        head_lr=_TRAINING.head_lr,
+        weight_decay=_TRAINING.weight_decay,
+        schedule=_TRAINING.schedule,
+        label_smoothing=_TRAINING.label_smoothing,
+        flip=_TRAINING.flip,
+        batchnorm=_TRAINING.batchnorm,
+        dropout=_TRAINING.dropout,
+        val_split=_TRAINING.val_split,
+        patience=_TRAINING.patience,
+        device=_DEVICE,
         random_state=0,
         on_epoch=None,
     ):
@@ -464,15 +473,13 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
             Bad options, maps of the wrong width for ``layer``, a class with too few images for
             the validation split, or a layer that cannot be split (see :func:`build_tail`).
         """
-        from featx.extraction import resolve_device
-
         self._check_params()
         X = self._check_X(X)
         y = np.asarray(y)
         if len(y) != len(X):
             raise FinetuneError(f"X has {len(X)} rows but y has {len(y)} labels; give one label per map.")
         backbone = load_backbone(self.backbone, weights=self.weights, lazy=True)
-        tap, _ = _split_tap(backbone.name, self.layer)
+        tap, _ = split_tap(backbone.name, self.layer)
         self.map_shape_ = tuple(int(v) for v in layer_shape(backbone.name, tap))
         self.n_features_in_ = int(np.prod(self.map_shape_))
         if X.shape[1] != self.n_features_in_:
@@ -687,33 +694,14 @@ def read_maps(result, layer: str, *, block: int = _READ_BLOCK) -> np.ndarray:
 
 def finetune(
     source,
+    options: ExtractOptions | None = None,
     *,
-    backbone: str = "efficientnet_lite0",
     from_layer: str = "stage4",
-    weights: object = "DEFAULT",
-    epochs: int = 30,
-    batch_size: int = 64,
-    optimizer: str = "adamw",
-    lr: float = 3e-4,
-    head_lr: float | None = None,
-    weight_decay: float = 0.01,
-    schedule: str = "cosine",
-    label_smoothing: float = 0.1,
-    flip: bool = True,
-    batchnorm: str = "train",
-    dropout: float = 0.2,
-    val_split: float = 0.1,
-    patience: int = 5,
+    training: FinetuneOptions | dict | None = None,
     random_state: int = 0,
-    store=True,
-    extract_batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "auto",
-    num_workers="auto",
-    on_error: str = "skip",
-    progress: bool | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     stop=None,
+    **settings,
 ):
     """Fine-tune the top of a backbone, from ``from_layer`` on, on a labelled image set.
 
@@ -726,18 +714,24 @@ def finetune(
     ----------
     source : ImageSource or anything :func:`featx.images.open_source` accepts
         Labelled images.
-    backbone : str, default="efficientnet_lite0"
+    options : ExtractOptions, optional
+        The frozen part's extraction (default :data:`featx.options.CACHED`): ``backbone``,
+        ``weights``, ``store`` (where the maps are kept, a float16 store of this configuration;
+        ``None`` is refused: caching the frozen part is the point), ``device`` (the training runs
+        there too), ``precision``, ``num_workers``, ``on_error``, ``progress``.
     from_layer : str, default="stage4"
         The last frozen layer (CLI ``--from``); the modules after it are trained.
-    weights : str, path or None, default="DEFAULT"
-    epochs, batch_size, optimizer, lr, head_lr, weight_decay, schedule, label_smoothing, flip,
-    batchnorm, dropout, val_split, patience, random_state, on_epoch
-        Training options of :class:`TailClassifier`.
-    store : True, folder or ``.h5`` path, default=True
-        Where the maps are kept (a float16 store of this extraction configuration). ``None`` is
-        refused: caching the frozen part is the point.
-    extract_batch_size, device, precision, num_workers, on_error, progress, stop
-        Extraction options of :func:`featx.extract` (the training runs on ``device`` too).
+    training : FinetuneOptions or dict, optional
+        How the tail trains (:class:`~featx.options.FinetuneOptions`: ``epochs``, ``batch_size``,
+        ``lr`` …).
+    random_state, on_epoch
+        See :class:`TailClassifier`.
+    stop : callable, optional
+        See :func:`featx.extract`.
+    **settings
+        Fields of :class:`~featx.options.FinetuneOptions` (``epochs=``, ``batch_size=`` (maps per
+        training step) …) or of :class:`~featx.options.ExtractOptions` (``backbone=``,
+        ``store=`` …; ``extract_batch_size=`` is the extraction's ``batch_size``), by name.
 
     Returns
     -------
@@ -765,37 +759,26 @@ def finetune(
     >>> predict(model, images[:1])[0]["label"]
     'light'
     """
-    from featx.extraction import extract
-    from featx.images import ImageSource, open_source
-    from featx.models import FeatxModel
-    from featx.compare import kept_labels
-    from featx.transformers import CNNFeatures
-
-    if store is None or store is False:
+    trained = {f.name for f in dataclasses.fields(FinetuneOptions)}
+    training = FinetuneOptions.merge(training, {k: v for k, v in settings.items() if k in trained}, where="finetune")
+    options = ExtractOptions.merge(options or CACHED, {k: v for k, v in settings.items() if k not in trained},
+                                   aliases={"extract_batch_size": "batch_size"}, where="finetune")
+    if options.store is None or options.store is False:
         raise FinetuneError("finetune needs a feature store for the frozen part's maps: pass store=True or a folder.")
     source = source if isinstance(source, ImageSource) else open_source(source)
-    loaded = load_backbone(backbone, weights=weights, lazy=True)
-    _split_tap(loaded.name, from_layer)  # a bad --from fails before any image is processed
-    classifier = TailClassifier(
-        loaded.name, weights=weights, layer=from_layer, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
-        lr=lr, head_lr=head_lr, weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing,
-        flip=flip, batchnorm=batchnorm, dropout=dropout, val_split=val_split, patience=patience, device=device,
-        random_state=random_state, on_epoch=on_epoch,
-    )
+    loaded = load_backbone(options.backbone, weights=options.weights, lazy=True)
+    split_tap(loaded.name, from_layer)  # a bad --from fails before any image is processed
+    classifier = TailClassifier(loaded.name, weights=options.weights, layer=from_layer, device=options.device,
+                                random_state=random_state, on_epoch=on_epoch, **training.as_params())
     classifier._check_params()
-    features = CNNFeatures(loaded.name, weights=weights, layer=from_layer, pooling="map",
-                           batch_size=extract_batch_size, device=device, precision=precision, cache=store,
-                           prefetch="none", num_workers=num_workers).fit()
-    result = extract(source, backbone=loaded, layers=[from_layer], pooling=["map"], store=store, dtype="float16",
-                     on_error=on_error, batch_size=extract_batch_size, device=features.device_,
-                     precision=features.precision_, num_workers=num_workers, progress=progress, stop=stop)
+    maps = options.for_maps(loaded, from_layer)
+    features = CNNFeatures.from_options(maps, prefetch="none").fit()
+    result = extract(source, maps.replace(device=features.device_, precision=features.precision_), stop=stop)
     y = kept_labels(result)
     start = time.perf_counter()
     X = read_maps(result, from_layer)
     read_seconds = time.perf_counter() - start
     classifier.fit(X, y)
-    from featx import __version__
-
     best = classifier.history_[classifier.best_epoch_ - 1]
     settings = {k: v for k, v in classifier.get_params().items() if k not in ("on_epoch", "backbone", "weights")}
     model = FeatxModel(
@@ -867,8 +850,6 @@ def cross_validate_finetune(X, y, *, cv: int = 5, repeats: int = 1, random_state
     >>> report["cv"], len(report["fold_accuracy"])
     (3, 3)
     """
-    from featx.heads import fold_means, outer_splits, score_predictions
-
     y = np.asarray(y)
     classes, counts = np.unique(y, return_counts=True)
     n_splits = int(min(cv, counts.min()))

@@ -182,6 +182,20 @@ class ExtractOptions:
         """A copy with ``changes`` (field names only); the checks run again."""
         return dataclasses.replace(self, **changes)
 
+    def for_maps(self, backbone, layers) -> ExtractOptions:
+        """The extraction fine-tuning trains on: the unpooled maps (pooling ``"map"``) of ``layers``
+        of ``backbone``, stored as float16, without flip averaging, in this process with eager torch;
+        the device, precision, store, batch size, workers and progress stay these options'.
+
+        Examples
+        --------
+        >>> maps = ExtractOptions(tta="hflip", store=True).for_maps("featx_tiny_cnn", "stage1")
+        >>> maps.pooling, maps.dtype, maps.tta, maps.store
+        ('map', 'float16', None, True)
+        """
+        return self.replace(backbone=backbone, layers=layers, pooling="map", dtype="float16", tta=None,
+                            engine="local", runtime="torch", compile=False)
+
     @classmethod
     def merge(cls, options: ExtractOptions | None = None, settings: Mapping | None = None, *,
               aliases: Mapping[str, str] | None = None, where: str = "featx") -> ExtractOptions:
@@ -269,6 +283,16 @@ class FinetuneOptions:
     def as_params(self) -> dict:
         """The settings as :class:`~featx.finetuning.TailClassifier` keyword arguments."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def changes(self) -> dict:
+        """The settings that differ from the defaults (what a report or a cache key names).
+
+        Examples
+        --------
+        >>> FinetuneOptions(epochs=3).changes()
+        {'epochs': 3}
+        """
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
     @classmethod
     def merge(cls, options: FinetuneOptions | Mapping | None = None, settings: Mapping | None = None, *,

@@ -35,13 +35,12 @@ def temporary_name(path: str | os.PathLike) -> Path:
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename inside ``folder`` durable (where the platform allows opening a folder)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """Make a rename inside ``folder`` durable; an error (a full or failing disk) is raised, not hidden."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
