@@ -37,7 +37,7 @@ readers ignore and the next writer removes; a key present twice (main file and j
 segments) holds the same features, and the earliest copy wins.
 
 The package holds one concept per module: :mod:`~featx.store.names` (configurations, file
-names, keys), :mod:`~featx.store.files` (durable replacement, failed writes),
+names, keys), :mod:`~featx.store.files` (durable replacement, leftovers, failed writes),
 :mod:`~featx.store.locks` (the writer lock), :mod:`~featx.store.journal` (segments),
 :mod:`~featx.store.mainfile` (the HDF5 file), :mod:`~featx.store.snapshot` (the merged view
 and consolidation), :mod:`~featx.store.feature_store` (:class:`FeatureStore`) and

@@ -20,7 +20,7 @@ import numpy as np
 
 from featx.exceptions import CacheMismatchError, FeatxError, MissingKeysError, StoreError, StoreInputError, suggest
 from featx.paths import fsync_dir
-from featx.store.files import unlink_quietly
+from featx.store.files import temporary_files, unlink_quietly
 from featx.store.journal import (
     SEG_PREFIX,
     SEG_SUFFIX,
@@ -55,7 +55,6 @@ from featx.store.names import (
     journal_dir,
     key_array,
     store_path,
-    temporary_files,
 )
 from featx.store.snapshot import Snapshot, write_consolidated
 
@@ -547,17 +546,16 @@ class FeatureStore:
         with self.writer():
             names = self._segment_names()
             if names:
-                merged = self._run(self._merge_into_new_main)
+                canon, provenance = canonical_json(self.config), canonical_json(self.provenance)
+                merged = self._run(
+                    lambda view: write_consolidated(view, self.path, canon=canon, dtype=self.dtype, provenance=provenance)
+                )
                 for name in merged:
                     unlink_quietly(self._journal_dir / name)
                 fsync_dir(self._journal_dir)
             with contextlib.suppress(OSError):  # only succeeds when nothing is left in it
                 self._journal_dir.rmdir()
                 fsync_dir(self.path.parent)
-
-    def _merge_into_new_main(self, view: Snapshot) -> list[str]:
-        canon, provenance = canonical_json(self.config), canonical_json(self.provenance)
-        return write_consolidated(view, self.path, canon=canon, dtype=self.dtype, provenance=provenance)
 
     # -- reading -----------------------------------------------------------------------------
 

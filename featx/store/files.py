@@ -4,20 +4,22 @@ A main file is only ever replaced whole, through :func:`featx.paths.atomic_path`
 ``durable=True`` (temporary file beside it, fsync, ``os.replace``, fsync of the folder, the
 temporary file removed on any error). A write that fails raises a
 :class:`~featx.exceptions.StoreError` that says the store is unchanged and, for a full disk,
-how to make room.
+how to make room. An interrupted replacement leaves ``<main file>.tmp-<pid>`` behind
+(:func:`temporary_files`): readers ignore it, the next writer removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import pathlib
 from collections.abc import Iterator
 
 from featx.exceptions import FeatxError, StoreError
 from featx.paths import atomic_path
 
-__all__ = ["is_no_space", "replace_durably", "unlink_quietly", "write_failed"]
+__all__ = ["is_no_space", "replace_durably", "temporary_files", "unlink_quietly", "write_failed"]
 
 
 def unlink_quietly(path: pathlib.Path) -> None:
@@ -32,6 +34,20 @@ def unlink_quietly(path: pathlib.Path) -> None:
     """
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def temporary_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The temporary files ``<main file>.tmp-*`` that interrupted writes of a main file left beside it.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "a-0123456789ab.h5.tmp-42").write_bytes(b"")
+    >>> [p.name for p in temporary_files(folder / "a-0123456789ab.h5")]
+    ['a-0123456789ab.h5.tmp-42']
+    """
+    return sorted(path.parent.glob(glob.escape(path.name) + ".tmp-*"))
 
 
 def is_no_space(exc: BaseException) -> bool:

@@ -29,7 +29,6 @@ from featx.store.files import replace_durably
 from featx.store.names import DTYPES, FORMAT_VERSION, KEY_LEN, STORE_NAME, Entry, config_hash, key_array, utcnow
 
 __all__ = [
-    "BLOCK_BYTES",
     "MainEntry",
     "MainIndex",
     "as_float32",

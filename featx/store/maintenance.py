@@ -12,9 +12,9 @@ import shutil
 from featx.exceptions import FeatxError, StoreError
 from featx.paths import default_cache_dir, fsync_dir
 from featx.store.feature_store import FeatureStore
-from featx.store.files import unlink_quietly
+from featx.store.files import temporary_files, unlink_quietly
 from featx.store.locks import writer_lock
-from featx.store.names import JOURNAL_SUFFIX, STORE_NAME, journal_dir, lock_file, temporary_files
+from featx.store.names import JOURNAL_SUFFIX, STORE_NAME, journal_dir, lock_file
 
 __all__ = ["list_stores", "remove_store"]
 

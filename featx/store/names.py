@@ -7,7 +7,6 @@ Nothing here touches a file: these are the names, checks and constants the other
 from __future__ import annotations
 
 import datetime as _dt
-import glob
 import hashlib
 import json
 import math
@@ -43,7 +42,6 @@ __all__ = [
     "key_array",
     "lock_file",
     "store_path",
-    "temporary_files",
     "utcnow",
 ]
 
@@ -282,20 +280,6 @@ def lock_file(path: pathlib.Path) -> pathlib.Path:
     'resnet18-0123456789ab.h5.lock'
     """
     return path.with_name(path.name + LOCK_SUFFIX)
-
-
-def temporary_files(path: pathlib.Path) -> list[pathlib.Path]:
-    """The temporary files ``<main file>.tmp-*`` that interrupted writes of a main file left beside it.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (folder / "a-0123456789ab.h5.tmp-42").write_bytes(b"")
-    >>> [p.name for p in temporary_files(folder / "a-0123456789ab.h5")]
-    ['a-0123456789ab.h5.tmp-42']
-    """
-    return sorted(path.parent.glob(glob.escape(path.name) + ".tmp-*"))
 
 
 # --------------------------------------------------------------------------------------------
