@@ -31,7 +31,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from featx.exceptions import CacheMismatchError, FeatxError, MissingKeysError, StoreError
-from featx.store import FeatureStore, _flatten, store_path
+from featx.store import FeatureStore, store_path
+from featx.store.names import flatten_config
 
 __all__ = ["StoreUnion", "check_shard", "in_shard", "merge_stores", "open_shard", "parse_shard", "shard_path",
            "sibling_shards"]
@@ -281,7 +282,8 @@ def _shard_files(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
 
 
 def _differences(a: FeatureStore, b: FeatureStore) -> list[str]:
-    old, new = _flatten({**a.config, "(store dtype)": a.dtype}), _flatten({**b.config, "(store dtype)": b.dtype})
+    old = flatten_config({**a.config, "(store dtype)": a.dtype})
+    new = flatten_config({**b.config, "(store dtype)": b.dtype})
     lines = []
     for key in sorted(set(old) | set(new)):
         if old.get(key, "nothing") != new.get(key, "nothing"):

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import featx.store
+import featx.store.mainfile
+import featx.store.snapshot
 from featx.exceptions import CacheMismatchError, FeatxError, MissingKeysError, StoreError
 from featx.store import (
     FeatureSet,
@@ -661,7 +663,7 @@ def test_reader_retries_when_consolidation_removes_a_segment_before_its_rows_are
     store.consolidate()
     store.write(make_keys(1, 2), {ENTRY: np.full((1, 4), 2.0)})
     reader = FeatureStore(store.path)
-    journal_rows = featx.store._View.journal_rows
+    journal_rows = featx.store.snapshot.Snapshot.journal_rows
     calls = []
 
     def consolidate_then_read(view, *args):
@@ -670,7 +672,7 @@ def test_reader_retries_when_consolidation_removes_a_segment_before_its_rows_are
             store.consolidate()
         return journal_rows(view, *args)
 
-    monkeypatch.setattr(featx.store._View, "journal_rows", consolidate_then_read)
+    monkeypatch.setattr(featx.store.snapshot.Snapshot, "journal_rows", consolidate_then_read)
     np.testing.assert_array_equal(reader.read(make_keys(3), *ENTRY), [[1.0] * 4, [1.0] * 4, [2.0] * 4])
     assert calls and not journal_dir(store).exists()
 
@@ -683,10 +685,10 @@ def test_read_direct_path_matches_hdf5_path(store, monkeypatch):
     store.write(keys, {ENTRY: X})
     store.consolidate()
     with h5py.File(store.path, "r") as f:
-        assert featx.store._chunk_offsets(f, f["features/stage1/avg/data"]) is not None
+        assert featx.store.mainfile.chunk_offsets(f, f["features/stage1/avg/data"]) is not None
     asked = [keys[i] for i in rng.integers(0, 300, 200)] + keys
     direct = FeatureStore(store.path).read(asked, *ENTRY)
-    monkeypatch.setattr("featx.store._chunk_offsets", lambda f, dset: None)
+    monkeypatch.setattr("featx.store.mainfile.chunk_offsets", lambda f, dset: None)
     through_hdf5 = FeatureStore(store.path).read(asked, *ENTRY)
     np.testing.assert_array_equal(direct, through_hdf5)
     np.testing.assert_array_equal(direct[200:], X)
