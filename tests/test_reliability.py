@@ -46,6 +46,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import h5py
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -357,7 +358,7 @@ def test_extract_disk_full_gives_clear_error_and_intact_store(tmp_path, monkeypa
         monkeypatch.setattr(np, "savez", _no_space_after_partial)
         expected = r"no space left on device while writing a batch of \d+ rows .* is unchanged .*free some disk space"
     else:
-        monkeypatch.setattr(store_module, "_fsync_file", _no_space)
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", _no_space)
         expected = r"no space left on device while writing the consolidated store .* is unchanged"
     with pytest.raises(StoreError, match=expected):
         _extract(large, cache)
@@ -460,7 +461,7 @@ def test_reader_during_cli_writer_sees_consistent_store(dataset, capsys):
 
 def test_reader_during_consolidation_unlinking_segments_does_not_give_up(tmp_path, monkeypatch):
     """Check that a reader racing a consolidation that removes many segments reads correct rows, not 'kept changing'."""
-    import featx.store as store_module
+    import featx.store.feature_store as store_module
 
     store = FeatureStore.open({"backbone": TINY}, cache_dir=tmp_path)
     keys = [f"{i:032x}" for i in range(200)]
@@ -468,7 +469,7 @@ def test_reader_during_consolidation_unlinking_segments_does_not_give_up(tmp_pat
         store.write(keys[i : i + 2], {("stage1", "avg"): np.full((2, 4), i, np.float32)})
     expected = np.repeat(np.arange(0, len(keys), 2, dtype=np.float32), 2)[:, None] * np.ones(4, np.float32)
     unlinking = threading.Event()
-    real_unlink, real_load = store_module._unlink_quietly, np.load
+    real_unlink, real_load = store_module.unlink_quietly, np.load
 
     def slow_unlink(path):  # a big journal on a slow disk: the segments go one by one
         unlinking.set()
@@ -480,7 +481,7 @@ def test_reader_during_consolidation_unlinking_segments_does_not_give_up(tmp_pat
             time.sleep(0.01)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "_unlink_quietly", slow_unlink)
+    monkeypatch.setattr(store_module, "unlink_quietly", slow_unlink)
     monkeypatch.setattr(np, "load", slow_reader_load)
     consolidation = threading.Thread(target=store.consolidate)
     consolidation.start()
