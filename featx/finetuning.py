@@ -64,7 +64,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from featx.backbones import Backbone, Tap, _probe, layer_shape, load_backbone, resolve_layers, run_taps
+from featx.backbones import Backbone, Tap, layer_shape, layer_table, load_backbone, resolve_layers, run_taps
 from featx.exceptions import FeatxError, FinetuneError
 
 __all__ = ["FinetuneError", "SUPPORTED", "TailClassifier", "build_tail", "cross_validate_finetune", "finetune",
@@ -121,7 +121,7 @@ class _Net(nn.Module):
 def _split_tap(backbone: str, layer: str) -> tuple[Tap, Tap]:
     """(tap of ``layer``, tap of pre_logits), refusing layers after which nothing can be trained."""
     (name, tap), = resolve_layers(backbone, [layer])
-    aliases = _probe(backbone).aliases
+    aliases = layer_table(backbone).aliases
     if "pre_logits" not in aliases:
         raise FinetuneError(f"{backbone} names no 'pre_logits' layer, so featx cannot tell where its head starts; "
                             f"fine-tuning supports {SUPPORTED}.")
