@@ -66,7 +66,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from featx import __version__
-from featx.backbones import Backbone, Tap, _probe, layer_shape, load_backbone, resolve_layers, run_taps
+from featx.backbones import Backbone, Tap, layer_shape, layer_table, load_backbone, resolve_layers, run_taps
 from featx.devices import resolve_device
 from featx.exceptions import FinetuneError
 from featx.extraction import extract, kept_labels
@@ -132,7 +132,7 @@ class _Net(nn.Module):
 def split_tap(backbone: str, layer: str) -> tuple[Tap, Tap]:
     """(tap of ``layer``, tap of pre_logits), refusing layers after which nothing can be trained."""
     (name, tap), = resolve_layers(backbone, [layer])
-    aliases = _probe(backbone).aliases
+    aliases = layer_table(backbone).aliases
     if "pre_logits" not in aliases:
         raise FinetuneError(f"{backbone} names no 'pre_logits' layer, so featx cannot tell where its head starts; "
                             f"fine-tuning supports {SUPPORTED}.")

@@ -1,4 +1,4 @@
-"""The tiny seeded test network behind the ``featx_tiny_cnn`` backbone (imports torch)."""
+"""The tiny test network behind the ``featx_tiny_cnn`` backbone (imports torch; :mod:`featx.backbones.tiny` registers it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ from torch import nn
 
 
 class TinyCNN(nn.Module):
-    """A small, seeded CNN with BatchNorm, for tests: 32×32 input, 4 stages, 10 logits."""
+    """A small, seeded CNN with BatchNorm, for tests: 32×32 input, 4 stages, 10 logits.
+
+    Examples
+    --------
+    >>> TinyCNN()(torch.zeros(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    """
 
     def __init__(self, width: int = 8, num_classes: int = 10):
         super().__init__()
