@@ -451,7 +451,8 @@ def test_extract_unknown_tta_is_refused(images):
 def test_extract_compiled_equals_eager_with_a_padded_last_batch(images, tmp_path):
     """Check that compile=True gives the eager features (short last batch padded, flip averaging too) and the same store."""
     arrays, _ = images  # 12 images: batches of 5, 5 and a padded 2
-    options = dict(backbone=TINY, layers=["stage1", "pre_logits"], pooling=["avg", "spp"], device="cpu", batch_size=5)
+    options = dict(backbone=TINY, layers=["stage1", "pre_logits"], pooling=["avg", "spp"], device="cpu", batch_size=5,
+                   precision="fp32")
     for tta in (None, "hflip"):
         eager = extract(arrays, tta=tta, **options)
         compiled = extract(arrays, tta=tta, compile=True, **options)

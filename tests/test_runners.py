@@ -6,7 +6,8 @@ from featx.extraction import extract
 
 from conftest import TINY
 
-OPTIONS = dict(backbone=TINY, layers=["stage1", "pre_logits"], pooling=["avg", "spp"], device="cpu", batch_size=5)
+OPTIONS = dict(backbone=TINY, layers=["stage1", "pre_logits"], pooling=["avg", "spp"], device="cpu", batch_size=5,
+               precision="fp32")
 
 
 def test_onnxruntime_equals_torch_with_a_padded_last_batch(images, tmp_path):

@@ -18,7 +18,7 @@ from featx.store import FeatureStore, list_stores
 # One batch per run: the CPU kernels for a batch of one image round differently (1e-8 here) from
 # those of larger batches, whose results do not depend on what else is in the batch.
 OPTIONS = dict(backbone=TINY, layers=["stage2", "pre_logits"], pooling=["avg", "spp"], device="cpu", batch_size=32,
-               num_workers=0, progress=False)
+               num_workers=0, progress=False, precision="fp32")
 
 
 def _rows(store) -> dict:

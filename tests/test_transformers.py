@@ -168,9 +168,10 @@ def test_cnnfeatures_onnxruntime_matches_torch(images, tmp_path):
     """Check that runtime='onnxruntime' in the transformer gives torch's features, cached or not, and bad runtimes fail at fit."""
     pytest.importorskip("onnxruntime")
     arrays, _ = images
-    expected = CNNFeatures(TINY, layer="stage2/spp+pre_logits", device="cpu", cache=None).fit_transform(arrays)
+    expected = CNNFeatures(TINY, layer="stage2/spp+pre_logits", device="cpu", cache=None,
+                           precision="fp32").fit_transform(arrays)
     for cache in (None, tmp_path):
-        X = CNNFeatures(TINY, layer="stage2/spp+pre_logits", device="cpu", cache=cache,
+        X = CNNFeatures(TINY, layer="stage2/spp+pre_logits", device="cpu", cache=cache, precision="fp32",
                         runtime="onnxruntime").fit_transform(arrays)
         np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(FeatxError, match="Unknown runtime 'tvm'"):
