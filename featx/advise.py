@@ -27,11 +27,12 @@ import numpy as np
 from torch import nn
 
 from featx.backbones import Tap, load_backbone
-from featx.exceptions import FeatxError
+from featx.compare import best_row
 from featx.devices import resolve
+from featx.exceptions import FeatxError
+from featx.images import ImageSource, open_source
 from featx.loop import Request, iter_batches, prepare
 from featx.options import ExtractOptions
-from featx.images import ImageSource, open_source
 
 __all__ = ["FINETUNE_FROM", "QUADRANTS", "advise", "imagenet_shift"]
 
@@ -164,8 +165,6 @@ def advise(
         "backbone": backbone,
     }
     if comparison:
-        from featx.compare import best_row
-
         rows = [row for row in comparison if row["model"] == backbone] or list(comparison)
         best = best_row(rows)
         depth = max(row["depth"] for row in rows) or 1

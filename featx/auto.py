@@ -173,7 +173,7 @@ class FrozenCandidate:
                                random_state=search.random_state, **({"blocks": blocks} if len(blocks) > 1 else {}))
 
     def refit(self, search: Search):
-        from featx.models import fit_model
+        from featx.models import fit_model  # scikit-learn: 'featx fit' reads this module's defaults light
 
         options = search.options.replace(backbone=list(self.backbones), layers=self.layer_spec, tta=self.tta)
         model, _ = fit_model(search.source, options, head=self.head, inner_cv=search.inner_cv,
@@ -350,7 +350,7 @@ class Search:
         """
         key = (candidate.backbone, candidate.from_layer)
         if key not in self.train_rate:
-            from featx.finetuning import train_seconds_per_image
+            from featx.finetuning import train_seconds_per_image  # torch
 
             self.train_rate[key] = train_seconds_per_image(candidate.backbone, candidate.from_layer,
                                                            weights=self.options.weights,
@@ -440,7 +440,7 @@ class Search:
     # ------------------------------------------------------------------ evaluation
     def dim(self, candidate: FrozenCandidate) -> int:
         if candidate.features not in self._dims:
-            from featx.transformers import CNNFeatures
+            from featx.transformers import CNNFeatures  # scikit-learn
 
             self._dims[candidate.features] = sum(
                 CNNFeatures(b, weights=self.options.weights, layer=candidate.layer_spec, device="cpu").fit().n_features_out_
@@ -547,7 +547,7 @@ def finetune_candidates(source, backbones, finetune, *, epochs: int = 10,
         return None, []
     advice = None
     if names == ["advise"]:
-        from featx.advise import advise
+        from featx.advise import advise  # torch
 
         advice = advise(source, backbone=backbones[0] if backbones else "efficientnet_lite0", device=str(device))
         layers, strict = advice["finetune_from"], False

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featx import __version__
 from featx.backbones import load_backbone, resolve_layers
 from featx.exceptions import FeatxError
 from featx.extraction import extract, join_features, kept_labels
@@ -48,11 +49,11 @@ def _evaluator(method: str, n_jobs=None):
     if method == "heads":
         import functools
 
-        from featx.heads import evaluate
+        from featx.heads import evaluate  # scikit-learn: only when a report must be computed
 
         return functools.partial(evaluate, n_jobs=n_jobs)
     if method == "finetune":
-        from featx.finetuning import cross_validate_finetune
+        from featx.finetuning import cross_validate_finetune  # torch
 
         return cross_validate_finetune
     raise FeatxError(f"Unknown evaluation method {method!r}: expected 'heads' or 'finetune'.")
@@ -72,8 +73,6 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
     if folder is None:
         return _evaluator(method, n_jobs)(X, y, **settings)
     import importlib.metadata
-
-    from featx import __version__
 
     plain = (str, int, float, bool, type(None), list, tuple, dict, Path, np.integer, np.floating)
     key = {**{k: v if isinstance(v, plain) else str(v) for k, v in settings.items()},  # weights enums, devices
@@ -317,7 +316,7 @@ def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", 
     chosen : str
     scores : dict of str to float
     """
-    from featx.heads import evaluate
+    from featx.heads import evaluate  # scikit-learn: this module stays light for warm runs
 
     scores = {
         name: evaluate(X, y, head=head, cv=cv, tune=False, random_state=random_state)["accuracy_mean"]
@@ -343,7 +342,7 @@ def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg",
     """
     from collections import Counter
 
-    from featx.heads import fit_head, fold_means, outer_splits, score_predictions
+    from featx.heads import fit_head, fold_means, outer_splits, score_predictions  # scikit-learn
 
     y = np.asarray(y)
     names = list(candidates)

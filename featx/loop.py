@@ -25,6 +25,7 @@ from featx.options import ExtractOptions
 from featx.featuresets import parse_blocks
 from featx.paths import split_names
 from featx.pooling import check_pooling, pool
+from featx.runners import compiled_taps, onnx_taps
 
 if TYPE_CHECKING:
     import torch
@@ -135,12 +136,8 @@ def iter_batches(
     full = batch_size * (2 if tta == "hflip" else 1)  # the batch the network sees
     runner = None
     if compile:
-        from featx.runners import compiled_taps
-
         runner = compiled_taps(backbone.module, taps, device)
     elif runtime == "onnxruntime":
-        from featx.runners import onnx_taps
-
         size = backbone.preprocess.crop
         runner = onnx_taps(backbone.module, taps, torch.zeros(full, 3, size, size))
     show = sys.stderr.isatty() if progress is None else progress
