@@ -70,15 +70,16 @@ def _check_choice(name: str, value, choices: Sequence) -> None:
 
 def _merge(cls, base, settings: Mapping, aliases: Mapping[str, str], where: str):
     names = {f.name for f in dataclasses.fields(cls)}
-    changes = {}
+    changes, given = {}, {}
     for name, value in settings.items():
         target = aliases.get(name, name)
         if target not in names:
             raise FeatxError(f"{where} got an unknown setting {name!r}.{suggest(name, [*names, *aliases])} "
                              f"Its settings are those of featx.{cls.__name__}: {', '.join(sorted(names))}.")
         if target in changes:
-            raise FeatxError(f"{where} got both {name!r} and {target!r}: they are one setting; pass one of them.")
-        changes[target] = value
+            raise FeatxError(f"{where} got both {given[target]!r} and {name!r}: they are one setting; pass one of "
+                             f"them.")
+        changes[target], given[target] = value, name
     return dataclasses.replace(base, **changes) if changes else base
 
 
