@@ -18,7 +18,7 @@ from featx.store import FeatureStore, list_stores
 # One batch per run: the CPU kernels for a batch of one image round differently (1e-8 here) from
 # those of larger batches, whose results do not depend on what else is in the batch.
 OPTIONS = dict(backbone=TINY, layers=["stage2", "pre_logits"], pooling=["avg", "spp"], device="cpu", batch_size=32,
-               num_workers=0, progress=False, precision="fp32")
+               num_workers=0, progress=False)
 
 
 def _rows(store) -> dict:
@@ -140,8 +140,9 @@ def test_shard_rerun_computes_nothing_held_by_any_shard(tmp_path, source):
 def test_merge_refuses_shards_of_another_configuration(tmp_path, source):
     """Check that shards of different configurations are refused, naming both stores and the fields."""
     cache = tmp_path / "c"
-    a = extract(source, store=cache, shard=(0, 2), **OPTIONS)
-    b = extract(source, store=cache, shard=(1, 2), dtype="float16", **OPTIONS)
+    fp32 = {**OPTIONS, "precision": "fp32"}  # 'auto' is bf16 on CPUs with native bf16
+    a = extract(source, store=cache, shard=(0, 2), **fp32)
+    b = extract(source, store=cache, shard=(1, 2), dtype="float16", **fp32)
     c = extract(source, store=cache, shard=(1, 2), **{**OPTIONS, "precision": "bf16"})
     pa, pb, pc = (r.store.stores[0].path for r in (a, b, c))
     with pytest.raises(CacheMismatchError, match=r"(?s)dtype: \"float32\" in .*shard-0000.* but \"float16\" in"):
