@@ -1,0 +1,154 @@
+"""``featx cv`` and ``featx compare``: cross-validated heads on the layers of a labelled data set.
+
+A command's docstring is its ``--help``: the one-line summary, the description, the example.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+from featx.cli.arguments import (
+    add_data_options,
+    add_engine_options,
+    add_extraction_options,
+    add_head_options,
+    add_json,
+    extract_options,
+    open_data,
+)
+from featx.cli.output import format_table, print_json, report_skipped
+from featx.compare import best_row, compare_layers, evaluate_auto, write_comparison
+from featx.distributed import joblib_on_ray
+from featx.extraction import extract, kept_labels
+from featx.options import ExtractOptions, FinetuneOptions
+
+__all__ = ["COMMANDS", "CV_COLUMNS", "auto_candidates", "compare_rows"]
+
+CV_COLUMNS = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "balanced_accuracy", "fit_time"]
+
+
+def auto_candidates(source, options: ExtractOptions):
+    """Every (layer, pooling) feature set of DATA for --layers auto, from one extraction."""
+    result = extract(source, options.replace(layers="all"))
+    report_skipped(result.skipped)
+    candidates = {r.key: result[r.key] for r in result.requests}
+    return candidates, kept_labels(result), result
+
+
+def compare_rows(args, source, options: ExtractOptions, backbones, **finetune) -> list[dict]:
+    """compare_layers with the options that 'featx cv' and 'featx compare' share."""
+    return compare_layers(source, options, backbones=backbones, layers=args.layers, poolings=args.pool,
+                          heads=args.head, cv=args.cv, repeats=args.repeats, random_state=args.seed, n_jobs=args.jobs,
+                          **finetune)
+
+
+def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
+    candidates, y, result = auto_candidates(source, options)
+    rows = []
+    for head in [h for h in args.head.split(",") if h]:
+        report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed)
+        layer, pooling = report["chosen"].split("/")
+        rows.append({"model": args.model, "layer": "auto", "chosen_layer": layer, "pooling": pooling, "head": head,
+                     "accuracy_mean": report["accuracy_mean"], "accuracy_std": report["accuracy_std"],
+                     "balanced_accuracy": report["balanced_accuracy"], "chosen_per_fold": report["chosen_per_fold"],
+                     "n_images": report["n_samples"], "cv": report["cv"], "fit_time": report["fit_time"]})
+    if args.json:
+        print_json(rows)
+        return 0
+    print(format_table(rows, ["model", "layer", "chosen_layer", "pooling", "head", "accuracy_mean", "accuracy_std"]))
+    for row in rows:
+        print(f"{row['head']}: layer chosen by inner cross-validation in each outer fold: "
+              f"{', '.join(row['chosen_per_fold'])} (accuracy includes that choice)")
+    return 0
+
+
+def cmd_cv(args) -> int:
+    """cross-validate heads on layers of a labelled data set
+
+    Extract what the store lacks, then evaluate each (layer, pooling, head) by nested, stratified
+    cross-validation and print a table.
+
+    Example: featx cv fashion-mnist --per-class 100 --layers all --pool avg --head logreg --json;
+    with --engine ray, extraction runs on Ray actors and the folds and grid searches on Ray's
+    joblib backend
+    """
+    options = extract_options(args)
+    source = open_data(args)
+    with contextlib.ExitStack() as stack:
+        if options.engine != "local":
+            # One Ray session: the extraction's actors, then every CV fold and grid search as Ray
+            # tasks (joblib's n_jobs default becomes -1, all the cluster's CPUs, unless --jobs says).
+            stack.enter_context(joblib_on_ray(args.address))
+        if args.layers == "auto":
+            return cmd_cv_auto(args, source, options)
+        rows = compare_rows(args, source, options, args.model)
+    if args.json:
+        print_json(rows)
+        return 0
+    print(format_table(rows, CV_COLUMNS))
+    best = best_row(rows)
+    print(
+        f"\nbest: {best['layer']} / {best['pooling']} / {best['head']}: accuracy {best['accuracy_mean']:.3f} "
+        f"± {best['accuracy_std']:.3f} ({best['n_images']} images, {best['cv']}-fold)"
+    )
+    return 0
+
+
+def cv_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_options(p)
+    add_extraction_options(p, layers="all")
+    add_engine_options(p)
+    add_head_options(p, several=True)
+    add_json(p, "print a JSON list of rows")
+
+
+def cmd_compare(args) -> int:
+    """compare layers, poolings and backbones: table, CSV, JSON and plot
+
+    Cross-validate a head on every layer (and pooling, head, backbone) of DATA; each image goes
+    through each backbone once. Writes DIR/compare.csv, compare.json and compare.png (accuracy
+    against depth with error bars).
+
+    Example: featx compare fashion-mnist --per-class 100 --models
+    efficientnet_lite0,efficientnet_lite2 --layers all --pool avg,spp --out results
+    """
+    source = open_data(args)
+    training = FinetuneOptions(epochs=args.finetune_epochs) if args.finetune_from else None
+    rows = compare_rows(args, source, extract_options(args), args.models, finetune_from=args.finetune_from,
+                        finetune_options=training)
+    paths = write_comparison(rows, args.out, title=source.name)
+    columns = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "extraction_time", "fit_time"]
+    if args.json:
+        print_json(rows)
+    else:
+        print(format_table(rows, columns))
+        best = best_row(rows)
+        print(f"\nbest: {best['model']} {best['layer']} / {best['pooling']} / {best['head']}: "
+              f"accuracy {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}")
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def compare_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_options(p)
+    add_extraction_options(p, layers="all")
+    p.add_argument(
+        "--models",
+        default=ExtractOptions.backbone,
+        help="comma-separated backbones; join with + to concatenate their features, e.g. "
+        "efficientnet_lite0+efficientnet_lite2 (default: %(default)s)",
+    )
+    add_head_options(p, several=True)
+    g = p.add_argument_group("fine-tuned rows")
+    g.add_argument("--finetune-from", default=None, metavar="LAYERS",
+                   help="also fine-tune from these layers (comma-separated) on the same outer folds: one training "
+                   "per fold, on the cached maps (see 'featx finetune')")
+    g.add_argument("--finetune-epochs", type=int, default=FinetuneOptions.epochs,
+                   help="at most this many epochs per fold (default: %(default)s)")
+    p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
+    add_json(p, "print the rows as JSON")
+
+
+#: Each command: what runs it, and what adds its arguments.
+COMMANDS = {"cv": (cmd_cv, cv_arguments), "compare": (cmd_compare, compare_arguments)}

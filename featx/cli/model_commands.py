@@ -1,0 +1,218 @@
+"""``featx fit``, ``featx predict`` and ``featx evaluate``: a model file, written, used and scored.
+
+A command's docstring is its ``--help``: the one-line summary, the description, the example.
+featx.models imports scikit-learn: it is imported only when one of these commands runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+from featx.auto import DEFAULT_BACKBONES, DEFAULT_FEATURE_SETS, DEFAULT_HEADS, DEFAULT_TTAS, auto_fit
+from featx.cli.arguments import (
+    add_allow_outside_root,
+    add_data_options,
+    add_extraction_options,
+    add_head_options,
+    add_json,
+    add_model_output,
+    extract_options,
+    open_data,
+)
+from featx.cli.evaluation_commands import auto_candidates
+from featx.cli.output import format_table, print_json, report_skipped, warn_problems
+from featx.compare import select_layer
+from featx.exceptions import FeatxError
+from featx.images import open_source
+
+__all__ = ["AUTO_COLUMNS", "COMMANDS"]
+
+AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "seconds", "extraction_seconds",
+                "status"]
+
+#: What the --auto search chooses itself: the options of these fields are ignored with --auto.
+AUTO_CHOOSES = ("backbone", "layers", "pooling", "tta")
+
+
+def cmd_fit_auto(args, source) -> int:
+    from featx.models import save_model  # scikit-learn: only when the command runs
+
+    def progress_line(row):
+        print(f"featx: {row['configuration']}: accuracy {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} "
+              f"({row['seconds']:.0f} s, {row['extraction_seconds']:.0f} s of it extracting)", file=sys.stderr)
+
+    result = auto_fit(source, extract_options(args, leave_out=AUTO_CHOOSES), budget=args.budget,
+                      backbones=args.auto_models, feature_sets=args.auto_layers, ttas=args.auto_tta,
+                      heads=args.auto_heads, finetune=args.auto_finetune, finetune_epochs=args.auto_finetune_epochs,
+                      cv=args.cv or 5, random_state=args.seed, report=progress_line)
+    save_model(result.model, args.output)
+    if args.json:
+        print_json({**result.to_json(), "output": args.output})
+        return 0
+
+    def shown(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    rows = [{**row, "rank": shown(row["rank"], "d"), "dim": shown(row["dim"], "d"),
+             "accuracy_mean": shown(row["accuracy_mean"], ".4f"), "accuracy_std": shown(row["accuracy_std"], ".4f"),
+             "seconds": shown(row["seconds"], ".1f"), "extraction_seconds": shown(row["extraction_seconds"], ".1f")}
+            for row in result.leaderboard]
+    print(format_table(rows, AUTO_COLUMNS))
+    if result.advice is not None:
+        advice = result.advice
+        print(f"\nadvisor: {advice['quadrant']} ({advice['images_per_class']:.0f} images per class, shift "
+              f"{advice['similarity_score']:.2f}): fine-tuning candidates "
+              + (f"from {', '.join(advice['finetune_from'])}" if advice["finetune_from"] else
+                 "none (small data: heads on frozen features); --auto-finetune stage5 adds one"))
+    best = result.best
+    print(f"\nbest: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
+          f"({best['cv']}-fold CV on {source.name} only)")
+    print("extractions: " + ", ".join(f"{e['backbone']} {'maps' if e['maps'] else 'tta=' + e['tta']} {e['seconds']:.0f} s "
+                                      f"({e['n_computed']} computed)" for e in result.extractions))
+    print(f"search and refit: {result.seconds:.0f} s of a {result.budget:.0f} s budget")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    """tune and fit a head on all of DATA, save the model
+
+    Tune the head's hyper-parameters by cross-validation on DATA, refit on all of it, and save one
+    model file (the head, the extraction configuration, the class names, the featx version).
+    Model files are pickles: share and load them only as you would code.
+
+    Examples: featx fit data/train --layers stage4 --pool spp --head logreg -o model.joblib; featx
+    fit data/train --auto --budget 15m --cache /tmp/featx-cache -o model.joblib
+    """
+    from featx.models import fit_model, save_model  # scikit-learn: only when the command runs
+
+    source = open_data(args)
+    if args.auto:
+        return cmd_fit_auto(args, source)
+    if args.json:
+        raise FeatxError("--json goes with --auto (the leaderboard); a plain 'featx fit' prints one line.")
+    inner_cv = 3 if args.cv is None else args.cv
+    options = extract_options(args)
+    if args.layers == "auto":
+        candidates, y, _ = auto_candidates(source, options)
+        chosen, scores = select_layer(candidates, y, head=args.head, cv=inner_cv, random_state=args.seed)
+        print(f"--layers auto: chose {chosen} by {inner_cv}-fold cross-validation "
+              f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())})")
+        layer, pooling = chosen.split("/")
+        options = options.replace(layers=layer, pooling=pooling)
+    model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
+    report_skipped(result.skipped)
+    save_model(model, args.output)
+    print(f"{model.describe()}; chosen {model.info['chosen_params']}")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def fit_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_options(p)
+    add_extraction_options(p)
+    add_head_options(p, several=False)
+    g = p.add_argument_group(
+        "auto", "--auto searches backbones, feature sets, flip averaging, heads and (where the advisor says so) "
+        "partial fine-tuning by stratified K-fold CV on DATA only (never on held-out data), cheapest first, within "
+        "--budget; prints the leaderboard and saves the winner, refitted on all of DATA. --model, --layers, --pool, "
+        "--head and --tta are then ignored."
+    )
+    g.add_argument("--auto", action="store_true", help="search for the best configuration within --budget")
+    g.add_argument("--budget", default="10m", help="time for the search and the refit: 90s, 15m, 1h (default: %(default)s)")
+    g.add_argument("--auto-models", default=",".join(DEFAULT_BACKBONES), help="backbones to try (default: %(default)s)")
+    g.add_argument("--auto-layers", default=",".join(DEFAULT_FEATURE_SETS),
+                   help="feature sets to try, in --layers syntax (default: %(default)s)")
+    g.add_argument("--auto-tta", default=",".join(DEFAULT_TTAS), help="tta values to try (default: %(default)s)")
+    g.add_argument("--auto-heads", default=",".join(DEFAULT_HEADS),
+                   help="heads to try; the first is tried on every feature set, the others on the best ones "
+                   "(default: %(default)s)")
+    g.add_argument("--auto-finetune", default="advise",
+                   help="fine-tuning candidates: advise (the layers 'featx advise' names for the data: none for small "
+                   "data), none, or layers to fine-tune from, e.g. stage5,stage4 (default: %(default)s)")
+    g.add_argument("--auto-finetune-epochs", type=int, default=10,
+                   help="most epochs of a fine-tuning candidate; early stopping, patience 3 (default: %(default)s)")
+    add_json(g, "with --auto: print the leaderboard and the winner as JSON")
+    add_model_output(p)
+
+
+def cmd_predict(args) -> int:
+    """predict labels of images with a saved model
+
+    Write image, predicted label and class probabilities as CSV, reusing the feature store.
+
+    Example: featx predict model.joblib data/new -o predictions.csv
+    """
+    from featx.models import load_model, predict  # scikit-learn: only when the command runs
+
+    model = load_model(args.model_file)
+    images = args.images[0] if len(args.images) == 1 else list(args.images)
+    source = open_source(images, allow_outside_root=args.allow_outside_root)
+    warn_problems(source)
+    rows = predict(model, source)
+    columns = ["image", "label", "error", *(f"p_{c}" for c in model.classes)]
+    handle = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    finally:
+        if args.output:
+            handle.close()
+    failed = [row for row in rows if row["error"]]
+    if args.output:
+        print(f"{len(rows) - len(failed)} predictions written to {args.output}", file=sys.stderr)
+    report_skipped([(row["image"], row["error"]) for row in failed])
+    return 0
+
+
+def _add_model_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_file", metavar="MODEL", help="a model file written by 'featx fit'")
+
+
+def predict_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_file(p)
+    p.add_argument("images", metavar="IMAGES", nargs="+", help="image files, a folder, or a CSV with a path column")
+    p.add_argument("-o", "--output", default=None, help="CSV file to write (default: standard output)")
+    add_allow_outside_root(p)
+
+
+def cmd_evaluate(args) -> int:
+    """held-out accuracy of a saved model on labelled data
+
+    Score a saved model on a labelled folder, CSV or built-in dataset.
+
+    Example: featx fit data/train -o m.joblib && featx evaluate m.joblib data/val
+    """
+    from featx.models import evaluate_model, load_model  # scikit-learn: only when the command runs
+
+    model = load_model(args.model_file)
+    source = open_data(args)
+    report = evaluate_model(model, source)
+    if args.json:
+        print_json(report)
+        return 0
+    print(report["model"])
+    print(
+        f"held-out accuracy {report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
+        f"macro-F1 {report['macro_f1']:.4f} on {report['n_images']} images"
+    )
+    print(format_table([{"class": c, **v} for c, v in report["per_class"].items()]))
+    report_skipped([(s["image"], s["reason"]) for s in report["skipped"]])
+    return 0
+
+
+def evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_file(p)
+    add_data_options(p)
+    add_json(p, "print JSON")
+
+
+#: Each command: what runs it, and what adds its arguments.
+COMMANDS = {
+    "fit": (cmd_fit, fit_arguments),
+    "predict": (cmd_predict, predict_arguments),
+    "evaluate": (cmd_evaluate, evaluate_arguments),
+}
