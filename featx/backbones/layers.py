@@ -24,7 +24,7 @@ from featx import __version__
 from featx.backbones.registry import find_registered, get_spec
 from featx.backbones.taps import Tap
 from featx.exceptions import UnknownLayerError, suggest
-from featx.paths import atomic_write, default_cache_dir
+from featx.paths import atomic_write, default_cache_dir, split_names
 from featx.pooling import POOLINGS, pooled_dim
 
 __all__ = ["LayerInfo", "LayerTable", "layer_shape", "layer_table", "list_layers", "resolve_layers"]
@@ -234,7 +234,7 @@ def resolve_layers(backbone: str, layers: str | Iterable[str]) -> list[tuple[str
     """
     table = layer_table(backbone)
     if isinstance(layers, str):
-        layers = [name for name in layers.split(",") if name] if layers != "all" else ["all"]
+        layers = split_names(layers)
     resolved = []
     for name in layers:
         if name == "all":

@@ -22,6 +22,7 @@ from featx.compare import best_row, compare_layers, evaluate_auto, write_compari
 from featx.distributed import joblib_on_ray
 from featx.extraction import extract, kept_labels
 from featx.options import ExtractOptions, FinetuneOptions
+from featx.paths import split_names
 
 __all__ = ["COMMANDS", "CV_COLUMNS", "auto_candidates", "compare_rows"]
 
@@ -46,7 +47,7 @@ def compare_rows(args, source, options: ExtractOptions, backbones, **finetune) -
 def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
     candidates, y, result = auto_candidates(source, options)
     rows = []
-    for head in [h for h in args.head.split(",") if h]:
+    for head in split_names(args.head):
         report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed)
         layer, pooling = report["chosen"].split("/")
         rows.append({"model": args.model, "layer": "auto", "chosen_layer": layer, "pooling": pooling, "head": head,
