@@ -198,10 +198,15 @@ class ExtractionResult(Mapping):
 
     def summary(self) -> str:
         """Human-readable closing lines: counts, throughput, store, skipped files."""
+        # a throughput of nothing computed would read "0.0 images/s": say that nothing was computed, and why
+        if self.n_computed:
+            timing = f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)"
+        else:
+            timing = f"{'nothing to compute' if len(self.kept) else 'nothing computed'} ({self.seconds:.1f} s)"
         lines = [
             f"{len(self.keys)} images: {self.n_computed} computed, "
             f"{len(self.kept) - min(self.n_computed, len(self.kept))} from the store, {len(self.skipped)} skipped; "
-            f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)",
+            + timing,
             f"store: {self.store.path}",
         ]
         if self.shard is not None:

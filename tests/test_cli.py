@@ -162,6 +162,18 @@ def test_cli_extract_decoder_torch_has_its_own_store(tmp_path, capsys, monkeypat
     assert tensor["n_computed"] == 4 and tensor["store"] != pil["store"]
 
 
+def test_cli_extract_warm_says_nothing_to_compute(tmp_path, capsys, monkeypatch):
+    """Check that a warm 'featx extract' says that nothing was computed instead of a throughput of 0.0 images/s."""
+    data = _folder(tmp_path / "data", 4)
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT]) == 0
+    assert "4 images: 4 computed" in capsys.readouterr().out
+    assert main(["extract", str(data), *EXTRACT]) == 0
+    out = capsys.readouterr().out
+    assert "4 images: 0 computed, 4 from the store, 0 skipped; nothing to compute (" in out
+    assert "images/s" not in out
+
+
 def test_cli_cache_verify_needs_store(capsys):
     """Check that 'featx cache verify' without a STORE says what is missing."""
     assert main(["cache", "verify"]) == 1
