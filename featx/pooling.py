@@ -37,6 +37,16 @@ POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax", "spp")
 
 _WIDTH = {"avg": 1, "max": 1, "avgmax": 2, "spp": 5, "avgsq": 1, "map": None}
 
+# Names other libraries and papers give these poolings, which difflib would not match by spelling
+# ('mean' is closer to 'max' than to 'avg').
+_SYNONYMS = {
+    "mean": "avg", "average": "avg", "avgpool": "avg", "avg_pool": "avg", "gap": "avg", "global_avg": "avg",
+    "maximum": "max", "maxpool": "max", "max_pool": "max", "gmp": "max", "global_max": "max",
+    "avg+max": "avgmax", "avg_max": "avgmax", "catavgmax": "avgmax",
+    "pyramid": "spp", "spatial_pyramid": "spp",
+    "none": "map", "flatten": "map",
+}
+
 
 def check_pooling(pooling: str) -> str:
     """Return ``pooling`` if featx knows it, else raise :class:`UnknownPoolingError`.
@@ -45,13 +55,27 @@ def check_pooling(pooling: str) -> str:
     --------
     >>> check_pooling("spp")
     'spp'
+    >>> check_pooling("mean")
+    Traceback (most recent call last):
+    ...
+    featx.exceptions.UnknownPoolingError: Unknown pooling 'mean': expected one of avg, max, avgmax, spp (or 'map', the unpooled map). Did you mean 'avg'?
     """
     if pooling not in _WIDTH:
         raise UnknownPoolingError(
             f"Unknown pooling {pooling!r}: expected one of {', '.join(POOLINGS)} (or 'map', the unpooled map)."
-            f"{suggest(pooling, POOLINGS)}"
+            f"{_suggest_pooling(pooling)}"
         )
     return pooling
+
+
+def _suggest_pooling(pooling: str) -> str:
+    """ " Did you mean 'x'?" for a known synonym or another case of a pooling, else difflib's closest."""
+    name = str(pooling).strip().lower().replace("-", "_")
+    if name in _WIDTH and name != "avgsq":
+        return f" Did you mean {name!r}?"
+    if name in _SYNONYMS:
+        return f" Did you mean {_SYNONYMS[name]!r}?"
+    return suggest(pooling, POOLINGS)
 
 
 def pooled_dim(shape: Sequence[int], pooling: str) -> int:

@@ -174,6 +174,15 @@ def test_cli_extract_warm_says_nothing_to_compute(tmp_path, capsys, monkeypatch)
     assert "images/s" not in out
 
 
+def test_cli_extract_pool_mean_suggests_avg(tmp_path, capsys, monkeypatch):
+    """Check that 'featx extract --pool mean' is one line on stderr that suggests 'avg' (not the closer spelling 'max')."""
+    data = _folder(tmp_path / "data", 2)
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT, "--pool", "mean"]) == 1  # the last --pool wins
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Unknown pooling 'mean'" in err and "Did you mean 'avg'?" in err
+
+
 def test_cli_cache_verify_needs_store(capsys):
     """Check that 'featx cache verify' without a STORE says what is missing."""
     assert main(["cache", "verify"]) == 1

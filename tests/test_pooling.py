@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from featx.exceptions import FeatxError, UnknownPoolingError
-from featx.pooling import POOLINGS, feature_names, pool, pooled_dim
+from featx.pooling import POOLINGS, check_pooling, feature_names, pool, pooled_dim
 
 
 def test_pool_values_on_known_map():
@@ -36,6 +36,14 @@ def test_pool_unknown_pooling_suggests():
     """Check that an unknown pooling names the valid ones and the closest match."""
     with pytest.raises(UnknownPoolingError, match=r"Unknown pooling 'avrg'.*avg, max, avgmax, spp.*Did you mean 'avg'"):
         pool(torch.randn(1, 2, 2, 2), "avrg")
+
+
+@pytest.mark.parametrize(("name", "meant"), [("mean", "avg"), ("average", "avg"), ("AVG", "avg"),
+                                             ("maximum", "max"), ("pyramid", "spp")])
+def test_check_pooling_suggests_synonyms(name, meant):
+    """Check that a common other name of a pooling suggests featx's name for it, not the closest spelling."""
+    with pytest.raises(UnknownPoolingError, match=rf"Unknown pooling '{name}'.*Did you mean '{meant}'\?$"):
+        check_pooling(name)
 
 
 def test_pooled_dim_rejects_other_ranks():
