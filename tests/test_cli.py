@@ -175,7 +175,7 @@ def test_cli_extract_warm_says_nothing_to_compute(tmp_path, capsys, monkeypatch)
 
 
 def test_cli_extract_pool_mean_suggests_avg(tmp_path, capsys, monkeypatch):
-    """Check that 'featx extract --pool mean' is one line on stderr that suggests 'avg' (not the closer spelling 'max')."""
+    """Check that 'featx extract --pool mean' is one line on stderr suggesting 'avg' (not the closer spelling 'max')."""
     data = _folder(tmp_path / "data", 2)
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
     assert main(["extract", str(data), *EXTRACT, "--pool", "mean"]) == 1  # the last --pool wins
