@@ -21,6 +21,9 @@ lies between those calibration sets.
 
 from __future__ import annotations
 
+import os
+import re
+import shlex
 from collections.abc import Sequence
 
 import numpy as np
@@ -116,6 +119,7 @@ def advise(
     n_images: int = 200,
     device: str = "auto",
     comparison: Sequence[dict] | None = None,
+    data: str | None = None,
 ) -> dict:
     """Place a labelled data set in the transfer-learning table and recommend what to do.
 
@@ -131,6 +135,10 @@ def advise(
     comparison : list of dict, optional
         Rows of :func:`featx.compare.compare_layers` on this data; the measured best layer is
         then reported, and whether it agrees with the table.
+    data : str, optional
+        How the recommended commands name the data (``featx advise`` passes its DATA argument).
+        Default: ``source`` itself when it is a path or a built-in data set name, else the
+        placeholder ``DATA``.
 
     Returns
     -------
@@ -142,6 +150,8 @@ def advise(
         table says to fine-tune from, as a list; empty for small data), and with a comparison
         ``measured_best`` and ``agrees``.
     """
+    if data is None and isinstance(source, (str, os.PathLike)):
+        data = os.fspath(source)
     source = source if isinstance(source, ImageSource) else open_source(source)
     if source.labels is None:
         raise FeatxError(f"{source.name} has no labels: the advisor needs classes to count images per class.")
@@ -160,7 +170,7 @@ def advise(
         "similarity_score": shift,
         "threshold": SHIFT_THRESHOLD,
         "quadrant": f"{size} data, {similarity} {'to' if similarity == 'similar' else 'from'} ImageNet",
-        "recommendation": QUADRANTS[(size, similarity)],
+        "recommendation": _name_data(QUADRANTS[(size, similarity)], data),
         "finetune_from": list(FINETUNE_FROM[(size, similarity)]),
         "backbone": backbone,
     }
@@ -186,3 +196,18 @@ def advise(
                f"{'late' if expected_late else 'earlier'} features for {similarity} data; trust the measurement")
         )
     return report
+
+
+def _name_data(recommendation: str, data: str | None) -> str:
+    """The recommendation with its commands' placeholder ``DATA`` replaced by ``data``, quoted for a shell.
+
+    Examples
+    --------
+    >>> _name_data("featx cv DATA --layers all", "my photos/train")
+    "featx cv 'my photos/train' --layers all"
+    >>> _name_data("featx cv DATA --layers all", None)
+    'featx cv DATA --layers all'
+    """
+    if data is None:
+        return recommendation
+    return re.sub(r"\bDATA\b", lambda _: shlex.quote(data), recommendation)

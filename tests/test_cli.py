@@ -316,6 +316,18 @@ def test_cli_advise_json_keys(tmp_path, capsys, monkeypatch):
     assert {"images_per_class", "similarity_score", "recommendation"} <= set(report)
 
 
+@pytest.mark.parametrize("shift", [0.05, 0.9])
+def test_cli_advise_recommends_command_on_the_given_data(tmp_path, capsys, monkeypatch, shift):
+    """Check that the command 'featx advise' recommends names the user's DATA argument (quoted), not 'DATA'."""
+    from featx import advise as advise_module
+
+    monkeypatch.setattr(advise_module, "imagenet_shift", lambda *a, **k: shift)
+    train, _ = _split_folders(tmp_path / "my photos")
+    assert main(["advise", str(train)]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("recommendation: ")]
+    assert f"featx cv '{train}' --layers all" in line and "DATA" not in line
+
+
 def test_cli_cv_warm_run_imports_neither_torch_nor_sklearn(tmp_path, image_folder):
     """Check that a 'featx cv' the store answers entirely never imports torch or scikit-learn."""
     script = (

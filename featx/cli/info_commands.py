@@ -141,7 +141,7 @@ def cmd_advise(args) -> int:
     if args.measure:
         comparison = compare_layers(source, options, backbones=options.backbone, layers="all", poolings="avg",
                                     heads="logreg", cv=args.cv, random_state=args.seed)
-    report = advise(source, backbone=options.backbone, device=options.device, comparison=comparison)
+    report = advise(source, backbone=options.backbone, device=options.device, comparison=comparison, data=args.data)
     if args.json:
         print_json(report)
         return 0
