@@ -133,7 +133,7 @@ def test_cli_extract_json_and_cache_commands(tmp_path, capsys, monkeypatch):
     assert main(["cache", "list", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["n_keys"] == 6
-    assert main(["cache", "info", store]) == 0
+    assert main(["cache", "info", store, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["backbone"] == "featx_tiny_cnn"
     assert main(["cache", "verify", store]) == 0
     assert "ok" in capsys.readouterr().out
@@ -181,6 +181,41 @@ def test_cli_extract_pool_mean_suggests_avg(tmp_path, capsys, monkeypatch):
     assert main(["extract", str(data), *EXTRACT, "--pool", "mean"]) == 1  # the last --pool wins
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Unknown pooling 'mean'" in err and "Did you mean 'avg'?" in err
+
+
+def test_cli_cache_list_table_fits_a_terminal(tmp_path, capsys, monkeypatch):
+    """Check that 'featx cache list' is a table of at most 120 columns naming each store; --json keeps every field."""
+    data = _folder(tmp_path / "data", 3)
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT, "--layers", "all", "--pool", "avg,max,avgmax,spp", "--json"]) == 0
+    store = Path(json.loads(capsys.readouterr().out)["store"])
+    assert main(["cache", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 120, lines
+    assert lines[1].split() == ["store", "backbone", "images", "features", "size", "updated", "(UTC)"]
+    assert lines[3].split()[:4] == [store.name, "featx_tiny_cnn", "3", "pre_logits/avg"] and "more" in lines[3]
+    assert main(["cache", "list", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["path"] == str(store) and len(row["entries"]) == 20 and row["updated"]
+    assert {"hash", "dtype", "journal_segments", "size_bytes"} <= set(row)
+
+
+def test_cli_cache_info_prints_a_summary_unless_json(tmp_path, capsys, monkeypatch):
+    """Check that 'featx cache info STORE' prints key: value lines, and with --json the store's full description."""
+    data = _folder(tmp_path / "data", 3)
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT, "--json"]) == 0
+    store = json.loads(capsys.readouterr().out)["store"]
+    assert main(["cache", "info", store]) == 0
+    out = capsys.readouterr().out
+    assert not out.lstrip().startswith("{")
+    lines = out.splitlines()
+    assert lines[0] == f"store: {store}"
+    for line in ("backbone: featx_tiny_cnn", "images: 3", "  stage2/spp: 3 rows × 160", "config:", "provenance:"):
+        assert line in lines, out
+    assert main(["cache", "info", store, "--json"]) == 0
+    with FeatureStore(store) as opened:
+        assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(opened.info(), default=str))
 
 
 def test_cli_cache_verify_needs_store(capsys):

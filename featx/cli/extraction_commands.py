@@ -6,6 +6,7 @@ A command's docstring is its ``--help``: the one-line summary, the description, 
 from __future__ import annotations
 
 import argparse
+import pathlib
 
 from featx.cli.arguments import (
     add_data_options,
@@ -16,7 +17,7 @@ from featx.cli.arguments import (
     open_data,
 )
 from featx.cli.interrupts import interrupted, interruptible
-from featx.cli.output import format_table, print_json
+from featx.cli.output import format_size, format_table, print_json
 from featx.exceptions import FeatxError
 from featx.extraction import extract
 from featx.paths import default_cache_dir
@@ -94,7 +95,14 @@ def cmd_cache(args) -> int:
             print_json(rows)
         else:
             print(f"Feature stores in {args.cache or default_cache_dir()}:")
-            print(format_table(rows))
+            readable = [row for row in rows if "error" not in row]
+            if readable or not rows:
+                print(format_table([_store_row(row) for row in readable]))
+            for row in rows:
+                if "error" in row:
+                    print(f"cannot read {pathlib.Path(row['path']).name}: {row['error']}")
+            if readable:
+                print("(all the details: 'featx cache info STORE', or 'featx cache list --json')")
         return 0
     if args.action == "merge":
         return _cache_merge(args)
@@ -110,13 +118,60 @@ def cmd_cache(args) -> int:
         return 0
     with FeatureStore(path) as store:
         report = store.info() if args.action == "info" else store.verify()
-    if args.json or args.action == "info":
+    if args.json:
         print_json(report)
+    elif args.action == "info":
+        print(_info_text(report))
     else:
         print(f"{path}: {'ok' if report['ok'] else 'PROBLEMS'}")
         for problem in report["problems"]:
             print(f"  {problem}")
     return 0 if args.action != "verify" or report["ok"] else 1
+
+
+def _store_row(row: dict) -> dict:
+    """One row of 'featx cache list': what tells the stores apart, short enough for a terminal."""
+    entries = row["entries"]
+    features = entries[0] + (f" +{len(entries) - 1} more" if len(entries) > 1 else "") if entries else "-"
+    return {"store": pathlib.Path(row["path"]).name, "backbone": row["backbone"], "images": row["n_keys"],
+            "features": features, "size": format_size(row["size_bytes"]), "updated (UTC)": _minutes(row["updated"])}
+
+
+def _minutes(timestamp: str) -> str:
+    """``2026-12-01T18:59:10+00:00`` as ``2026-12-01 18:59``."""
+    return timestamp[:16].replace("T", " ")
+
+
+def _info_text(info: dict) -> str:
+    """'featx cache info' for people: key: value lines, the configuration and provenance indented."""
+    lines = [
+        f"store: {info['path']}",
+        f"backbone: {info['config'].get('backbone', '?')}",
+        f"weights: {info['config'].get('weights', '?')}",
+        f"config hash: {info['config_hash']}",
+        f"dtype: {info['dtype']}",
+        f"images: {info['n_keys']}",
+        f"size: {format_size(info['size_bytes'])} ({info['size_bytes']} bytes)",
+        f"created: {info['created']}",
+        f"updated: {info['updated']}",
+        f"journal segments: {info['journal_segments']} (batches not yet consolidated into the main file)",
+        f"format version: {info['format_version']}",
+        f"features ({len(info['entries'])}):",
+    ]
+    lines += [f"  {e['layer']}/{e['pooling']}: {e['n']} rows × {e['dim']}" for e in info["entries"]] or ["  (none)"]
+    for title in ("config", "provenance"):
+        lines.append(f"{title}:")
+        lines += [f"  {key}: {_flat(value)}" for key, value in sorted((info[title] or {}).items())] or ["  (none)"]
+    return "\n".join(lines)
+
+
+def _flat(value) -> str:
+    """A config value on one line: dicts as ``key=value`` pairs, lists comma-separated."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={_flat(v)}" for key, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flat(v) for v in value) + "]"
+    return str(value)
 
 
 def _cache_merge(args) -> int:
@@ -140,7 +195,7 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default=None, metavar="OUT",
                    help="merge: a folder (the store gets its canonical name, found by --cache) or a .h5 file")
     p.add_argument("--cache", default=None, metavar="DIR", help="folder to list (default: $FEATX_CACHE or ./cache)")
-    add_json(p, "print JSON")
+    add_json(p, "print JSON (list: every field of every store; info: the full description)")
 
 
 #: Each command: what runs it, and what adds its arguments.

@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-__all__ = ["format_table", "print_json", "report_skipped", "warn_problems"]
+__all__ = ["format_size", "format_table", "print_json", "report_skipped", "warn_problems"]
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
@@ -39,6 +39,22 @@ def _cell(value) -> str:
     if isinstance(value, (tuple, list)):
         return "×".join(str(v) for v in value)
     return str(value)
+
+
+def format_size(n_bytes: int) -> str:
+    """A size in bytes for people: B, KiB, MiB, GiB or TiB with one decimal.
+
+    Examples
+    --------
+    >>> format_size(812), format_size(19672), format_size(3 * 2**30)
+    ('812 B', '19.2 KiB', '3.0 GiB')
+    """
+    size = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def print_json(data) -> None:

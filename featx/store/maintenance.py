@@ -31,8 +31,8 @@ def list_stores(cache_dir: str | os.PathLike | None = None) -> list[dict]:
     -------
     list of dict
         One per store, sorted by path: ``path``, ``backbone``, ``hash``, ``dtype``, ``n_keys``,
-        ``entries`` (list of ``"layer/pooling"``), ``journal_segments`` and ``size_bytes``; a
-        store that cannot be read has ``path`` and ``error`` instead.
+        ``entries`` (list of ``"layer/pooling"``), ``journal_segments``, ``size_bytes`` and
+        ``updated`` (UTC, ISO 8601); a store that cannot be read has ``path`` and ``error`` instead.
 
     Examples
     --------
@@ -72,6 +72,7 @@ def list_stores(cache_dir: str | os.PathLike | None = None) -> list[dict]:
                 "entries": [f"{e['layer']}/{e['pooling']}" for e in info["entries"]],
                 "journal_segments": info["journal_segments"],
                 "size_bytes": info["size_bytes"],
+                "updated": info["updated"],
             }
         )
     return out
