@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -216,6 +217,16 @@ def test_cli_cache_info_prints_a_summary_unless_json(tmp_path, capsys, monkeypat
     assert main(["cache", "info", store, "--json"]) == 0
     with FeatureStore(store) as opened:
         assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(opened.info(), default=str))
+
+
+def test_cli_docs_cache_commands_do_not_read_as_a_pipe():
+    """Check that README.md and docs/guide.md write the 'featx cache' subcommands as commands, not as a shell pipe."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("README.md", "docs/guide.md"):
+        text = (root / name).read_text(encoding="utf-8")
+        assert "featx cache list" in text, name
+        piped = [line for line in text.splitlines() if re.search(r"featx cache [^#]*\|", line)]
+        assert not piped, f"{name}: {piped}"
 
 
 def test_cli_cache_verify_needs_store(capsys):
