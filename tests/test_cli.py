@@ -206,6 +206,31 @@ def test_cli_cv_json_rows(tmp_path, capsys, monkeypatch):
     assert "best: stage1 / avg / logreg" in capsys.readouterr().out
 
 
+def test_cli_cv_unwritable_reports_folder_warns_and_prints_rows(tmp_path, capsys, monkeypatch):
+    """Check that 'featx cv' with a read-only reports folder prints its rows and one warning line, no traceback."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    train, _ = _split_folders(tmp_path)
+    args = ["cv", str(train), *TINY_OPTS, "--layers", "stage1", "--pool", "avg", "--cv", "3", "--json"]
+    assert main(args) == 0  # features and the logreg report cached
+    capsys.readouterr()
+    (reports,) = (tmp_path / "c").rglob("*.h5.reports")
+    reports.chmod(0o555)
+    try:
+        if os.access(reports, os.W_OK):  # root writes anyway: fail the write as a read-only folder does
+            def refuse(path, data, **kwargs):
+                raise PermissionError(13, "Permission denied", str(path))
+
+            monkeypatch.setattr("featx.compare.atomic_write", refuse)
+        assert main([*args, "--head", "linear-svm"]) == 0
+    finally:
+        reports.chmod(0o755)
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [(r["layer"], r["head"]) for r in rows] == [("stage1", "linear-svm")]
+    assert captured.err.count("featx: warning: cannot keep the cross-validation report in") == 1
+    assert str(reports) in captured.err and "computed" in captured.err and "Traceback" not in captured.err
+
+
 def test_cli_fit_predict_evaluate(tmp_path, capsys, monkeypatch):
     """Check fit -o, predict -o CSV and evaluate --json end to end."""
     import csv

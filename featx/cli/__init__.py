@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import warnings
 from collections.abc import Sequence
 
 from featx import __version__
 from featx.cli import evaluation_commands, extraction_commands, finetune_command, info_commands, model_commands
 from featx.cli.info_commands import demo, layer_rows
 from featx.cli.output import format_table
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, FeatxWarning
 
 __all__ = ["build_parser", "demo", "format_table", "layer_rows", "main"]
 
@@ -67,11 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_featx_warnings(show):
+    """A ``warnings.showwarning`` that prints a FeatxWarning as one line on stderr, other warnings with ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FeatxWarning):
+            print(f"featx: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``featx`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except FeatxError as exc:
-        print(f"featx: error: {exc}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():  # restores the caller's showwarning when the command ends
+        warnings.showwarning = _one_line_featx_warnings(warnings.showwarning)
+        try:
+            return int(args.func(args) or 0)
+        except FeatxError as exc:
+            print(f"featx: error: {exc}", file=sys.stderr)
+            return 1
