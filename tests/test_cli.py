@@ -36,6 +36,31 @@ def test_cli_python_dash_m_help():
     assert "Example:" in result.stdout and "layers" in result.stdout
 
 
+def test_cli_closed_stdout_pipe_ends_quietly_with_141():
+    """Check that a reader closing stdout early (featx models --json | head -c 10) ends featx quietly with 141."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before featx writes: every write breaks the pipe
+    try:
+        result = subprocess.run([sys.executable, "-m", "featx.cli", "models", "--json"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
+def test_cli_other_broken_pipe_keeps_its_traceback(monkeypatch):
+    """Check that a BrokenPipeError while stdout still works is not taken for a closed stdout: it propagates."""
+    import featx.cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(featx.cli._COMMANDS, "models", (broken, featx.cli._COMMANDS["models"][1]))
+    with pytest.raises(BrokenPipeError, match="Broken pipe"):
+        main(["models"])
+
+
 def test_format_table_aligns_columns():
     """Check that tables are aligned and floats rounded."""
     text = format_table([{"name": "a", "value": 0.123456}, {"name": "long", "value": 2.0}])
