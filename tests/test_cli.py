@@ -282,6 +282,36 @@ def test_cli_predict_missing_model_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "nope.joblib" in err and "featx fit" in err
 
 
+def test_cli_predict_evaluate_swapped_arguments_give_the_order(tmp_path, capsys):
+    """Check that 'featx predict DATA MODEL' (and evaluate) says DATA is a folder and gives the swapped command."""
+    data = _folder(tmp_path / "data", 3)
+    model = tmp_path / "m.joblib"
+    model.write_bytes(b"featx-model sha256=" + b"0" * 64 + b"\n")  # only its header line is read
+    for command, metavar in (("predict", "IMAGES"), ("evaluate", "DATA")):
+        assert main([command, str(data), str(model)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert f"{str(data)!r} is a folder, not a model file" in err
+        assert f"The order is 'featx {command} MODEL {metavar}', the model file first" in err
+        assert f"did you mean 'featx {command} {model} {data}'?" in err
+
+
+def test_cli_predict_image_or_text_as_model_names_the_file(tmp_path, capsys):
+    """Check that a JPEG or a text file given as MODEL is named, said not to be a featx model file, with the fix."""
+    data = _folder(tmp_path / "data", 3)
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    for path, kind in ((photo, "a JPEG image"), (notes, "a text file (first line 'hello')")):
+        assert main(["predict", str(path), str(data)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "UnpicklingError" not in err
+        assert f"{str(path)!r} is not a featx model file: it is {kind}" in err
+        assert "'featx-model sha256=...'" in err and "featx fit DATA -o model.joblib" in err
+        assert "The order is 'featx predict MODEL IMAGES'" in err
+
+
 @pytest.mark.slow
 @pytest.mark.weights
 def test_cli_demo_digits_best_layer_reaches_095(capsys):
