@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from featx import __version__
 from featx.backbones import load_backbone, resolve_layers
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, FeatxWarning
 from featx.extraction import extract, join_features, kept_labels
 from featx.featuresets import parse_feature_sets, set_name
 from featx.images import ImageSource, open_source
@@ -67,7 +68,8 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
     The hash covers the method, the feature bytes, the labels, every setting and the versions
     of featx and of scikit-learn or torch, so a report is reused only for the identical
     computation (both are deterministic on the CPU). ``n_jobs`` does not change the report and
-    is not part of the key.
+    is not part of the key. A report that cannot be written (a read-only folder, a full disk) is
+    returned all the same, with a :class:`~featx.exceptions.FeatxWarning`.
     """
     # scikit-learn (or torch) is imported only when a report must be computed: a warm run reads them.
     if folder is None:
@@ -91,8 +93,14 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
         with contextlib.suppress(OSError, ValueError):  # unreadable: recompute and rewrite it
             return {**json.loads(path.read_text()), "from_cache": True}
     report = {**_evaluator(method, n_jobs)(X, y, **settings), "from_cache": False}
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(report))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(report))
+    except OSError as exc:
+        warnings.warn(f"cannot keep the cross-validation report in {str(folder)!r} ({exc.strerror or exc}): "
+                      "the result was computed and is used, but not kept (the next run computes it again); "
+                      "make the folder writable or use a writable cache folder to keep it.",
+                      FeatxWarning, stacklevel=2)
     return report
 
 

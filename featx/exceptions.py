@@ -14,6 +14,7 @@ __all__ = [
     "CacheMismatchError",
     "EvaluationError",
     "FeatxError",
+    "FeatxWarning",
     "FinetuneError",
     "ImageDecodeError",
     "MissingKeysError",
@@ -33,6 +34,13 @@ __all__ = [
 
 class FeatxError(Exception):
     """Base class of every error featx raises on purpose."""
+
+
+class FeatxWarning(UserWarning):
+    """Something featx could not do that costs no result: a report computed but not kept, for one.
+
+    The ``featx`` command prints each as one line, ``featx: warning: ...``, on stderr.
+    """
 
 
 class UnknownModelError(FeatxError, ValueError):

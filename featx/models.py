@@ -241,6 +241,35 @@ class _NoObjectsUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a file without a checksum header")
 
 
+#: The first bytes of the image formats featx reads, and what to call them in an error.
+_IMAGE_SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"GIF8", "a GIF image"),
+                     (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"))
+
+
+def _kind_of_file(data: bytes) -> str | None:
+    """What a file that is plainly no pickle is, for an error (``"a JPEG image"``); None if it may be one.
+
+    Model files of every featx version are joblib pickles of protocol 2 or later, which start with
+    the PROTO opcode ``\\x80``: an empty file, an image or a text file (its first line quoted) is none.
+    """
+    if not data:
+        return "an empty file"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "a WEBP image"
+    for signature, kind in _IMAGE_SIGNATURES:
+        if data.startswith(signature):
+            return kind
+    try:
+        text = data[:4096].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\x00" in text:
+        return None
+    first = text.splitlines()[0] if text.strip() else ""
+    first = first if len(first) <= 60 else first[:57] + "..."
+    return f"a text file (first line {first!r})" if first else "a text file"
+
+
 def _read_payload(path: str | os.PathLike) -> object:
     """Return the unpickled payload of a model file whose checksum header is intact.
 
@@ -254,11 +283,21 @@ def _read_payload(path: str | os.PathLike) -> object:
     except OSError as exc:
         raise ModelFileError(f"Cannot read model file {str(path)!r} ({exc}).") from exc
     if not data.startswith(_HEADER_PREFIX):
+        kind = _kind_of_file(data)
+        if kind is not None:
+            raise ModelFileError(
+                f"{str(path)!r} is not a featx model file: it is {kind}, and a model file starts with the line "
+                "'featx-model sha256=...'; create one with 'featx fit DATA -o model.joblib'."
+            )
         try:
             return _NoObjectsUnpickler(io.BytesIO(data)).load()
         except pickle.UnpicklingError as exc:
             if "without a checksum header" not in str(exc):
-                raise ModelFileError(f"Cannot read model file {str(path)!r} (UnpicklingError: {exc}).") from exc
+                raise ModelFileError(
+                    f"Cannot read model file {str(path)!r}: it does not start with the line 'featx-model sha256=...' "
+                    f"of a featx model file, nor is it a pickle (UnpicklingError: {exc}); create a model file with "
+                    "'featx fit DATA -o model.joblib'."
+                ) from exc
             raise ModelFileError(
                 f"{str(path)!r} is not a featx model file: it lacks the 'featx-model sha256=...' checksum header "
                 "(written by an older featx, or not by featx), and featx does not unpickle such files; "
@@ -296,10 +335,14 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
     Raises
     ------
     ModelFileError
-        If the file is not a featx model, fails its checksum (modified or corrupted), lacks the
+        If the path is a folder, the file is not a featx model (the message says what it is: an
+        image, a text file, an empty file), fails its checksum (modified or corrupted), lacks the
         checksum header, was written by another featx major version, or needs a backbone or
         weights this machine cannot provide (the message says which and how).
     """
+    if os.path.isdir(path):
+        raise ModelFileError(f"{str(path)!r} is a folder, not a model file; create a model file with "
+                             "'featx fit DATA -o model.joblib'.")
     if not os.path.isfile(path):
         raise ModelFileError(f"Model file {str(path)!r} does not exist; create one with 'featx fit DATA -o {path}'.")
     payload = _read_payload(path)

@@ -279,3 +279,21 @@ def test_layer_table_kept_in_cache_and_remeasured_when_unreadable(tmp_path, monk
     assert [(layer.alias, layer.shape) for layer in list_layers("featx_tiny_cnn")] == expected
     assert json.loads(path.read_text())["shapes"]["stage1"] == [16, 8, 8]
     backbones._probe.cache_clear()
+
+
+def test_layer_table_unwritable_cache_only_measures(tmp_path, monkeypatch):
+    """Check that a layer table that cannot be written is measured and used, with no error and no file."""
+    from featx import backbones
+
+    def refuse(path, data, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path))
+    monkeypatch.setattr("featx.backbones.layers.atomic_write", refuse)
+    backbones._probe.cache_clear()
+    try:
+        shapes = {layer.alias: layer.shape for layer in list_layers("featx_tiny_cnn")}
+    finally:
+        backbones._probe.cache_clear()
+    assert shapes["stage1"] == (16, 8, 8)
+    assert not list((tmp_path / "layers").glob("*.json"))

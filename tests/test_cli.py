@@ -37,6 +37,31 @@ def test_cli_python_dash_m_help():
     assert "Example:" in result.stdout and "layers" in result.stdout
 
 
+def test_cli_closed_stdout_pipe_ends_quietly_with_141():
+    """Check that a reader closing stdout early (featx models --json | head -c 10) ends featx quietly with 141."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before featx writes: every write breaks the pipe
+    try:
+        result = subprocess.run([sys.executable, "-m", "featx.cli", "models", "--json"], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141
+    assert result.stderr == ""
+
+
+def test_cli_other_broken_pipe_keeps_its_traceback(monkeypatch):
+    """Check that a BrokenPipeError while stdout still works is not taken for a closed stdout: it propagates."""
+    import featx.cli
+
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(featx.cli._COMMANDS, "models", (broken, featx.cli._COMMANDS["models"][1]))
+    with pytest.raises(BrokenPipeError, match="Broken pipe"):
+        main(["models"])
+
+
 def test_format_table_aligns_columns():
     """Check that tables are aligned and floats rounded."""
     text = format_table([{"name": "a", "value": 0.123456}, {"name": "long", "value": 2.0}])
@@ -273,6 +298,31 @@ def test_cli_cv_json_rows(tmp_path, capsys, monkeypatch):
     assert "best: stage1 / avg / logreg" in capsys.readouterr().out
 
 
+def test_cli_cv_unwritable_reports_folder_warns_and_prints_rows(tmp_path, capsys, monkeypatch):
+    """Check that 'featx cv' with a read-only reports folder prints its rows and one warning line, no traceback."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    train, _ = _split_folders(tmp_path)
+    args = ["cv", str(train), *TINY_OPTS, "--layers", "stage1", "--pool", "avg", "--cv", "3", "--json"]
+    assert main(args) == 0  # features and the logreg report cached
+    capsys.readouterr()
+    (reports,) = (tmp_path / "c").rglob("*.h5.reports")
+    reports.chmod(0o555)
+    try:
+        if os.access(reports, os.W_OK):  # root writes anyway: fail the write as a read-only folder does
+            def refuse(path, data, **kwargs):
+                raise PermissionError(13, "Permission denied", str(path))
+
+            monkeypatch.setattr("featx.compare.atomic_write", refuse)
+        assert main([*args, "--head", "linear-svm"]) == 0
+    finally:
+        reports.chmod(0o755)
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [(r["layer"], r["head"]) for r in rows] == [("stage1", "linear-svm")]
+    assert captured.err.count("featx: warning: cannot keep the cross-validation report in") == 1
+    assert str(reports) in captured.err and "computed" in captured.err and "Traceback" not in captured.err
+
+
 def test_cli_fit_predict_evaluate(tmp_path, capsys, monkeypatch):
     """Check fit -o, predict -o CSV and evaluate --json end to end."""
     import csv
@@ -297,6 +347,36 @@ def test_cli_predict_missing_model_is_one_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "nope.joblib"), str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nope.joblib" in err and "featx fit" in err
+
+
+def test_cli_predict_evaluate_swapped_arguments_give_the_order(tmp_path, capsys):
+    """Check that 'featx predict DATA MODEL' (and evaluate) says DATA is a folder and gives the swapped command."""
+    data = _folder(tmp_path / "data", 3)
+    model = tmp_path / "m.joblib"
+    model.write_bytes(b"featx-model sha256=" + b"0" * 64 + b"\n")  # only its header line is read
+    for command, metavar in (("predict", "IMAGES"), ("evaluate", "DATA")):
+        assert main([command, str(data), str(model)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert f"{str(data)!r} is a folder, not a model file" in err
+        assert f"The order is 'featx {command} MODEL {metavar}', the model file first" in err
+        assert f"did you mean 'featx {command} {model} {data}'?" in err
+
+
+def test_cli_predict_image_or_text_as_model_names_the_file(tmp_path, capsys):
+    """Check that a JPEG or a text file given as MODEL is named, said not to be a featx model file, with the fix."""
+    data = _folder(tmp_path / "data", 3)
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    for path, kind in ((photo, "a JPEG image"), (notes, "a text file (first line 'hello')")):
+        assert main(["predict", str(path), str(data)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "UnpicklingError" not in err
+        assert f"{str(path)!r} is not a featx model file: it is {kind}" in err
+        assert "'featx-model sha256=...'" in err and "featx fit DATA -o model.joblib" in err
+        assert "The order is 'featx predict MODEL IMAGES'" in err
 
 
 @pytest.mark.slow

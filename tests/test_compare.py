@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from featx.compare import best_row, cached_evaluate, compare_layers
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, FeatxWarning
 from featx.images import open_source
 
 from conftest import TINY, make_images
@@ -42,6 +42,20 @@ def test_cached_evaluate_key_covers_labels(tmp_path):
     assert not cached_evaluate(X, y, folder=tmp_path, cv=2, inner_cv=2)["from_cache"]
     assert not cached_evaluate(X, y[::-1], folder=tmp_path, cv=2, inner_cv=2)["from_cache"]
     assert cached_evaluate(X, y, folder=tmp_path, cv=2, inner_cv=2)["from_cache"]
+
+
+def test_cached_evaluate_unwritable_folder_warns_and_returns_report(tmp_path, monkeypatch):
+    """Check that a report that cannot be written is returned with a FeatxWarning naming the folder."""
+    def refuse(path, data, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("featx.compare.atomic_write", refuse)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 3)), np.repeat(["a", "b"], 10)
+    with pytest.warns(FeatxWarning, match=r"cannot keep the cross-validation report in .*Permission denied.*computed"):
+        report = cached_evaluate(X, y, folder=tmp_path / "reports", cv=2, inner_cv=2)
+    assert not report["from_cache"] and 0 <= report["accuracy_mean"] <= 1
+    assert not list((tmp_path / "reports").iterdir())
 
 
 def test_compare_layers_needs_labels(tmp_path):

@@ -84,6 +84,21 @@ def test_load_model_refuses_other_files(tmp_path):
         load_model(tmp_path / "garbage.joblib")
 
 
+def test_load_model_names_what_a_non_model_file_is(tmp_path):
+    """Check that a folder, an image, a text file or an empty file given as a model says what it is and the fix."""
+    with pytest.raises(ModelFileError, match=r"is a folder, not a model file; create a model file with 'featx fit"):
+        load_model(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "c.csv").write_text("path,label\nx.png,a\n")
+    (tmp_path / "d.joblib").write_bytes(b"")
+    for name, kind in (("a.jpg", "a JPEG image"), ("b.png", "a PNG image"),
+                       ("c.csv", r"a text file \(first line 'path,label'\)"), ("d.joblib", "an empty file")):
+        with pytest.raises(ModelFileError, match=rf"{name}' is not a featx model file: it is {kind}, and a model "
+                           r"file starts with the line 'featx-model sha256=\.\.\.'; create one with 'featx fit"):
+            load_model(tmp_path / name)
+
+
 def test_load_model_checks_the_weights_still_resolve(folders, tmp_path):
     """Check that a model whose weights file changed is refused, naming both weights."""
     import torch

@@ -14,15 +14,19 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import os
+import select
 import sys
+import warnings
 from collections.abc import Sequence
 
 from featx import __version__
 from featx.cli import evaluation_commands, extraction_commands, finetune_command, info_commands, model_commands
 from featx.cli.info_commands import demo, layer_rows
 from featx.cli.output import format_table
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, FeatxWarning
 
 __all__ = ["build_parser", "demo", "format_table", "layer_rows", "main"]
 
@@ -67,11 +71,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``featx`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+def _one_line_featx_warnings(show):
+    """A ``warnings.showwarning`` that prints a FeatxWarning as one line on stderr, other warnings with ``show``."""
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FeatxWarning):
+            print(f"featx: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return showwarning
+
+
+#: The exit code when stdout's reader goes early (``featx cv --json | head -1``): 128 + SIGPIPE, what
+#: a shell reports for ``cat``, ``grep`` or ``seq`` stopped the same way.
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll flags it POLLERR; POLLHUP on some systems).
+
+    A stdout without a file descriptor (captured by a caller) cannot have raised the BrokenPipeError.
+    """
     try:
-        return int(args.func(args) or 0)
-    except FeatxError as exc:
-        print(f"featx: error: {exc}", file=sys.stderr)
-        return 1
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not hasattr(select, "poll"):  # Windows: no way to ask; stdout is by far the likeliest pipe
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _stop_writing_stdout() -> int:
+    """End quietly after stdout's reader went: stdout points at devnull, so that Python's flush at exit
+    cannot raise again (as Python's docs recommend, "Note on SIGPIPE"); returns :data:`EXIT_BROKEN_PIPE`.
+
+    The exit code is 141, not 0: the output was cut short, and a pipeline under ``set -o pipefail``
+    fails as it does for any Unix tool that SIGPIPE ended; without pipefail only ``head``'s status counts.
+    """
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``featx`` console script; returns the exit code.
+
+    A :class:`~featx.exceptions.FeatxError` is one line on stderr and exit code 1. When stdout's
+    reader goes early (``featx cv --json | head -1``) the command ends quietly with exit code
+    :data:`EXIT_BROKEN_PIPE`, as Unix tools do.
+    """
+    try:
+        try:
+            code = _run(build_parser(), argv)
+        except SystemExit:  # --help and --version print, then exit
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # a reader that has gone shows here, not in Python's flush at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe broke: a bug, it keeps its traceback
+        return _stop_writing_stdout()
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command: a FeatxError is one line on stderr, a FeatxWarning too."""
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # restores the caller's showwarning when the command ends
+        warnings.showwarning = _one_line_featx_warnings(warnings.showwarning)
+        try:
+            return int(args.func(args) or 0)
+        except FeatxError as exc:
+            print(f"featx: error: {exc}", file=sys.stderr)
+            return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 
 from featx.auto import DEFAULT_BACKBONES, DEFAULT_FEATURE_SETS, DEFAULT_HEADS, DEFAULT_TTAS, auto_fit
@@ -24,8 +25,8 @@ from featx.cli.arguments import (
 from featx.cli.evaluation_commands import auto_candidates
 from featx.cli.output import format_table, print_json, report_skipped, warn_problems
 from featx.compare import select_layer
-from featx.exceptions import FeatxError
-from featx.images import open_source
+from featx.exceptions import FeatxError, ModelFileError
+from featx.images import IMAGE_EXTENSIONS, open_source
 
 __all__ = ["AUTO_COLUMNS", "COMMANDS"]
 
@@ -138,6 +139,38 @@ def fit_arguments(p: argparse.ArgumentParser) -> None:
     add_model_output(p)
 
 
+#: Files that are data, never a model file: given as MODEL, the arguments are likely swapped.
+_DATA_SUFFIXES = (*IMAGE_EXTENSIONS, ".csv", ".tsv", ".txt")
+
+
+def _load_model_argument(path: str, command: str, data_metavar: str, data: list[str]):
+    """The model in file ``path`` (argument MODEL of ``featx command``).
+
+    When MODEL is a folder or a data file, the error also gives the order of the arguments, and
+    the swapped command when the first of ``data`` is a featx model file.
+    """
+    from featx.models import FORMAT, load_model  # scikit-learn: only when the command runs
+
+    try:
+        return load_model(path)
+    except ModelFileError as exc:
+        if not (os.path.isdir(path) or path.lower().endswith(_DATA_SUFFIXES)):
+            raise
+        swapped = len(data) == 1 and _starts_with(data[0], f"{FORMAT} sha256=".encode("ascii"))
+        hint = f"The order is 'featx {command} MODEL {data_metavar}', the model file first" + (
+            f": did you mean 'featx {command} {data[0]} {path}'?" if swapped else ".")
+        raise ModelFileError(f"{exc} {hint}") from exc
+
+
+def _starts_with(path: str, prefix: bytes) -> bool:
+    """Whether ``path`` is a readable file that starts with ``prefix``."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
 def cmd_predict(args) -> int:
     """predict labels of images with a saved model
 
@@ -145,9 +178,9 @@ def cmd_predict(args) -> int:
 
     Example: featx predict model.joblib data/new -o predictions.csv
     """
-    from featx.models import load_model, predict  # scikit-learn: only when the command runs
+    from featx.models import predict  # scikit-learn: only when the command runs
 
-    model = load_model(args.model_file)
+    model = _load_model_argument(args.model_file, "predict", "IMAGES", args.images)
     images = args.images[0] if len(args.images) == 1 else list(args.images)
     source = open_source(images, allow_outside_root=args.allow_outside_root)
     warn_problems(source)
@@ -186,9 +219,9 @@ def cmd_evaluate(args) -> int:
 
     Example: featx fit data/train -o m.joblib && featx evaluate m.joblib data/val
     """
-    from featx.models import evaluate_model, load_model  # scikit-learn: only when the command runs
+    from featx.models import evaluate_model  # scikit-learn: only when the command runs
 
-    model = load_model(args.model_file)
+    model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
     source = open_data(args)
     report = evaluate_model(model, source)
     if args.json:
