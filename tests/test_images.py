@@ -673,6 +673,62 @@ def test_open_source_csv_bad_tables_raise(table_folder):
         open_source(header_only)
 
 
+@pytest.mark.parametrize(
+    ("header", "hint"),
+    [
+        ("paht,lable", "Column 'paht' looks like 'path' and column 'lable' looks like 'label': rename them"),
+        ("lable,paht", "Column 'paht' looks like 'path' and column 'lable' looks like 'label': rename them"),
+        ("PAHT,Label", "Column 'paht' looks like 'path': rename it in the header"),
+        ("filename,class", "Column 'filename' looks like 'path' and column 'class' looks like 'label'"),
+        ("name,label", "Name the column of image paths 'path' in the header"),
+    ],
+)
+def test_open_source_csv_without_path_column_names_the_lookalike(table_folder, header, hint):
+    """Check that a header without 'path' names the columns found, the expected ones and the found column to rename."""
+    table = table_folder / "list.csv"
+    table.write_text(f"{header}\nimgs/a.png,red\n")
+    found = str([cell.lower() for cell in header.split(",")]).replace("[", r"\[").replace("]", r"\]")
+    expected = rf"has no 'path' column: expected a header with 'path' and, for labelled data, 'label'; found {found}"
+    with pytest.raises(FeatxError, match=expected) as caught:
+        open_source(table)
+    assert hint in str(caught.value) and "Did you mean" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ("path,labl", "Its header has the columns ['path', 'labl'] and no 'label' column; column 'labl' looks like "
+                      "'label': rename it in the header."),
+        ("path,labels", "column 'labels' looks like 'label'"),
+        ("path,extra", "Its header has the columns ['path', 'extra'] and no 'label' column: add one with the class"),
+    ],
+)
+def test_open_source_csv_without_label_column_says_why_it_is_unlabelled(table_folder, header, reason):
+    """Check that a table without 'label' opens unlabelled, and what needs labels names its columns and the look-alike."""
+    table = table_folder / "list.csv"
+    table.write_text(f"{header}\nimgs/a.png,red\nimgs/b.png,blue\n")
+    source = open_source(table)
+    assert source.labels is None and reason in source.unlabelled_reason
+    assert source.subset([1]).unlabelled_reason == source.unlabelled_reason
+    with pytest.raises(FeatxError, match=r"list\.csv has no labels: cv needs classes\. Its header has") as caught:
+        source.require_labels("cv needs classes")
+    assert reason in str(caught.value)
+    with pytest.raises(FeatxError, match=r"per_class=1 needs labels, but .* is unlabelled; .*Its header has"):
+        open_source(table, per_class=1)
+
+
+def test_open_source_csv_accepted_headers_keep_working(table_folder):
+    """Check that 'path' and 'label' are found in any case and order, after a BOM and among other columns."""
+    for header in ("path,label", "Label,Path", " PATH , LABEL ,extra", "\ufeffpath,label"):
+        table = table_folder / "list.csv"
+        cells = {"path": "imgs/a.png", "label": "red", "extra": "1"}
+        row = ",".join(cells[cell.strip().lower().lstrip("\ufeff")] for cell in header.split(","))
+        table.write_text(f"{header}\n{row}\n", encoding="utf-8")
+        source = open_source(table)
+        assert source.labels.tolist() == ["red"] and source.items[0].endswith("a.png"), header
+        assert source.unlabelled_reason == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # open_source: objects, names, options
 # ---------------------------------------------------------------------------------------------

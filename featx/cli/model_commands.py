@@ -88,7 +88,7 @@ def cmd_fit(args) -> int:
     """
     from featx.models import fit_model, save_model  # scikit-learn: only when the command runs
 
-    source = open_data(args)
+    source = open_data(args, labelled=True)
     if args.auto:
         return cmd_fit_auto(args, source)
     if args.json:
@@ -189,7 +189,7 @@ def cmd_evaluate(args) -> int:
     from featx.models import evaluate_model, load_model  # scikit-learn: only when the command runs
 
     model = load_model(args.model_file)
-    source = open_data(args)
+    source = open_data(args, labelled=True)
     report = evaluate_model(model, source)
     if args.json:
         print_json(report)

@@ -145,9 +145,10 @@ def _check_source_options(per_class, split, random_state) -> None:
 
 def _per_class_positions(source: ImageSource, per_class: int, random_state: int) -> np.ndarray:
     if source.labels is None:
+        reason = f" {source.unlabelled_reason}" if source.unlabelled_reason else ""
         raise FeatxError(
             f"per_class={per_class} needs labels, but {source.name!r} is unlabelled; "
-            "pass labels= or use a folder of class sub-folders"
+            f"pass labels= or use a folder of class sub-folders.{reason}"
         )
     keep = []
     for name in sorted(set(source.labels.tolist())):
