@@ -734,6 +734,50 @@ def test_open_source_csv_accepted_headers_keep_working(table_folder):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("shape", "labels", "n", "item_shape"),
+    [
+        ((64, 64, 3), None, 1, (64, 64, 3)),  # one colour image, not 64 strips of 64×3
+        ((48, 64, 1), None, 1, (48, 64, 1)),
+        ((32, 32, 4), ["a"], 1, (32, 32, 4)),
+        ((20, 3, 3), None, 20, (3, 3)),  # twenty 3×3 images, not one 20×3 strip
+        ((1, 4, 4), None, 1, (4, 4)),
+        ((6, 8, 8), None, 6, (8, 8)),  # last axis not 1, 3, 4: a stack, as always
+        ((5, 5, 3), ["a"] * 5, 5, (5, 3)),  # the shape does not decide; five labels do
+        ((5, 5, 3), ["a"], 1, (5, 5, 3)),
+    ],
+)
+def test_open_source_3d_array_reading(shape, labels, n, item_shape):
+    """Check that a 3-D array is read as one image or as a stack by the rule of open_source's docstring."""
+    pixels = np.arange(np.prod(shape)).reshape(shape).astype(np.uint8)
+    source = open_source(pixels, labels=labels)
+    assert len(source) == n and source[0].shape == item_shape
+    assert np.shares_memory(source[0], pixels)  # still a view, not a copy
+
+
+@pytest.mark.parametrize(
+    ("shape", "labels", "why"),
+    [
+        ((5, 5, 3), None, r"its shape fits both"),
+        ((3, 3, 3), None, r"its shape fits both"),
+        ((64, 64, 3), ["a"] * 64, r"64 label\(s\) were given, which fit only the other reading"),
+        ((64, 3, 3), ["a"], r"1 label\(s\) were given, which fit only the other reading"),
+    ],
+)
+def test_open_source_3d_array_ambiguous_raises(shape, labels, why):
+    """Check that a 3-D array the rule cannot decide is refused, naming both readings and both fixes."""
+    n, height, width = shape
+    with pytest.raises(FeatxError, match=rf"an array of shape .* is ambiguous \({why}\)") as caught:
+        open_source(np.zeros(shape, dtype=np.uint8), labels=labels)
+    message = str(caught.value)
+    assert f"ONE {n}×{height} image with {width} channel(s)" in message
+    assert f"a stack of {n} grayscale image(s) of {height}×{width} pixels" in message
+    assert f"Pass array[None] (shape {(1, *shape)}) for one image" in message
+    assert f"array[..., None] (shape {(*shape, 1)}) or another 4-D array (n, H, W, C) for a stack" in message
+    assert len(open_source(np.zeros(shape, dtype=np.uint8)[None])) == 1
+    assert len(open_source(np.zeros(shape, dtype=np.uint8)[..., None])) == n
+
+
 def test_open_source_sequence_with_labels(tmp_path):
     """Check that a mixed sequence of paths, PIL images and arrays keeps order and string labels."""
     path = _save(tmp_path / "a.png", Image.new("RGB", (2, 2)))
