@@ -153,8 +153,7 @@ def advise(
     if data is None and isinstance(source, (str, os.PathLike)):
         data = os.fspath(source)
     source = source if isinstance(source, ImageSource) else open_source(source)
-    if source.labels is None:
-        raise FeatxError(f"{source.name} has no labels: the advisor needs classes to count images per class.")
+    source.require_labels("the advisor needs classes to count images per class")
     _, counts = np.unique(source.labels, return_counts=True)
     per_class = float(np.median(counts))
     shift = imagenet_shift(source, n_images=n_images, device=device)

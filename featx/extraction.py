@@ -221,13 +221,10 @@ class ExtractionResult(Mapping):
 
 def kept_labels(result: ExtractionResult, positions=None) -> np.ndarray:
     """Labels of the images an extraction kept (or of the source ``positions`` given); raises if the source has none."""
-    source = result.source
-    if source.labels is None:
-        raise FeatxError(
-            f"{source.name} has no labels: this needs a folder of class sub-folders, a CSV with a "
-            f"'label' column, or a built-in dataset."
-        )
-    return np.asarray(source.labels)[result.kept if positions is None else positions]
+    labels = result.source.require_labels(
+        "this needs a folder of class sub-folders, a CSV with a 'label' column, or a built-in dataset"
+    )
+    return np.asarray(labels)[result.kept if positions is None else positions]
 
 
 def join_features(results, blocks) -> tuple[np.ndarray, list[int], np.ndarray]:

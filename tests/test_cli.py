@@ -31,6 +31,36 @@ def test_cli_layers_unknown_model_is_one_line_exit_1(capsys):
     assert "Unknown backbone 'resnet5'" in err and "featx models" in err
 
 
+def _table(folder, header: str):
+    """A CSV in `folder` listing its class sub-folders' images under `header` (path column first)."""
+    rows = [f"{image.relative_to(folder).as_posix()},{image.parent.name}" for image in sorted(folder.rglob("img*"))]
+    table = folder / "list.csv"
+    table.write_text("\n".join([header, *rows]) + "\n")
+    return table
+
+
+def test_cli_cv_csv_header_typo_suggests_path_and_label(capsys, image_folder, tmp_path):
+    """Check that 'featx cv' on a CSV headed 'paht,lable' exits 1 with one line naming the columns and their fixes."""
+    table = _table(image_folder, "paht,lable")
+    assert main(["cv", str(table), "--cache", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "has no 'path' column: expected a header with 'path' and, for labelled data, 'label'" in err
+    assert "found ['paht', 'lable']" in err and "Did you mean 'paht'" not in err
+    assert "Column 'paht' looks like 'path' and column 'lable' looks like 'label': rename them in the header" in err
+
+
+def test_cli_cv_csv_without_label_column_names_it_before_extracting(capsys, image_folder, tmp_path):
+    """Check that 'featx cv' on a CSV headed 'path,labl' exits 1 before extracting, naming 'labl' and suggesting 'label'."""
+    table = _table(image_folder, "path,labl")
+    assert main(["cv", str(table), "--cache", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{table} has no labels: 'featx cv' needs classes: a folder of class sub-folders, a CSV with a 'label'" in err
+    assert "Its header has the columns ['path', 'labl'] and no 'label' column; column 'labl' looks like 'label'" in err
+    assert not (tmp_path / "cache").exists()  # refused before any extraction
+
+
 def test_cli_python_dash_m_help():
     """Check that 'python -m featx --help' works and shows an example."""
     result = subprocess.run([sys.executable, "-m", "featx", "--help"], capture_output=True, text=True, check=True)

@@ -84,6 +84,18 @@ def test_extract_accepts_paths_pil_and_arrays(images, image_folder):
     np.testing.assert_allclose(gray, rgb, rtol=1e-5, atol=1e-5)
 
 
+def test_extract_one_hwc_array_is_one_image(images):
+    """Check that extract on one (64, 64, 3) array returns one row, the same as that image in a stack of one."""
+    arrays, _ = images
+    one = arrays[0]
+    single = extract(one, backbone=TINY, layers=["stage2"], device="cpu")["stage2/avg"]
+    stacked = extract(one[None], backbone=TINY, layers=["stage2"], device="cpu")["stage2/avg"]
+    assert single.shape[0] == 1
+    np.testing.assert_array_equal(single, stacked)
+    with pytest.raises(FeatxError, match=r"shape \(5, 5, 3\) is ambiguous .*array\[None\]"):
+        extract(np.zeros((5, 5, 3), np.uint8), backbone=TINY, layers=["stage2"], device="cpu")
+
+
 def test_extract_bad_image_names_the_file(tmp_path, image_folder):
     """Check that an undecodable file stops in-memory extraction with its name in the message."""
     bad = tmp_path / "broken.jpg"

@@ -673,9 +673,109 @@ def test_open_source_csv_bad_tables_raise(table_folder):
         open_source(header_only)
 
 
+@pytest.mark.parametrize(
+    ("header", "hint"),
+    [
+        ("paht,lable", "Column 'paht' looks like 'path' and column 'lable' looks like 'label': rename them"),
+        ("lable,paht", "Column 'paht' looks like 'path' and column 'lable' looks like 'label': rename them"),
+        ("PAHT,Label", "Column 'paht' looks like 'path': rename it in the header"),
+        ("filename,class", "Column 'filename' looks like 'path' and column 'class' looks like 'label'"),
+        ("name,label", "Name the column of image paths 'path' in the header"),
+    ],
+)
+def test_open_source_csv_without_path_column_names_the_lookalike(table_folder, header, hint):
+    """Check that a header without 'path' names the columns found, the expected ones and the found column to rename."""
+    table = table_folder / "list.csv"
+    table.write_text(f"{header}\nimgs/a.png,red\n")
+    found = str([cell.lower() for cell in header.split(",")]).replace("[", r"\[").replace("]", r"\]")
+    expected = rf"has no 'path' column: expected a header with 'path' and, for labelled data, 'label'; found {found}"
+    with pytest.raises(FeatxError, match=expected) as caught:
+        open_source(table)
+    assert hint in str(caught.value) and "Did you mean" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ("path,labl", "Its header has the columns ['path', 'labl'] and no 'label' column; column 'labl' looks like "
+                      "'label': rename it in the header."),
+        ("path,labels", "column 'labels' looks like 'label'"),
+        ("path,extra", "Its header has the columns ['path', 'extra'] and no 'label' column: add one with the class"),
+    ],
+)
+def test_open_source_csv_without_label_column_says_why_it_is_unlabelled(table_folder, header, reason):
+    """Check that a table without 'label' opens unlabelled, and what needs labels names its columns and the look-alike."""
+    table = table_folder / "list.csv"
+    table.write_text(f"{header}\nimgs/a.png,red\nimgs/b.png,blue\n")
+    source = open_source(table)
+    assert source.labels is None and reason in source.unlabelled_reason
+    assert source.subset([1]).unlabelled_reason == source.unlabelled_reason
+    with pytest.raises(FeatxError, match=r"list\.csv has no labels: cv needs classes\. Its header has") as caught:
+        source.require_labels("cv needs classes")
+    assert reason in str(caught.value)
+    with pytest.raises(FeatxError, match=r"per_class=1 needs labels, but .* is unlabelled; .*Its header has"):
+        open_source(table, per_class=1)
+
+
+def test_open_source_csv_accepted_headers_keep_working(table_folder):
+    """Check that 'path' and 'label' are found in any case and order, after a BOM and among other columns."""
+    for header in ("path,label", "Label,Path", " PATH , LABEL ,extra", "\ufeffpath,label"):
+        table = table_folder / "list.csv"
+        cells = {"path": "imgs/a.png", "label": "red", "extra": "1"}
+        row = ",".join(cells[cell.strip().lower().lstrip("\ufeff")] for cell in header.split(","))
+        table.write_text(f"{header}\n{row}\n", encoding="utf-8")
+        source = open_source(table)
+        assert source.labels.tolist() == ["red"] and source.items[0].endswith("a.png"), header
+        assert source.unlabelled_reason == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # open_source: objects, names, options
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "labels", "n", "item_shape"),
+    [
+        ((64, 64, 3), None, 1, (64, 64, 3)),  # one colour image, not 64 strips of 64×3
+        ((48, 64, 1), None, 1, (48, 64, 1)),
+        ((32, 32, 4), ["a"], 1, (32, 32, 4)),
+        ((20, 3, 3), None, 20, (3, 3)),  # twenty 3×3 images, not one 20×3 strip
+        ((1, 4, 4), None, 1, (4, 4)),
+        ((6, 8, 8), None, 6, (8, 8)),  # last axis not 1, 3, 4: a stack, as always
+        ((5, 5, 3), ["a"] * 5, 5, (5, 3)),  # the shape does not decide; five labels do
+        ((5, 5, 3), ["a"], 1, (5, 5, 3)),
+    ],
+)
+def test_open_source_3d_array_reading(shape, labels, n, item_shape):
+    """Check that a 3-D array is read as one image or as a stack by the rule of open_source's docstring."""
+    pixels = np.arange(np.prod(shape)).reshape(shape).astype(np.uint8)
+    source = open_source(pixels, labels=labels)
+    assert len(source) == n and source[0].shape == item_shape
+    assert np.shares_memory(source[0], pixels)  # still a view, not a copy
+
+
+@pytest.mark.parametrize(
+    ("shape", "labels", "why"),
+    [
+        ((5, 5, 3), None, r"its shape fits both"),
+        ((3, 3, 3), None, r"its shape fits both"),
+        ((64, 64, 3), ["a"] * 64, r"64 label\(s\) were given, which fit only the other reading"),
+        ((64, 3, 3), ["a"], r"1 label\(s\) were given, which fit only the other reading"),
+    ],
+)
+def test_open_source_3d_array_ambiguous_raises(shape, labels, why):
+    """Check that a 3-D array the rule cannot decide is refused, naming both readings and both fixes."""
+    n, height, width = shape
+    with pytest.raises(FeatxError, match=rf"an array of shape .* is ambiguous \({why}\)") as caught:
+        open_source(np.zeros(shape, dtype=np.uint8), labels=labels)
+    message = str(caught.value)
+    assert f"ONE {n}×{height} image with {width} channel(s)" in message
+    assert f"a stack of {n} grayscale image(s) of {height}×{width} pixels" in message
+    assert f"Pass array[None] (shape {(1, *shape)}) for one image" in message
+    assert f"array[..., None] (shape {(*shape, 1)}) or another 4-D array (n, H, W, C) for a stack" in message
+    assert len(open_source(np.zeros(shape, dtype=np.uint8)[None])) == 1
+    assert len(open_source(np.zeros(shape, dtype=np.uint8)[..., None])) == n
 
 
 def test_open_source_sequence_with_labels(tmp_path):

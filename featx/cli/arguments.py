@@ -235,10 +235,16 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     add_allow_outside_root(g)
 
 
-def open_data(args: argparse.Namespace):
-    """The ImageSource of :func:`add_data_options`' arguments; its problems are warned about on stderr."""
+def open_data(args: argparse.Namespace, *, labelled: bool = False):
+    """The ImageSource of :func:`add_data_options`' arguments; its problems are warned about on stderr.
+
+    With ``labelled=True`` an unlabelled source is refused here, before anything is extracted.
+    """
     source = open_source(args.data, per_class=args.per_class, split=args.split, random_state=args.seed,
                          allow_outside_root=args.allow_outside_root)
+    if labelled:
+        source.require_labels(f"'featx {args.command}' needs classes: a folder of class sub-folders, a CSV with a "
+                              "'label' column, or a built-in dataset")
     warn_problems(source)
     return source
 

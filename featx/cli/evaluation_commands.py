@@ -75,7 +75,7 @@ def cmd_cv(args) -> int:
     joblib backend
     """
     options = extract_options(args)
-    source = open_data(args)
+    source = open_data(args, labelled=True)
     with contextlib.ExitStack() as stack:
         if options.engine != "local":
             # One Ray session: the extraction's actors, then every CV fold and grid search as Ray
@@ -114,7 +114,7 @@ def cmd_compare(args) -> int:
     Example: featx compare fashion-mnist --per-class 100 --models
     efficientnet_lite0,efficientnet_lite2 --layers all --pool avg,spp --out results
     """
-    source = open_data(args)
+    source = open_data(args, labelled=True)
     training = FinetuneOptions(epochs=args.finetune_epochs) if args.finetune_from else None
     rows = compare_rows(args, source, extract_options(args), args.models, finetune_from=args.finetune_from,
                         finetune_options=training)

@@ -92,7 +92,7 @@ def cmd_finetune(args) -> int:
     from featx.finetuning import finetune  # torch: only when the command runs
     from featx.models import save_model  # scikit-learn
 
-    source = open_data(args)
+    source = open_data(args, labelled=True)
 
     def on_epoch(record) -> None:
         val = "-" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}"

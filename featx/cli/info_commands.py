@@ -135,7 +135,7 @@ def cmd_advise(args) -> int:
     """
     from featx.advise import advise  # torch: only when the command runs
 
-    source = open_data(args)
+    source = open_data(args, labelled=True)
     options = extract_options(args, CACHED)  # compare_layers' own defaults, with --model and --device
     comparison = None
     if args.measure:

@@ -89,7 +89,7 @@ def cmd_fit(args) -> int:
     """
     from featx.models import fit_model, save_model  # scikit-learn: only when the command runs
 
-    source = open_data(args)
+    source = open_data(args, labelled=True)
     if args.auto:
         return cmd_fit_auto(args, source)
     if args.json:
@@ -222,7 +222,7 @@ def cmd_evaluate(args) -> int:
     from featx.models import evaluate_model  # scikit-learn: only when the command runs
 
     model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
-    source = open_data(args)
+    source = open_data(args, labelled=True)
     report = evaluate_model(model, source)
     if args.json:
         print_json(report)

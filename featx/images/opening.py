@@ -57,8 +57,18 @@ def open_source(
         - a ``.csv`` or ``.tsv`` file with a header holding a ``path`` column and optionally a
           ``label`` column. Paths are relative to the table's folder.
         - a single image file (an unlabelled source of one image).
-        - a sequence of paths, PIL images and arrays, or an ndarray of shape
-          ``(n, H, W)`` / ``(n, H, W, C)`` (kept as one array, not copied).
+        - a sequence of paths, PIL images and arrays (each one image), or an ndarray of shape
+          ``(n, H, W)`` / ``(n, H, W, C)`` with C in 1, 3, 4 (kept as one array, not copied).
+          A 3-D array whose last axis is 1, 3 or 4 reads two ways: ONE ``(H, W, C)`` image, or
+          a stack of ``n`` grayscale images of ``H×W`` pixels. The reading whose images are at
+          least twice as close to square (aspect ratio, long side over short side, at most half
+          the other reading's) wins: ``(64, 64, 3)`` is one 64×64 colour image (not
+          64 strips of 64×3 pixels), ``(20, 3, 3)`` twenty 3×3 images (not one 20×3 strip).
+          When the shape does not decide (``(5, 5, 3)``), `labels` of one entry or of ``n``
+          entries do; otherwise, or when the labels contradict the shape, a FeatxError names
+          both readings. Say which you mean with ``array[None]`` (one image) or
+          ``array[..., None]`` (a stack of ``n``); a 2-D array (one grayscale image) also
+          needs ``array[None]``.
         - an :class:`ImageSource` (returned as is, or subsampled by `per_class`).
     labels : array-like of shape (n_samples,), optional
         Class of every item, for sequence and array data only. Converted to ``str``.
@@ -84,7 +94,8 @@ def open_source(
     FeatxError
         Unknown name (with close built-in names), empty folder, table without a ``path``
         column, empty labels, paths outside the table's folder, missing Fashion-MNIST files,
-        wrong shapes or lengths, ``per_class`` on an unlabelled source.
+        wrong shapes or lengths, a 3-D array that is not clearly one image or a stack of
+        images, ``per_class`` on an unlabelled source.
 
     Examples
     --------
@@ -94,6 +105,10 @@ def open_source(
     (6, ['0', '1'], (8, 8))
     >>> len(open_source(src, per_class=2))
     4
+    >>> len(open_source(np.zeros((64, 64, 3), dtype=np.uint8)))  # one colour image
+    1
+    >>> len(open_source(np.zeros((5, 5, 3), dtype=np.uint8)[..., None]))  # five 5×3 grayscale images
+    5
     >>> digits = open_source("digits", split="test")
     >>> len(digits), digits.classes[:3], digits[0].dtype
     (450, ['0', '1', '2'], dtype('uint8'))
@@ -145,9 +160,10 @@ def _check_source_options(per_class, split, random_state) -> None:
 
 def _per_class_positions(source: ImageSource, per_class: int, random_state: int) -> np.ndarray:
     if source.labels is None:
+        reason = f" {source.unlabelled_reason}" if source.unlabelled_reason else ""
         raise FeatxError(
             f"per_class={per_class} needs labels, but {source.name!r} is unlabelled; "
-            "pass labels= or use a folder of class sub-folders"
+            f"pass labels= or use a folder of class sub-folders.{reason}"
         )
     keep = []
     for name in sorted(set(source.labels.tolist())):
@@ -189,6 +205,39 @@ def _open_path(path: str, *, allow_outside_root: bool) -> ImageSource:
 # Objects in memory ----------------------------------------------------------------------------
 
 
+def _aspect(height: int, width: int) -> float:
+    return max(height, width) / max(min(height, width), 1)
+
+
+def _one_image(shape: tuple[int, int, int], labels) -> bool:
+    """Whether a 3-D array whose last axis is 1, 3 or 4 is ONE (H, W, C) image rather than a stack of (H, W) ones.
+
+    The reading whose images are at least twice as close to square wins (64×64×3: one image, not
+    64 strips of 64×3 pixels; 20×3×3: twenty 3×3 images, not one 20×3 strip); when neither is,
+    labels of the length of only one reading decide; otherwise, or when the labels contradict the
+    shape, the array is refused.
+    """
+    n, height, width = shape
+    if shape == (1, 1, 1):
+        return False  # one pixel either way
+    one, stack = _aspect(n, height), _aspect(height, width)
+    n_labels = None if labels is None else len(np.atleast_1d(np.asarray(labels, dtype=object)))
+    by_labels = {1: True, n: False}.get(n_labels) if n_labels is not None and n != 1 else None
+    by_shape = True if stack >= 2 * one else False if one >= 2 * stack else None
+    if by_shape is not None and by_labels in (None, by_shape):
+        return by_shape
+    if by_shape is None and by_labels is not None:
+        return by_labels
+    why = (f"{n_labels} label(s) were given, which fit only the other reading" if by_shape is not None
+           else "its shape fits both")  # fmt: skip
+    raise FeatxError(
+        f"an array of shape {shape} is ambiguous ({why}): ONE {n}×{height} image with {width} channel(s), or a "
+        f"stack of {n} grayscale image(s) of {height}×{width} pixels. Pass array[None] (shape {(1, *shape)}) for "
+        f"one image, or array[..., None] (shape {(*shape, 1)}) or another 4-D array (n, H, W, C) for a stack"
+    )
+
+
+
 def _open_objects(data, labels) -> ImageSource:
     if isinstance(data, np.ndarray):
         if data.ndim not in (3, 4) or (data.ndim == 4 and data.shape[-1] not in (1, 3, 4)):
@@ -197,6 +246,8 @@ def _open_objects(data, labels) -> ImageSource:
                 f"expected an array of images of shape (n, H, W) or (n, H, W, C) with C in 1, 3, 4; "
                 f"got shape {data.shape}.{hint}"
             )
+        if data.ndim == 3 and data.shape[-1] in (1, 3, 4) and _one_image(data.shape, labels):
+            data = data[None]  # a view: one image of shape (1, H, W, C)
         items: Any = ArrayItems(data)
     elif isinstance(data, Image.Image):
         items = [data]

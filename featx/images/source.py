@@ -77,6 +77,10 @@ class ImageSource:
     problems : list of (str, str)
         ``(path, reason)`` for what was skipped while walking a folder: symlink loops,
         unreadable sub-folders, broken links, images outside the class sub-folders.
+    unlabelled_reason : str, default=''
+        Why a source that could have had labels has none, in a sentence: a table whose header
+        lacks a ``label`` column names the columns it found and the one that looks like
+        ``label``. :meth:`require_labels` adds it to its error.
 
     Attributes
     ----------
@@ -101,6 +105,7 @@ class ImageSource:
     name: str
     root: str | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
+    unlabelled_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.labels is not None:
@@ -140,6 +145,37 @@ class ImageSource:
         problems = f", {len(self.problems)} problems" if self.problems else ""
         return f"ImageSource(name={self.name!r}, n={len(self)}, {labelled}{problems})"
 
+    def require_labels(self, needs: str) -> np.ndarray:
+        """Return the labels, or raise a FeatxError that says what `needs` them and why there are none.
+
+        Parameters
+        ----------
+        needs : str
+            What needs the labels and where they come from, e.g. ``"the advisor needs classes"``.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,) of str
+
+        Raises
+        ------
+        FeatxError
+            When the source is unlabelled: ``"<name> has no labels: <needs>."`` and, for a
+            table, its :attr:`unlabelled_reason`.
+
+        Examples
+        --------
+        >>> ImageSource(items=["a.png"], labels=None, classes=None, name="a.csv",
+        ...             unlabelled_reason="Its header has no 'label' column.").require_labels("cv needs classes")
+        Traceback (most recent call last):
+        ...
+        featx.exceptions.FeatxError: a.csv has no labels: cv needs classes. Its header has no 'label' column.
+        """
+        if self.labels is None:
+            reason = f" {self.unlabelled_reason}" if self.unlabelled_reason else ""
+            raise FeatxError(f"{self.name} has no labels: {needs}.{reason}")
+        return self.labels
+
     def subset(self, indices) -> ImageSource:
         """Return a source with the items at `indices` (integers or a boolean mask), in that order.
 
@@ -155,6 +191,7 @@ class ImageSource:
         return ImageSource(
             items=items, labels=labels, classes=None if self.classes is None else list(self.classes),
             name=self.name, root=self.root, problems=list(self.problems),
+            unlabelled_reason=self.unlabelled_reason,
         )  # fmt: skip
 
 
