@@ -72,7 +72,7 @@ from featx.exceptions import FinetuneError
 from featx.extraction import extract, kept_labels
 from featx.heads import fold_means, outer_splits, score_predictions
 from featx.images import ImageSource, open_source
-from featx.models import FeatxModel
+from featx.models import FeatxModel, training_keys
 from featx.options import CACHED, ExtractOptions, FinetuneOptions
 from featx.transformers import CNNFeatures
 
@@ -793,6 +793,7 @@ def finetune(
             "chosen_params": {"best_epoch": classifier.best_epoch_, **settings},
             "trained_on": source.name,
             "n_images": int(len(y)),
+            "training_keys": training_keys(result.kept_keys),
             "weights": features.weights_,
             "dtype": "float16",
             "val_accuracy": best["val_accuracy"],

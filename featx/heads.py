@@ -450,7 +450,7 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
     )
     classes, counts = np.unique(y, return_counts=True)
     smallest = int(counts.min())
-    info = {"inner_cv": None, "small_class": (str(classes[counts.argmin()]), smallest),
+    info = {"inner_cv": None, "cv_score": None, "small_class": (str(classes[counts.argmin()]), smallest),
             "n_fits": 0, "n_not_converged": 0}
     k = min(inner_cv, smallest)
     folds = StratifiedKFold(k, shuffle=True, random_state=random_state) if k >= 2 else None
@@ -470,6 +470,7 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
             params = {key: _python(v) for key, v in search.best_params_.items()}
             pipeline.set_params(**params)
             info["inner_cv"] = k
+            info["cv_score"] = float(search.best_score_)
             info["n_fits"] += len(search.cv_results_["params"]) * k
         else:
             params = _default_params(head)
@@ -828,7 +829,8 @@ def fit_head(
     n_jobs: int | None = None,
     tune: bool = True,
     blocks=None,
-) -> tuple[Pipeline, dict]:
+    return_score: bool = False,
+) -> tuple[Pipeline, dict] | tuple[Pipeline, dict, dict]:
     """Tune a head on all of X, y by cross-validation, fit it, and return it ready to predict.
 
     The tuning is the inner loop of :func:`evaluate` run on all the data. The SVMs are wrapped
@@ -846,6 +848,8 @@ def fit_head(
     n_jobs : int or None, default=None
         Grid-search fits run in parallel (joblib). Their ConvergenceWarnings are counted
         only when they run in this process (``n_jobs`` None or 1).
+    return_score : bool, default=False
+        Also return the inner cross-validation score of the chosen parameters.
 
     Returns
     -------
@@ -854,6 +858,10 @@ def fit_head(
     params : dict
         The chosen hyper-parameters in :func:`param_grid` naming (python scalars); for an SVM,
         ``make_head(head).set_params(**params)`` is the uncalibrated classifier.
+    score : dict
+        Only with ``return_score=True``: ``cv_score``, the mean inner-CV accuracy of the chosen
+        parameters (the grid search's best score), and ``inner_cv``, the folds it used; both
+        ``None`` when nothing was cross-validated (``tune=False``, or a class of one sample).
 
     Raises
     ------
@@ -909,4 +917,6 @@ def fit_head(
             ConvergenceWarning,
             stacklevel=2,
         )
+    if return_score:
+        return pipeline, params, {"cv_score": info["cv_score"], "inner_cv": info["inner_cv"]}
     return pipeline, params

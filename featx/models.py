@@ -45,6 +45,27 @@ _HEADER = re.compile(rb"featx-model sha256=([0-9a-f]{64})\n")
 _HEADER_PREFIX = b"featx-model "
 _HEADER_MAX = 128
 
+#: Bytes of each training image's content key that a model file keeps (``info["training_keys"]``):
+#: 8 bytes (64 bits) per image, so 80 kB for 10,000 images, and a false "training image" among
+#: 10,000 evaluated images against 10,000 training images has odds of about 1 in 10^11. One
+#: digest of the whole set would be smaller but detects only the identical set, not an overlap.
+TRAINING_KEY_BYTES = 8
+
+
+def training_keys(keys) -> bytes:
+    """The ``info["training_keys"]`` of a model trained on the images of content keys ``keys``."""
+    return b"".join(sorted({bytes.fromhex(key[: 2 * TRAINING_KEY_BYTES]) for key in keys}))
+
+
+def count_training_images(model: "FeatxModel", keys) -> int | None:
+    """How many of the images of content keys ``keys`` trained ``model``; None if its file does not say."""
+    recorded = model.info.get("training_keys")
+    if recorded is None:
+        return None
+    n = TRAINING_KEY_BYTES
+    known = {recorded[i : i + n] for i in range(0, len(recorded), n)}
+    return sum(bytes.fromhex(key[: 2 * n]) in known for key in keys)
+
 
 @dataclass
 class FeatxModel:
@@ -63,8 +84,13 @@ class FeatxModel:
         The fitted head (scaler → classifier), trained on ``features`` output.
     classes : list of str
     info : dict
-        ``featx_version``, ``created``, ``head``, ``chosen_params``, ``trained_on``,
-        ``n_images``, ``weights``.
+        ``featx_version``, ``created``, ``head``, ``chosen_params``, ``cv_score`` (the inner-CV
+        accuracy of ``chosen_params``; None when not cross-validated), ``trained_on``,
+        ``n_images``, ``weights``, and ``training_keys``: the training images, as the first
+        :data:`TRAINING_KEY_BYTES` bytes of each distinct content key
+        (:func:`featx.images.content_key`), sorted and concatenated, so that
+        :func:`evaluate_model` can count the evaluated images that were training images.
+        Files written before featx recorded it lack ``training_keys``.
     """
 
     features: CNNFeatures
@@ -182,8 +208,8 @@ def fit_model(
            for part in parts]
     X, result, kept = _extract_parts(source, parts, run)
     y = kept_labels(result, kept)
-    fitted, params = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state, class_weight=class_weight,
-                              blocks=_model_blocks(parts))
+    fitted, params, score = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state,
+                                     class_weight=class_weight, blocks=_model_blocks(parts), return_score=True)
     model = FeatxModel(
         features=parts[0] if len(parts) == 1 else parts,
         head=fitted,
@@ -193,8 +219,11 @@ def fit_model(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "head": head,
             "chosen_params": params,
+            "cv_score": score["cv_score"],
+            "inner_cv": score["inner_cv"],
             "trained_on": source.name,
             "n_images": int(len(y)),
+            "training_keys": training_keys(result.keys[i] for i in kept),
             "weights": "+".join(part.weights_ for part in parts),
             "dtype": options.dtype,
             "tta": options.tta,
@@ -373,8 +402,19 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
     return model
 
 
-def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool | None = None) -> list[dict]:
+def _run_options(model: FeatxModel, *, on_error: str, progress: bool | None, store) -> list[ExtractOptions]:
+    """The extraction options of every part of ``model`` for one run; ``store`` (not None) replaces its cache."""
+    run = [model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts]
+    return run if store is None else [options.replace(store=store) for options in run]
+
+
+def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool | None = None,
+            store=None) -> list[dict]:
     """Predict labels and class probabilities of images, through the feature store.
+
+    ``store`` is the feature store of this run's features (a folder, an ``.h5`` path, or ``True``
+    for ``$FEATX_CACHE`` or ``./cache``); default ``None``: the model's own
+    cache setting, the one it was fitted with.
 
     Returns
     -------
@@ -383,8 +423,8 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
         ``error`` (the reason, for skipped images), and ``p_<class>`` per class.
     """
     source = images if isinstance(images, ImageSource) else open_source(images)
-    X, result, kept = _extract_parts(source, model.parts, [
-        model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts])
+    X, result, kept = _extract_parts(source, model.parts,
+                                     _run_options(model, on_error=on_error, progress=progress, store=store))
     rows = [{"image": describe(source[i], i), "label": None, "error": None} for i in range(len(source))]
     for position, (_, reason) in zip(result.skipped_positions, result.skipped):
         rows[position]["error"] = reason
@@ -397,18 +437,23 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
     return rows
 
 
-def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None) -> dict:
-    """Score a model on held-out labelled images.
+def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None,
+                   store=None) -> dict:
+    """Score a model on labelled images: held-out ones, unless ``n_training_images`` says otherwise.
+
+    ``store`` is as in :func:`predict`.
 
     Returns
     -------
     dict
         ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``,
-        ``classes``, ``n_images`` and ``skipped``.
+        ``classes``, ``n_images``, ``n_training_images`` (how many of the scored images trained
+        the model, by content; None for a model file that does not record its training images)
+        and ``skipped``.
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
-    X, result, kept = _extract_parts(source, model.parts, [
-        model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts])
+    X, result, kept = _extract_parts(source, model.parts,
+                                     _run_options(model, on_error=on_error, progress=progress, store=store))
     y = kept_labels(result, kept)
     unknown = sorted(set(map(str, y)) - set(model.classes))
     if unknown:
@@ -418,6 +463,7 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
     report = score_predictions(y, model.head.predict(X), classes=model.classes)
     report.update(
         n_images=int(len(y)),
+        n_training_images=count_training_images(model, [result.keys[i] for i in kept]),
         skipped=[{"image": name, "reason": reason} for name, reason in result.skipped],
         model=model.describe(),
     )

@@ -372,6 +372,83 @@ def test_cli_fit_predict_evaluate(tmp_path, capsys, monkeypatch):
     assert report["accuracy"] == pytest.approx(expected)
 
 
+def test_cli_fit_prints_the_inner_cv_score_of_the_chosen_parameters(tmp_path, capsys):
+    """Check that 'featx fit' prints the inner-CV accuracy of the chosen C, the one the model file records."""
+    from featx.models import load_model
+
+    train, _ = _split_folders(tmp_path)
+    model = tmp_path / "m.joblib"
+    assert main(["fit", str(train), *TINY_OPTS, "--layers", "stage2", "--cache", str(tmp_path / "c"),
+                 "-o", str(model)]) == 0
+    found = re.search(r"^inner 3-fold CV accuracy (\d\.\d{4}) for the chosen parameters$", capsys.readouterr().out,
+                      re.MULTILINE)
+    assert found is not None
+    assert float(found.group(1)) == pytest.approx(load_model(model).info["cv_score"], abs=5e-5)
+
+
+def test_cli_evaluate_says_when_the_images_trained_the_model(tmp_path, capsys):
+    """Check that 'featx evaluate' calls a score held-out only when no image trained the model, counts those
+    that did, and says 'unknown' for a model file without the record."""
+    import shutil
+
+    from featx.models import load_model, save_model
+
+    train, val = _split_folders(tmp_path)
+    model = tmp_path / "m.joblib"
+    cache = ["--cache", str(tmp_path / "c")]
+    assert main(["fit", str(train), *TINY_OPTS, "--layers", "stage2", *cache, "-o", str(model)]) == 0
+    capsys.readouterr()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(val, mixed)
+    for picture in sorted(train.glob("*/*.png"))[:3]:
+        shutil.copy(picture, mixed / picture.parent.name / f"copy-{picture.name}")
+
+    def accuracy_line(data, model=model):
+        assert main(["evaluate", str(model), str(data), *cache]) == 0
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return captured.out.splitlines()[1]
+
+    line = accuracy_line(train)
+    assert line.startswith("accuracy on the training images ") and "held-out accuracy" not in line
+    assert line.endswith("on 18 images: all 18 were used to train this model, not a held-out score")
+    assert accuracy_line(val).startswith("held-out accuracy ")
+    line = accuracy_line(mixed)
+    assert line.startswith("accuracy ") and line.endswith(
+        "on 9 images: 3 of 9 images were used to train this model, not a held-out score")
+    assert main(["evaluate", str(model), str(mixed), *cache, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_training_images"] == 3
+    old = load_model(model)
+    del old.info["training_keys"]  # as a model file written before featx recorded its training images
+    save_model(old, tmp_path / "old.joblib")
+    line = accuracy_line(val, tmp_path / "old.joblib")
+    assert line.startswith("accuracy ") and line.endswith(
+        "(this model file does not record its training images, so whether this is a held-out score is unknown)")
+    assert main(["evaluate", str(tmp_path / "old.joblib"), str(val), *cache, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_training_images"] is None
+
+
+def test_cli_predict_evaluate_cache_is_the_store_of_the_run(tmp_path, capsys, monkeypatch):
+    """Check that 'featx predict/evaluate --cache DIR' keep the run's features in DIR, and that without it
+    they use the store the model was fitted with, not ./cache or $FEATX_CACHE."""
+    train, val = _split_folders(tmp_path)
+    model = tmp_path / "m.joblib"
+    assert main(["fit", str(train), *TINY_OPTS, "--layers", "stage2", "--cache", str(tmp_path / "fitted"),
+                 "-o", str(model)]) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.chdir(run)
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "env"))
+    assert main(["predict", str(model), str(val), "--cache", str(tmp_path / "p")]) == 0
+    assert main(["evaluate", str(model), str(val), "--cache", str(tmp_path / "e")]) == 0
+    assert len(list((tmp_path / "p").glob("*.h5"))) == 1 and len(list((tmp_path / "e").glob("*.h5"))) == 1
+    fitted = {p.name: p.stat().st_size for p in (tmp_path / "fitted").glob("*.h5")}
+    assert main(["evaluate", str(model), str(val)]) == 0
+    assert not (tmp_path / "env").exists() and not (run / "cache").exists()
+    assert [p.name for p in (tmp_path / "fitted").glob("*.h5")] == list(fitted)
+    capsys.readouterr()
+
+
 def test_cli_predict_missing_model_is_one_line(tmp_path, capsys):
     """Check that a missing model file gives one line naming it and exit code 1."""
     assert main(["predict", str(tmp_path / "nope.joblib"), str(tmp_path)]) == 1
@@ -523,6 +600,8 @@ def test_cli_finetune_then_predict_and_evaluate(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.count("\n") == 7  # header and six images
     assert main(["evaluate", str(model), str(val), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_images"] == 6
+    assert main(["evaluate", str(model), str(train), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_training_images"] == 18  # finetune records its training images
 
 
 def test_cli_finetune_from_pre_logits_is_one_line_exit_1(tmp_path, capsys):

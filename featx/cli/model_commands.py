@@ -107,8 +107,16 @@ def cmd_fit(args) -> int:
     report_skipped(result.skipped)
     save_model(model, args.output)
     print(f"{model.describe()}; chosen {model.info['chosen_params']}")
+    print(_cv_score_line(model.info))
     print(f"saved to {args.output}")
     return 0
+
+
+def _cv_score_line(info: dict) -> str:
+    """What 'featx fit' says of the inner cross-validation behind the chosen parameters."""
+    if info.get("cv_score") is None:
+        return "not cross-validated (a class has a single image): the defaults were fitted, with no score"
+    return f"inner {info['inner_cv']}-fold CV accuracy {info['cv_score']:.4f} for the chosen parameters"
 
 
 def fit_arguments(p: argparse.ArgumentParser) -> None:
@@ -184,7 +192,7 @@ def cmd_predict(args) -> int:
     images = args.images[0] if len(args.images) == 1 else list(args.images)
     source = open_source(images, allow_outside_root=args.allow_outside_root)
     warn_problems(source)
-    rows = predict(model, source)
+    rows = predict(model, source, store=args.cache)
     columns = ["image", "label", "error", *(f"p_{c}" for c in model.classes)]
     handle = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
@@ -210,6 +218,14 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", metavar="IMAGES", nargs="+", help="image files, a folder, or a CSV with a path column")
     p.add_argument("-o", "--output", default=None, help="CSV file to write (default: standard output)")
     add_allow_outside_root(p)
+    _add_cache(p)
+
+
+def _add_cache(p: argparse.ArgumentParser) -> None:
+    """``--cache DIR`` of 'featx predict' and 'featx evaluate': None keeps the model's own cache setting."""
+    add_extraction_options(p, ("store",), title=None, changes={"store": {
+        "help": "feature store folder for this run's features (default: the one the model was fitted with: "
+        "its --cache, else $FEATX_CACHE or ./cache)"}})
 
 
 def cmd_evaluate(args) -> int:
@@ -223,24 +239,38 @@ def cmd_evaluate(args) -> int:
 
     model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
     source = open_data(args, labelled=True)
-    report = evaluate_model(model, source)
+    report = evaluate_model(model, source, store=args.cache)
     if args.json:
         print_json(report)
         return 0
     print(report["model"])
-    print(
-        f"held-out accuracy {report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
-        f"macro-F1 {report['macro_f1']:.4f} on {report['n_images']} images"
-    )
+    print(_accuracy_line(report))
     print(format_table([{"class": c, **v} for c, v in report["per_class"].items()]))
     report_skipped([(s["image"], s["reason"]) for s in report["skipped"]])
     return 0
+
+
+def _accuracy_line(report: dict) -> str:
+    """The scores of 'featx evaluate', called held-out only when none of the images trained the model."""
+    n, trained = report["n_images"], report["n_training_images"]
+    scores = (f"accuracy {report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
+              f"macro-F1 {report['macro_f1']:.4f} on {n} images")
+    if trained is None:
+        return (f"{scores} (this model file does not record its training images, so whether this is a held-out "
+                "score is unknown)")
+    if trained == 0:
+        return f"held-out {scores}"
+    if trained == n:
+        return f"{scores.replace('accuracy', 'accuracy on the training images', 1)}: all {n} were used to train " \
+               "this model, not a held-out score"
+    return f"{scores}: {trained} of {n} images were used to train this model, not a held-out score"
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_file(p)
     add_data_options(p)
     add_json(p, "print JSON")
+    _add_cache(p)
 
 
 #: Each command: what runs it, and what adds its arguments.
