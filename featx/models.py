@@ -31,7 +31,7 @@ from featx import __version__
 from featx.backbones import load_backbone
 from featx.exceptions import FeatxError, ModelFileError
 from featx.extraction import extract, join_features, kept_labels
-from featx.options import CACHED, ExtractOptions
+from featx.options import CACHED, DEFAULT_MAX_PIXELS, ExtractOptions
 from featx.paths import split_names
 from featx.heads import fit_head, score_predictions
 from featx.images import ImageSource, describe, open_source
@@ -178,7 +178,8 @@ def fit_model(
     source = source if isinstance(source, ImageSource) else open_source(source)
     names = split_names(options.backbone, sep="+") if isinstance(options.backbone, str) else list(options.backbone)
     parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
-    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress)
+    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress,
+                                             max_pixels=options.max_pixels)
            for part in parts]
     X, result, kept = _extract_parts(source, parts, run)
     y = kept_labels(result, kept)
@@ -373,8 +374,12 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
     return model
 
 
-def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool | None = None) -> list[dict]:
+def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool | None = None,
+            max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
     """Predict labels and class probabilities of images, through the feature store.
+
+    ``max_pixels`` is the largest width × height of an image file decoded (see
+    :class:`~featx.options.ExtractOptions`); a larger one is skipped with its reason.
 
     Returns
     -------
@@ -384,7 +389,8 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
     """
     source = images if isinstance(images, ImageSource) else open_source(images)
     X, result, kept = _extract_parts(source, model.parts, [
-        model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts])
+        model.extraction_options(part).replace(on_error=on_error, progress=progress, max_pixels=max_pixels)
+        for part in model.parts])
     rows = [{"image": describe(source[i], i), "label": None, "error": None} for i in range(len(source))]
     for position, (_, reason) in zip(result.skipped_positions, result.skipped):
         rows[position]["error"] = reason
@@ -397,8 +403,9 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
     return rows
 
 
-def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None) -> dict:
-    """Score a model on held-out labelled images.
+def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Score a model on held-out labelled images (``max_pixels`` as in :func:`predict`).
 
     Returns
     -------
@@ -408,7 +415,8 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
     X, result, kept = _extract_parts(source, model.parts, [
-        model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts])
+        model.extraction_options(part).replace(on_error=on_error, progress=progress, max_pixels=max_pixels)
+        for part in model.parts])
     y = kept_labels(result, kept)
     unknown = sorted(set(map(str, y)) - set(model.classes))
     if unknown:
