@@ -131,7 +131,8 @@ class ExtractOptions:
     max_pixels : int, default=DEFAULT_MAX_PIXELS
         Largest width × height of an image file that is decoded (decompression-bomb guard,
         checked from the header); a larger one is a bad image (``on_error``). It decides which
-        images are accepted, not their features, so it is no part of a store's configuration.
+        images are accepted, not their features, so it is no part of a store's configuration:
+        an image whose features a store already holds is not decoded again, nor checked.
 
     Examples
     --------
