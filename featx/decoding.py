@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from featx.exceptions import ImageDecodeError
 from featx.images import jpeg_bytes, load_image
+from featx.options import DEFAULT_MAX_PIXELS
 from featx.preprocess import Preprocess
 
 if TYPE_CHECKING:
@@ -28,14 +29,17 @@ class ImageDataset:
     """Decodes and crops one image per item; a bad image comes back as its error message.
 
     With the ``"torch"`` decoder, a plain JPEG file comes back as its encoded bytes, for the
-    main process to decode on the device.
+    main process to decode on the device. A file above ``max_pixels`` (width × height) is a bad
+    image (decompression-bomb guard).
     """
 
-    def __init__(self, source, indices: Sequence[int], preprocess: Preprocess, decoder: str = "pil"):
+    def __init__(self, source, indices: Sequence[int], preprocess: Preprocess, decoder: str = "pil",
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.source = source
         self.indices = list(indices)
         self.preprocess = preprocess
         self.decoder = decoder
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -46,20 +50,20 @@ class ImageDataset:
         if self.decoder == "torch":
             import torch
 
-            data = jpeg_bytes(item)
+            data = jpeg_bytes(item, max_pixels=self.max_pixels)
             if data is not None:
                 return index, None, None, torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
-            return index, decode_crop(item, self.preprocess), None, None
+            return index, decode_crop(item, self.preprocess, max_pixels=self.max_pixels), None, None
         except ImageDecodeError as exc:
             return index, None, str(exc), None
 
 
-def decode_crop(item, preprocess: Preprocess) -> torch.Tensor:
+def decode_crop(item, preprocess: Preprocess, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Decode with PIL and crop: ``uint8`` tensor of shape (crop, crop, 3)."""
     import torch
 
-    image = load_image(item, draft_size=preprocess.draft_size)
+    image = load_image(item, draft_size=preprocess.draft_size, max_pixels=max_pixels)
     return torch.from_numpy(preprocess.crop_array(image))
 
 
@@ -93,7 +97,8 @@ def collate(samples) -> LoadedBatch:
     return LoadedBatch(indices, pixels, torch.tensor(rows, dtype=torch.long), encoded, errors)
 
 
-def decode_on_device(loaded: LoadedBatch, source, preprocess: Preprocess, device: torch.device):
+def decode_on_device(loaded: LoadedBatch, source, preprocess: Preprocess, device: torch.device, *,
+                     max_pixels: int = DEFAULT_MAX_PIXELS):
     """The batch's pixels on ``device``, decoding its JPEG bytes there (nvjpeg on CUDA).
 
     Returns ``(pixels, indices, skipped)``: an image the tensor decoder refuses is decoded by
@@ -129,7 +134,7 @@ def decode_on_device(loaded: LoadedBatch, source, preprocess: Preprocess, device
         index = int(loaded.indices[row])
         if image is None:  # the tensor decoder refused it: PIL decodes it, or says why it cannot
             try:
-                image = decode_crop(source[index], preprocess).permute(2, 0, 1).to(device)
+                image = decode_crop(source[index], preprocess, max_pixels=max_pixels).permute(2, 0, 1).to(device)
             except ImageDecodeError as exc:
                 keep[row] = False
                 skipped.append((index, str(exc)))

@@ -97,7 +97,7 @@ def iter_batches(
     options : ExtractOptions
         Resolved (:func:`featx.devices.resolve`): a concrete device, precision and decoder. The
         loop reads ``batch_size``, ``num_workers``, ``progress``, ``tta``, ``compile``,
-        ``runtime`` and ``on_error`` from it (``None``: ``"skip"``). A bad image is reported in
+        ``runtime``, ``max_pixels`` and ``on_error`` from it (``None``: ``"skip"``). A bad image is reported in
         :attr:`Batch.skipped`, or with ``"raise"`` stops the loop with
         :class:`~featx.exceptions.ImageDecodeError` naming the file; batches already yielded
         are the caller's and are never lost. ``tta="hflip"``: every batch and its mirror go
@@ -122,7 +122,7 @@ def iter_batches(
     from torch.utils.data import DataLoader
 
     loader = DataLoader(
-        ImageDataset(source, indices, backbone.preprocess, decoder),
+        ImageDataset(source, indices, backbone.preprocess, decoder, options.max_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -155,7 +155,8 @@ def iter_batches(
             batch_indices = loaded.indices
             if len(batch_indices):
                 with torch.inference_mode():
-                    pixels, batch_indices, refused = decode_on_device(loaded, source, backbone.preprocess, device)
+                    pixels, batch_indices, refused = decode_on_device(loaded, source, backbone.preprocess, device,
+                                                                       max_pixels=options.max_pixels)
                 if refused and on_error == "raise":
                     raise ImageDecodeError(refused[0][1])
                 skipped += refused

@@ -31,7 +31,7 @@ from featx import __version__
 from featx.backbones import load_backbone
 from featx.exceptions import FeatxError, ModelFileError
 from featx.extraction import extract, join_features, kept_labels
-from featx.options import CACHED, ExtractOptions
+from featx.options import CACHED, DEFAULT_MAX_PIXELS, ExtractOptions
 from featx.paths import split_names
 from featx.heads import fit_head, score_predictions
 from featx.images import ImageSource, describe, open_source
@@ -204,7 +204,8 @@ def fit_model(
     source = source if isinstance(source, ImageSource) else open_source(source)
     names = split_names(options.backbone, sep="+") if isinstance(options.backbone, str) else list(options.backbone)
     parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
-    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress)
+    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress,
+                                             max_pixels=options.max_pixels)
            for part in parts]
     X, result, kept = _extract_parts(source, parts, run)
     y = kept_labels(result, kept)
@@ -402,19 +403,23 @@ def load_model(path: str | os.PathLike) -> FeatxModel:
     return model
 
 
-def _run_options(model: FeatxModel, *, on_error: str, progress: bool | None, store) -> list[ExtractOptions]:
+def _run_options(model: FeatxModel, *, on_error: str, progress: bool | None, store,
+                 max_pixels: int) -> list[ExtractOptions]:
     """The extraction options of every part of ``model`` for one run; ``store`` (not None) replaces its cache."""
-    run = [model.extraction_options(part).replace(on_error=on_error, progress=progress) for part in model.parts]
+    run = [model.extraction_options(part).replace(on_error=on_error, progress=progress, max_pixels=max_pixels)
+           for part in model.parts]
     return run if store is None else [options.replace(store=store) for options in run]
 
 
 def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool | None = None,
-            store=None) -> list[dict]:
+            store=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
     """Predict labels and class probabilities of images, through the feature store.
 
     ``store`` is the feature store of this run's features (a folder, an ``.h5`` path, or ``True``
     for ``$FEATX_CACHE`` or ``./cache``); default ``None``: the model's own
-    cache setting, the one it was fitted with.
+    cache setting, the one it was fitted with. ``max_pixels`` is the largest width × height of an
+    image file decoded (see :class:`~featx.options.ExtractOptions`); a larger one is skipped with
+    its reason.
 
     Returns
     -------
@@ -423,8 +428,8 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
         ``error`` (the reason, for skipped images), and ``p_<class>`` per class.
     """
     source = images if isinstance(images, ImageSource) else open_source(images)
-    X, result, kept = _extract_parts(source, model.parts,
-                                     _run_options(model, on_error=on_error, progress=progress, store=store))
+    X, result, kept = _extract_parts(source, model.parts, _run_options(model, on_error=on_error, progress=progress,
+                                                                       store=store, max_pixels=max_pixels))
     rows = [{"image": describe(source[i], i), "label": None, "error": None} for i in range(len(source))]
     for position, (_, reason) in zip(result.skipped_positions, result.skipped):
         rows[position]["error"] = reason
@@ -438,10 +443,10 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
 
 
 def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None,
-                   store=None) -> dict:
+                   store=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Score a model on labelled images: held-out ones, unless ``n_training_images`` says otherwise.
 
-    ``store`` is as in :func:`predict`.
+    ``store`` and ``max_pixels`` are as in :func:`predict`.
 
     Returns
     -------
@@ -452,8 +457,8 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         and ``skipped``.
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
-    X, result, kept = _extract_parts(source, model.parts,
-                                     _run_options(model, on_error=on_error, progress=progress, store=store))
+    X, result, kept = _extract_parts(source, model.parts, _run_options(model, on_error=on_error, progress=progress,
+                                                                       store=store, max_pixels=max_pixels))
     y = kept_labels(result, kept)
     unknown = sorted(set(map(str, y)) - set(model.classes))
     if unknown:

@@ -22,6 +22,7 @@ from featx.exceptions import FeatxError, suggest
 __all__ = [
     "CACHED",
     "DECODERS",
+    "DEFAULT_MAX_PIXELS",
     "ExtractOptions",
     "FinetuneOptions",
     "ON_ERROR",
@@ -38,6 +39,10 @@ TTAS = ("none", "hflip")
 RUNTIMES = ("torch", "onnxruntime")
 STORE_DTYPES = ("float32", "float16")
 ON_ERROR = ("raise", "skip")
+
+DEFAULT_MAX_PIXELS: int = 89_478_485
+"""Largest width × height of an image file decoded by default (PIL's own default limit): the
+decompression-bomb guard of :func:`featx.images.load_image` and of ``ExtractOptions.max_pixels``."""
 
 
 def check_tta(tta: str | None) -> str | None:
@@ -123,6 +128,11 @@ class ExtractOptions:
         Run the network under ``torch.compile``.
     engine : "local", "ray" or RayEngine, default="local"
         Where the loop runs (see :mod:`featx.distributed`).
+    max_pixels : int, default=DEFAULT_MAX_PIXELS
+        Largest width × height of an image file that is decoded (decompression-bomb guard,
+        checked from the header); a larger one is a bad image (``on_error``). It decides which
+        images are accepted, not their features, so it is no part of a store's configuration:
+        an image whose features a store already holds is not decoded again, nor checked.
 
     Examples
     --------
@@ -154,6 +164,7 @@ class ExtractOptions:
     runtime: str = "torch"
     compile: bool = False
     engine: object = "local"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
         object.__setattr__(self, "layers", _as_names(self.layers))
@@ -170,6 +181,9 @@ class ExtractOptions:
         if self.num_workers != "auto" and (isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int)
                                            or self.num_workers < 0):
             raise FeatxError(f"num_workers must be 'auto' or a whole number >= 0, got {self.num_workers!r}.")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise FeatxError(f"max_pixels must be a positive integer (width × height; default {DEFAULT_MAX_PIXELS}), "
+                             f"got {self.max_pixels!r}.")
         if self.runtime == "onnxruntime" and self.compile:
             raise FeatxError("compile=True compiles the torch runtime; it does not go with runtime='onnxruntime'. "
                              "Leave one of them out.")

@@ -63,6 +63,10 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         ``"onnxruntime"``: the network is exported to ONNX once per process and run by ONNX
         Runtime on the CPU (``pip install "featx[onnx]"``): several times faster there, same
         features up to float rounding (same store).
+    max_pixels : int, default=DEFAULT_MAX_PIXELS
+        Largest width × height of an image file that is decoded (decompression-bomb guard); a
+        larger one fails ``transform`` with :class:`~featx.exceptions.ImageDecodeError`. Not part
+        of the store: it decides which images are accepted, not their features.
 
     Attributes
     ----------
@@ -117,6 +121,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         progress=False,
         tta=_DEFAULT.tta,
         runtime=_DEFAULT.runtime,
+        max_pixels=_DEFAULT.max_pixels,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -131,6 +136,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         self.progress = progress
         self.tta = tta
         self.runtime = runtime
+        self.max_pixels = max_pixels
 
     def fit(self, X=None, y=None):
         """Resolve the backbone, layers and poolings; no image is processed.
@@ -181,13 +187,14 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
                    **{"weights": options.weights, "layer": options.layers, "pooling": options.pooling,
                       "batch_size": options.batch_size, "device": options.device, "precision": options.precision,
                       "cache": options.store, "num_workers": options.num_workers, "tta": options.tta,
-                      "runtime": options.runtime, **params})
+                      "runtime": options.runtime, "max_pixels": options.max_pixels, **params})
 
     def _options(self) -> ExtractOptions:
         return ExtractOptions(backbone=self.backbone, weights=self.weights, layers=self.layer, pooling=self.pooling,
                               batch_size=self.batch_size, device=self.device, precision=self.precision,
                               store=None if self.cache is False else self.cache, num_workers=self.num_workers,
-                              progress=self.progress, on_error="raise", tta=self.tta, runtime=self.runtime)
+                              progress=self.progress, on_error="raise", tta=self.tta, runtime=self.runtime,
+                              max_pixels=self.max_pixels)
 
     def extraction_options(self) -> ExtractOptions:
         """The options this fitted transformer extracts its blocks with (device and precision resolved).
@@ -206,7 +213,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
 
     def __setstate__(self, state):
         # Transformers pickled (in model files) before a parameter existed get its default.
-        super().__setstate__({"tta": None, "runtime": "torch", **state})
+        super().__setstate__({"tta": None, "runtime": "torch", "max_pixels": _DEFAULT.max_pixels, **state})
 
     def transform(self, X):
         """Pooled features of the images in ``X``.

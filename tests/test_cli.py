@@ -611,3 +611,49 @@ def test_cli_finetune_from_pre_logits_is_one_line_exit_1(tmp_path, capsys):
                  "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "m.joblib")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "featx fit DATA --layers pre_logits" in err
+
+
+def _large_images(root: Path, n: int = 2) -> Path:
+    """``n`` 300×300 PNGs (90000 pixels) in one class folder."""
+    folder = root / "class0"
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((300, 300, 3), 40 * i, np.uint8)).save(folder / f"large{i}.png")
+    return root
+
+
+def test_cli_extract_max_pixels_skips_and_names_the_option(tmp_path, capsys, monkeypatch):
+    """Check that 'featx extract --max-pixels 10000' skips a 300×300 PNG naming --max-pixels, and 100000 accepts it."""
+    data = _large_images(tmp_path / "data")
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    assert main(["extract", str(data), *EXTRACT, "--max-pixels", "10000"]) == 0
+    out = capsys.readouterr().out
+    assert "2 images: 0 computed, 0 from the store, 2 skipped" in out and "Traceback" not in out
+    assert (f"{data / 'class0' / 'large0.png'}' (decompression bomb: 300×300 = 90000 pixels exceeds the limit of "
+            "10000): pass --max-pixels 90000 (CLI) or max_pixels=90000 (Python), or more, if you trust this file") in out
+    assert main(["extract", str(data), *EXTRACT, "--max-pixels", "100000"]) == 0
+    assert "2 images: 2 computed, 0 from the store, 0 skipped" in capsys.readouterr().out
+
+
+def test_cli_extract_max_pixels_zero_is_one_line(tmp_path, capsys):
+    """Check that 'featx extract --max-pixels 0' exits 1 with one line saying a positive integer is expected."""
+    data = _large_images(tmp_path / "data", 1)
+    assert main(["extract", str(data), *EXTRACT, "--max-pixels", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_pixels must be a positive integer" in err and "got 0" in err
+
+
+def test_cli_predict_max_pixels_skips_and_names_the_option(tmp_path, capsys, monkeypatch):
+    """Check that 'featx predict --max-pixels 10000' reports the 300×300 images as skipped, naming the fix."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    train, _ = _split_folders(tmp_path)
+    model = tmp_path / "m.joblib"
+    assert main(["fit", str(train), *TINY_OPTS, "--layers", "stage2", "-o", str(model)]) == 0
+    data = _large_images(tmp_path / "large")
+    capsys.readouterr()
+    assert main(["predict", str(model), str(data), "--max-pixels", "10000"]) == 0
+    err = capsys.readouterr().err
+    assert "featx: skipped 2 images:" in err
+    assert "pass --max-pixels 90000 (CLI)" in err and "Traceback" not in err
+    assert main(["predict", str(model), str(data), "--max-pixels", "100000"]) == 0
+    assert "--max-pixels" not in capsys.readouterr().err

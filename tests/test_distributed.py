@@ -120,3 +120,14 @@ def test_import_featx_does_not_import_ray():
             "featx.cli.build_parser(); print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_ray_engine_applies_max_pixels(tmp_path, ray_cluster):
+    """Check that max_pixels travels to the Ray actors: a 300×300 PNG above it is skipped there, naming the fix."""
+    from PIL import Image
+
+    path = tmp_path / "large.png"
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(path)
+    result = extract([str(path)], store=tmp_path / "s", engine=RayEngine(workers=1), on_error="skip",
+                     max_pixels=10_000, **OPTIONS)
+    assert len(result.skipped) == 1 and "pass --max-pixels 90000 (CLI)" in result.skipped[0][1]

@@ -480,3 +480,27 @@ def test_extract_compile_refuses_the_ray_engine(images, tmp_path):
     arrays, _ = images
     with pytest.raises(FeatxError, match="does not go with engine='ray'"):
         extract(arrays, backbone=TINY, device="cpu", store=tmp_path, engine="ray", compile=True)
+
+
+def test_extract_max_pixels_refuses_then_accepts_a_large_file(tmp_path):
+    """Check that max_pixels= refuses a 300×300 PNG above it, naming the file and both fixes, and accepts it below."""
+    path = tmp_path / "large.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)).save(path)
+    fix = r"pass --max-pixels 90000 \(CLI\) or max_pixels=90000 \(Python\), or more, if you trust this file"
+    with pytest.raises(ImageDecodeError, match=rf"large\.png' \(decompression bomb: 300×300 = 90000 pixels exceeds the "
+                                               rf"limit of 10000\): {fix}"):
+        extract([str(path)], backbone=TINY, layers="stage2", device="cpu", on_error="raise", max_pixels=10_000)
+    features = extract([str(path)], backbone=TINY, layers="stage2", device="cpu", on_error="raise", max_pixels=100_000)
+    assert features["stage2/avg"].shape[0] == 1
+
+
+def test_extract_max_pixels_is_not_part_of_the_store(tmp_path):
+    """Check that max_pixels changes which images are accepted, not the store they are kept in."""
+    path = tmp_path / "large.png"
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(path)
+    refused = extract([str(path)], backbone=TINY, layers="stage2", device="cpu", store=tmp_path / "c",
+                      max_pixels=10_000)
+    accepted = extract([str(path)], backbone=TINY, layers="stage2", device="cpu", store=tmp_path / "c",
+                       max_pixels=100_000)
+    assert len(refused.skipped) == 1 and "--max-pixels 90000" in refused.skipped[0][1]
+    assert not accepted.skipped and accepted.n_computed == 1 and accepted.store.path == refused.store.path

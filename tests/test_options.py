@@ -70,3 +70,14 @@ def test_finetune_options_merge_from_dict_and_changes():
     assert FinetuneOptions().as_params()["patience"] == 5 and FinetuneOptions().changes() == {}
     with pytest.raises(FeatxError, match="Did you mean 'epochs'"):
         FinetuneOptions.merge(None, {"epoch": 3})
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, True, "100"])
+def test_extract_options_max_pixels_is_a_positive_integer(value):
+    """Check that max_pixels defaults to DEFAULT_MAX_PIXELS (PIL's limit) and refuses anything but a positive int."""
+    from featx.images import DEFAULT_MAX_PIXELS as IMAGES_DEFAULT
+    from featx.options import DEFAULT_MAX_PIXELS
+
+    assert ExtractOptions().max_pixels == DEFAULT_MAX_PIXELS == IMAGES_DEFAULT == 89_478_485
+    with pytest.raises(FeatxError, match=r"max_pixels must be a positive integer \(width × height; default 89478485\)"):
+        ExtractOptions(max_pixels=value)

@@ -176,3 +176,23 @@ def test_cnnfeatures_onnxruntime_matches_torch(images, tmp_path):
         np.testing.assert_allclose(X, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(FeatxError, match="Unknown runtime 'tvm'"):
         CNNFeatures(TINY, device="cpu", runtime="tvm").fit()
+
+
+def test_cnnfeatures_max_pixels_refuses_large_files_and_old_pickles_get_the_default(tmp_path):
+    """Check that CNNFeatures(max_pixels=...) refuses a file above it, and a transformer pickled without it gets the default."""
+    from PIL import Image
+
+    from featx.exceptions import ImageDecodeError
+    from featx.options import DEFAULT_MAX_PIXELS
+
+    path = tmp_path / "large.png"
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(path)
+    features = CNNFeatures(TINY, layer="stage2", device="cpu", cache=None, max_pixels=10_000).fit()
+    with pytest.raises(ImageDecodeError, match=r"large\.png' \(decompression bomb: .* pass --max-pixels 90000 \(CLI\)"):
+        features.transform([str(path)])
+    assert features.set_params(max_pixels=100_000).fit().transform([str(path)]).shape[0] == 1
+    old = CNNFeatures.__new__(CNNFeatures)
+    state = dict(CNNFeatures(TINY).__dict__)
+    del state["max_pixels"]
+    old.__setstate__(state)
+    assert old.max_pixels == DEFAULT_MAX_PIXELS

@@ -91,11 +91,16 @@ OPTIONS: dict[str, tuple[str, dict]] = {
         "help": "onnxruntime: export the network to ONNX once and run it with ONNX Runtime on the CPU "
         '(pip install "featx[onnx]"); same features up to rounding (default: %(default)s)',
     }),
+    "max_pixels": ("--max-pixels", {
+        "type": int, "default": DEFAULTS.max_pixels, "metavar": "N",
+        "help": "largest width x height of an image file that is decoded; a larger one is a bad image "
+        "(decompression-bomb guard). Raise it for files you trust (default: %(default)s)",
+    }),
 }
 
 #: The group of options 'featx extract', 'cv', 'compare' and 'fit' have.
 EXTRACTION = ("backbone", "weights", "layers", "pooling", "batch_size", "device", "precision", "num_workers",
-              "on_error", "store", "dtype", "tta")
+              "on_error", "store", "dtype", "tta", "max_pixels")
 
 # How a parsed value becomes its field's: what the CLI writes for "no value" differs from the field's own.
 _VALUES = {

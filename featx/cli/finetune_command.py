@@ -129,8 +129,8 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
     g = add_extraction_options(p, ("backbone", "weights"), title="backbone and frozen part")
     g.add_argument("--from", dest="from_layer", default="stage4",
                    help="last frozen layer: the blocks after it are trained (default: %(default)s)")
-    add_extraction_options(g, ("batch_size", "device", "precision", "num_workers", "on_error", "store"), title=None,
-                           changes=FROZEN_PART)
+    add_extraction_options(g, ("batch_size", "device", "precision", "num_workers", "on_error", "store", "max_pixels"),
+                           title=None, changes=FROZEN_PART)
     add_training_options(p)
     add_model_output(p)
     add_json(p, "print the report as JSON instead of progress lines")

@@ -192,7 +192,7 @@ def cmd_predict(args) -> int:
     images = args.images[0] if len(args.images) == 1 else list(args.images)
     source = open_source(images, allow_outside_root=args.allow_outside_root)
     warn_problems(source)
-    rows = predict(model, source, store=args.cache)
+    rows = predict(model, source, store=args.cache, max_pixels=args.max_pixels)
     columns = ["image", "label", "error", *(f"p_{c}" for c in model.classes)]
     handle = open(args.output, "w", newline="") if args.output else sys.stdout
     try:
@@ -219,6 +219,7 @@ def predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default=None, help="CSV file to write (default: standard output)")
     add_allow_outside_root(p)
     _add_cache(p)
+    add_extraction_options(p, ("max_pixels",), title=None)
 
 
 def _add_cache(p: argparse.ArgumentParser) -> None:
@@ -239,7 +240,7 @@ def cmd_evaluate(args) -> int:
 
     model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
     source = open_data(args, labelled=True)
-    report = evaluate_model(model, source, store=args.cache)
+    report = evaluate_model(model, source, store=args.cache, max_pixels=args.max_pixels)
     if args.json:
         print_json(report)
         return 0
@@ -269,6 +270,7 @@ def _accuracy_line(report: dict) -> str:
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_file(p)
     add_data_options(p)
+    add_extraction_options(p, ("max_pixels",), title=None)
     add_json(p, "print JSON")
     _add_cache(p)
 

@@ -21,11 +21,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from featx.exceptions import FeatxError, ImageDecodeError
 from featx.images.items import (DECODE_ERRORS, IMAGE_EXTENSIONS, ImageItem, decode_error, is_path_item, open_binary,
                                 read_error, unsupported_item)  # fmt: skip
+from featx.options import DEFAULT_MAX_PIXELS
 
 __all__ = ["DEFAULT_MAX_PIXELS", "jpeg_bytes", "load_image"]
-
-DEFAULT_MAX_PIXELS: int = 89_478_485
-"""Largest width × height :func:`load_image` decodes by default (PIL's own default limit)."""
 
 _EXIF_ORIENTATION = 0x0112
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -128,7 +126,8 @@ def _load_path(item: str | os.PathLike, *, draft_size, max_pixels: int) -> Image
                         item,
                         f"decompression bomb: {width}×{height} = {width * height} pixels exceeds "
                         f"the limit of {max_pixels}",
-                        "pass a larger max_pixels= if you trust this file",
+                        f"pass --max-pixels {width * height} (CLI) or max_pixels={width * height} (Python), or "
+                        "more, if you trust this file",
                     )
                 if draft_size is not None:
                     image.draft("RGB", _draft_box(image, draft_size))
