@@ -32,12 +32,14 @@ from torch import nn
 from featx.backbones import Tap, load_backbone
 from featx.compare import best_row
 from featx.devices import resolve
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, ImageDecodeError
 from featx.images import ImageSource, open_source
+from featx.images.decode import load_image
+from featx.images.items import is_path_item
 from featx.loop import Request, iter_batches, prepare
 from featx.options import ExtractOptions
 
-__all__ = ["FINETUNE_FROM", "QUADRANTS", "advise", "imagenet_shift"]
+__all__ = ["FINETUNE_FROM", "QUADRANTS", "advise", "decodable", "imagenet_shift"]
 
 SIMILARITY_BACKBONE = "efficientnet_lite0"
 SHIFT_THRESHOLD = 0.45
@@ -143,7 +145,8 @@ def advise(
     Returns
     -------
     dict
-        ``images_per_class`` (median), ``n_images``, ``n_classes``, ``size`` (``"small"`` or
+        ``images_per_class`` (median), ``n_images`` (decodable ones only), ``skipped`` (``image``
+        and ``reason`` of each image that cannot be decoded, left out of every count), ``n_classes``, ``size`` (``"small"`` or
         ``"large"``), ``similarity`` (``"similar"`` or ``"different"``), ``similarity_score``
         (the shift from ImageNet, see :func:`imagenet_shift`; lower is closer),
         ``threshold``, ``quadrant``, ``recommendation``, ``finetune_from`` (the layers the
@@ -153,7 +156,11 @@ def advise(
     if data is None and isinstance(source, (str, os.PathLike)):
         data = os.fspath(source)
     source = source if isinstance(source, ImageSource) else open_source(source)
-    source.require_labels("the advisor needs classes to count images per class")
+    source.require_classes("the advisor needs classes to count images per class")
+    source, skipped = decodable(source)
+    if not len(source):
+        raise FeatxError(f"No image of {source.name} could be decoded ({len(skipped)} tried): nothing to advise on.")
+    source.require_classes("the advisor needs classes to count images per class")
     _, counts = np.unique(source.labels, return_counts=True)
     per_class = float(np.median(counts))
     shift = imagenet_shift(source, n_images=n_images, device=device)
@@ -162,6 +169,7 @@ def advise(
     report = {
         "data": source.name,
         "n_images": len(source),
+        "skipped": [{"image": name, "reason": reason} for name, reason in skipped],
         "n_classes": int(len(counts)),
         "images_per_class": per_class,
         "size": size,
@@ -195,6 +203,23 @@ def advise(
                f"{'late' if expected_late else 'earlier'} features for {similarity} data; trust the measurement")
         )
     return report
+
+
+def decodable(source: ImageSource) -> tuple[ImageSource, list[tuple[str, str]]]:
+    """The images of ``source`` that decode, and ``(image, reason)`` for each one that does not.
+
+    Every image file is decoded (JPEGs at a reduced draft size: fast); arrays always decode.
+    """
+    keep, skipped = [], []
+    for index, item in enumerate(source.items):
+        if is_path_item(item):
+            try:
+                load_image(item, draft_size=(32, 32))
+            except ImageDecodeError as exc:
+                skipped.append((str(item), str(exc)))
+                continue
+        keep.append(index)
+    return (source if not skipped else source.subset(keep)), skipped
 
 
 def _name_data(recommendation: str, data: str | None) -> str:

@@ -493,6 +493,11 @@ class AutoResult:
         and ``n_computed`` of every extraction run.
     advice : dict or None
         :func:`featx.advise.advise`'s report when ``finetune="advise"`` asked it.
+    skipped : list of (str, str)
+        The ``(image, reason)`` pairs every extraction of the search skipped (unreadable or
+        missing images), which no candidate saw; ``n_images`` of the source, for the count.
+    n_images : int
+        The images of the source, skipped ones included.
     """
 
     leaderboard: list[dict]
@@ -502,11 +507,15 @@ class AutoResult:
     budget: float
     extractions: list[dict] = field(default_factory=list)
     advice: dict | None = None
+    skipped: list = field(default_factory=list)
+    n_images: int = 0
 
     def to_json(self) -> dict:
         """The leaderboard, the winner, the timings and the chosen configuration, JSON-serialisable."""
         return {"leaderboard": self.leaderboard, "best": self.best, "seconds": self.seconds, "budget": self.budget,
-                "extractions": self.extractions, "advice": self.advice, "model": self.model.describe()}
+                "extractions": self.extractions, "advice": self.advice, "model": self.model.describe(),
+                "n_images": self.n_images,
+                "skipped": [{"image": name, "reason": reason} for name, reason in self.skipped]}
 
 
 def frozen_candidates(backbones, feature_sets, ttas, heads, *, concat_backbones: bool = True,
@@ -665,7 +674,7 @@ def auto_fit(
             f"feature store per backbone and flip setting."
         )
     source = source if isinstance(source, ImageSource) else open_source(source)
-    source.require_labels("--auto needs a folder of class sub-folders, a labelled CSV or a built-in dataset")
+    source.require_classes("--auto needs a folder of class sub-folders, a labelled CSV or a built-in dataset", cv=cv)
     search = Search(source, options, cv=cv, inner_cv=inner_cv, random_state=random_state)
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
     advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs,
@@ -747,5 +756,7 @@ def auto_fit(
     extractions = [{"backbone": b, "tta": "none" if t in (None, MAPS) else t, "maps": t == MAPS,
                     "seconds": round(search.extraction_seconds[(b, t)], 1), "n_computed": search.results[(b, t)].n_computed}
                    for b, t in search.results]
+    skipped = {name: reason for result in search.results.values() for name, reason in result.skipped}
     return AutoResult(leaderboard=leaderboard, best=scored[0], model=model, seconds=time.perf_counter() - start,
-                      budget=seconds_budget, extractions=extractions, advice=advice)
+                      budget=seconds_budget, extractions=extractions, advice=advice, skipped=list(skipped.items()),
+                      n_images=len(source))

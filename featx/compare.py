@@ -117,6 +117,7 @@ def compare_layers(
     random_state: int = 0,
     n_jobs: int | None = None,
     report=None,
+    on_skipped=None,
     finetune_from: str | Sequence[str] | None = None,
     finetune_options: FinetuneOptions | dict | None = None,
     **settings,
@@ -149,6 +150,11 @@ def compare_layers(
         Outer folds evaluated in parallel.
     report : callable, optional
         Called with each row as soon as it is ready (progress for long comparisons).
+    on_skipped : callable, optional
+        Called once, after extraction and before any evaluation, with the ``(image, reason)``
+        pairs the extraction skipped (unreadable or missing images, over every backbone) and the
+        number of images of ``source``; not called when none was skipped. Rows count only the
+        images kept (``n_images``).
     **settings
         :class:`~featx.options.ExtractOptions` fields by name (``store=``, ``device=``, ``tta=``,
         ``engine=`` …), replacing those of ``options``. With ``engine="ray"`` the extraction runs
@@ -192,6 +198,7 @@ def compare_layers(
     options = ExtractOptions.merge(options or CACHED, settings, where="compare_layers")
     finetune = FinetuneOptions.merge(finetune_options, where="compare_layers")
     source = source if isinstance(source, ImageSource) else open_source(source)
+    source.require_classes("compare_layers needs labelled images", cv=cv)
     entries = [split_names(entry, sep="+") for entry in split_names(backbones)]
     # Each backbone runs once, for the union of what every entry asks of it.
     loaded, sets, results, extraction_times = {}, {}, {}, {}
@@ -205,6 +212,9 @@ def compare_layers(
         results[name] = extract(source, options.replace(backbone=backbone, pooling="avg",
                                                         layers=tuple(f"{layer}/{p}" for layer, p in blocks)))
         extraction_times[name] = time.perf_counter() - start if results[name].n_computed else 0.0
+    skipped = {name: reason for result in results.values() for name, reason in result.skipped}
+    if skipped and on_skipped is not None:
+        on_skipped(list(skipped.items()), len(source))
     rows = []
     for entry in entries:
         model = "+".join(loaded[name].name for name in entry)

@@ -49,6 +49,7 @@ __all__ = [
     "resolve_device",
     "resolve_engine",
     "resolve_precision",
+    "skipped_lines",
     "store_config",
     "store_exists",
     "store_location",
@@ -213,10 +214,48 @@ class ExtractionResult(Mapping):
             members = sum(key is not None for key in self.keys)
             lines[0] = (f"shard {self.shard[0]}/{self.shard[1]}: {members} of {len(self.keys)} images belong to it; "
                         + lines[0].replace(f"{len(self.keys)} images: ", "", 1))
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} of {len(self.keys)} images:")
-            lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        lines += skipped_lines(self.skipped, len(self.keys))
         return "\n".join(lines)
+
+
+def skipped_lines(skipped, n_images: int | None = None, *, limit: int | None = None,
+                  see_all: str | None = None) -> list[str]:
+    """The lines that list skipped images, in the one wording every command uses.
+
+    Parameters
+    ----------
+    skipped : sequence of (image, reason) pairs or of dicts with ``image`` and ``reason``
+    n_images : int, optional
+        How many images there were in all (``"skipped 4 of 20 images:"``).
+    limit : int, optional
+        List only the first ``limit``; a last line then says how many more, and ``see_all``.
+    see_all : str, optional
+        How to see every skipped image, e.g. ``"'featx extract DATA' lists them all"``.
+
+    Returns
+    -------
+    list of str
+        Nothing when nothing was skipped.
+
+    Examples
+    --------
+    >>> for line in skipped_lines([("a.png", "not found"), ("b.png", "cannot decode")], 5, limit=1,
+    ...                           see_all="'featx extract DATA' lists them all"):
+    ...     print(line)
+    skipped 2 of 5 images:
+      a.png: not found
+      ... and 1 more: 'featx extract DATA' lists them all
+    """
+    pairs = [(item["image"], item["reason"]) if isinstance(item, dict) else tuple(item) for item in skipped]
+    if not pairs:
+        return []
+    of = f" of {n_images}" if n_images is not None else ""
+    lines = [f"skipped {len(pairs)}{of} image{'' if (len(pairs) if n_images is None else n_images) == 1 else 's'}:"]
+    shown = pairs if limit is None else pairs[:limit]
+    lines += [f"  {name}: {reason}" for name, reason in shown]
+    if len(shown) < len(pairs):
+        lines.append(f"  ... and {len(pairs) - len(shown)} more" + (f": {see_all}" if see_all else ""))
+    return lines
 
 
 def kept_labels(result: ExtractionResult, positions=None) -> np.ndarray:

@@ -766,6 +766,7 @@ def finetune(
     if options.store is None or options.store is False:
         raise FinetuneError("finetune needs a feature store for the frozen part's maps: pass store=True or a folder.")
     source = source if isinstance(source, ImageSource) else open_source(source)
+    source.require_classes("finetune needs labelled images")
     loaded = load_backbone(options.backbone, weights=options.weights, lazy=True)
     split_tap(loaded.name, from_layer)  # a bad --from fails before any image is processed
     classifier = TailClassifier(loaded.name, weights=options.weights, layer=from_layer, device=options.device,

@@ -202,6 +202,7 @@ def fit_model(
     """
     options = ExtractOptions.merge(options or CACHED, settings, aliases={"layer": "layers"}, where="fit_model")
     source = source if isinstance(source, ImageSource) else open_source(source)
+    source.require_classes("fit_model needs labelled images")
     names = split_names(options.backbone, sep="+") if isinstance(options.backbone, str) else list(options.backbone)
     parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
     run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress,

@@ -657,3 +657,92 @@ def test_cli_predict_max_pixels_skips_and_names_the_option(tmp_path, capsys, mon
     assert "pass --max-pixels 90000 (CLI)" in err and "Traceback" not in err
     assert main(["predict", str(model), str(data), "--max-pixels", "100000"]) == 0
     assert "--max-pixels" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- skipped images, classes checked first
+
+
+def _broken_folder(root: Path, n: int = 20, broken: int = 4) -> Path:
+    """``n`` small PNGs in two classes, the last ``broken`` of them text under a .png name (each its own bytes)."""
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if i >= n - broken:
+            (folder / f"{i:02d}.png").write_text(f"not an image {i}")
+        else:
+            Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return root
+
+
+def _one_class(root: Path, n: int = 6) -> Path:
+    (root / "only").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((32, 32, 3), 10 * i, dtype=np.uint8)).save(root / "only" / f"{i}.png")
+    return root
+
+
+def test_cli_cv_and_compare_report_skipped_images_on_stderr(tmp_path, capsys):
+    """Check that 'featx cv' and 'featx compare' name the 4 broken files of 20 on stderr in one wording."""
+    data = _broken_folder(tmp_path / "data")
+    common = [str(data), *TINY_OPTS, "--cache", str(tmp_path / "c"), "--layers", "stage1", "--pool", "avg", "--cv", "3"]
+    assert main(["cv", *common]) == 0
+    out, err = capsys.readouterr()
+    assert "(16 images, 3-fold)" in out
+    lines = err.splitlines()
+    assert lines[0] == "featx: warning: skipped 4 of 20 images:"
+    assert {line.split(": ")[0].strip() for line in lines[1:]} == {
+        str(data / f"class{i % 2}" / f"{i:02d}.png") for i in (16, 17, 18, 19)}
+    assert len(lines) == 5 and all("not an image" in line for line in lines[1:]), err
+    assert main(["compare", *common, "--out", str(tmp_path / "cmp")]) == 0
+    assert capsys.readouterr().err.splitlines() == lines
+
+
+def test_cli_fit_lists_five_skipped_images_and_how_to_see_all(tmp_path, capsys):
+    """Check that 'featx fit' lists the first 5 of 7 skipped images and names the command that lists them all."""
+    data = _broken_folder(tmp_path / "data", broken=7)
+    assert main(["fit", str(data), *TINY_OPTS, "--cache", str(tmp_path / "c"), "--layers", "stage1",
+                 "-o", str(tmp_path / "m.joblib")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "featx: warning: skipped 7 of 20 images:" and len(lines) == 7
+    assert lines[-1] == (f"  ... and 2 more: 'featx extract {data}' lists them all "
+                         "(with --json: its \"skipped\" field)")
+    assert main(["extract", str(data), *TINY_OPTS, "--cache", str(tmp_path / "c"), "--layers", "stage1",
+                 "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["skipped"]) == 7
+
+
+def test_cli_advise_counts_only_decodable_images(tmp_path, capsys):
+    """Check that 'featx advise' counts 16 images of a folder of 20 with 4 broken, and reports the 4."""
+    data = _broken_folder(tmp_path / "data")
+    assert main(["advise", str(data), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{data}: 16 images, 2 classes, 8 per class")
+    assert err.splitlines()[0] == "featx: warning: skipped 4 of 20 images:"
+
+
+def test_cli_one_class_refused_before_extracting(tmp_path, capsys):
+    """Check that 'featx cv', 'fit' and 'advise' refuse one class in one line, before any store is made."""
+    data = _one_class(tmp_path / "data")
+    message = (f"featx: error: {data} holds one class only ('only', 6 images): a classifier needs at least two "
+               "classes to tell apart; add a sub-folder (or 'label' value) per class.\n")
+    cache = tmp_path / "c"
+    for command in (["cv", str(data), *TINY_OPTS, "--cache", str(cache), "--cv", "3"],
+                    ["fit", str(data), *TINY_OPTS, "--cache", str(cache), "-o", str(tmp_path / "m.joblib")],
+                    ["advise", str(data), "--device", "cpu"]):
+        assert main(command) == 1
+        assert capsys.readouterr().err == message
+    assert not cache.exists()
+
+
+def test_cli_cv_class_smaller_than_folds_refused_before_extracting(tmp_path, capsys):
+    """Check that 'featx cv --cv 3' with a class of 2 images says so, and how to fix it, before extracting."""
+    data = _broken_folder(tmp_path / "data", n=8, broken=0)
+    for name in ("04.png", "06.png"):
+        (data / "class0" / name).unlink()
+    cache = tmp_path / "c"
+    assert main(["cv", str(data), *TINY_OPTS, "--cache", str(cache), "--cv", "3"]) == 1
+    assert capsys.readouterr().err == (
+        f"featx: error: {data}: 1 class has fewer images than the 3 cross-validation folds need (--cv 3): "
+        "'class0' (2); add images, lower --cv to 2, or drop that class.\n")
+    assert not cache.exists()

@@ -240,16 +240,22 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     add_allow_outside_root(g)
 
 
-def open_data(args: argparse.Namespace, *, labelled: bool = False):
+def open_data(args: argparse.Namespace, *, labelled: bool = False, classified: bool = False,
+              cv: int | None = None):
     """The ImageSource of :func:`add_data_options`' arguments; its problems are warned about on stderr.
 
-    With ``labelled=True`` an unlabelled source is refused here, before anything is extracted.
+    Refused here, before anything is extracted: with ``labelled=True`` an unlabelled source; with
+    ``classified=True`` also one class only; with ``cv`` also a class of fewer than ``cv`` images
+    (:meth:`~featx.images.ImageSource.require_classes`).
     """
     source = open_source(args.data, per_class=args.per_class, split=args.split, random_state=args.seed,
                          allow_outside_root=args.allow_outside_root)
-    if labelled:
-        source.require_labels(f"'featx {args.command}' needs classes: a folder of class sub-folders, a CSV with a "
-                              "'label' column, or a built-in dataset")
+    needs = (f"'featx {args.command}' needs classes: a folder of class sub-folders, a CSV with a 'label' column, "
+             "or a built-in dataset")
+    if classified or cv is not None:
+        source.require_classes(needs, cv=cv)
+    elif labelled:
+        source.require_labels(needs)
     warn_problems(source)
     return source
 

@@ -29,10 +29,10 @@ __all__ = ["COMMANDS", "CV_COLUMNS", "auto_candidates", "compare_rows"]
 CV_COLUMNS = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "balanced_accuracy", "fit_time"]
 
 
-def auto_candidates(source, options: ExtractOptions):
+def auto_candidates(source, options: ExtractOptions, data: str | None = None):
     """Every (layer, pooling) feature set of DATA for --layers auto, from one extraction."""
     result = extract(source, options.replace(layers="all"))
-    report_skipped(result.skipped)
+    report_skipped(result.skipped, len(result.keys), data=data)
     candidates = {r.key: result[r.key] for r in result.requests}
     return candidates, kept_labels(result), result
 
@@ -41,11 +41,11 @@ def compare_rows(args, source, options: ExtractOptions, backbones, **finetune) -
     """compare_layers with the options that 'featx cv' and 'featx compare' share."""
     return compare_layers(source, options, backbones=backbones, layers=args.layers, poolings=args.pool,
                           heads=args.head, cv=args.cv, repeats=args.repeats, random_state=args.seed, n_jobs=args.jobs,
-                          **finetune)
+                          on_skipped=lambda skipped, n: report_skipped(skipped, n, data=args.data), **finetune)
 
 
 def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
-    candidates, y, result = auto_candidates(source, options)
+    candidates, y, result = auto_candidates(source, options, args.data)
     rows = []
     for head in split_names(args.head):
         report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed)
@@ -75,7 +75,7 @@ def cmd_cv(args) -> int:
     joblib backend
     """
     options = extract_options(args)
-    source = open_data(args, labelled=True)
+    source = open_data(args, cv=args.cv)
     with contextlib.ExitStack() as stack:
         if options.engine != "local":
             # One Ray session: the extraction's actors, then every CV fold and grid search as Ray
@@ -114,7 +114,7 @@ def cmd_compare(args) -> int:
     Example: featx compare fashion-mnist --per-class 100 --models
     efficientnet_lite0,efficientnet_lite2 --layers all --pool avg,spp --out results
     """
-    source = open_data(args, labelled=True)
+    source = open_data(args, cv=args.cv)
     training = FinetuneOptions(epochs=args.finetune_epochs) if args.finetune_from else None
     rows = compare_rows(args, source, extract_options(args), args.models, finetune_from=args.finetune_from,
                         finetune_options=training)

@@ -92,7 +92,7 @@ def cmd_finetune(args) -> int:
     from featx.finetuning import finetune  # torch: only when the command runs
     from featx.models import save_model  # scikit-learn
 
-    source = open_data(args, labelled=True)
+    source = open_data(args, classified=True)
 
     def on_epoch(record) -> None:
         val = "-" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}"
@@ -106,7 +106,7 @@ def cmd_finetune(args) -> int:
                                      on_epoch=None if args.json else on_epoch, stop=stop)
         except KeyboardInterrupt:
             return interrupted("the frozen part's completed batches are kept in the store")
-    report_skipped(report["skipped"])
+    report_skipped(report["skipped"], len(source), data=args.data)
     save_model(model, args.output)
     if args.json:
         print_json({**report, "output": args.output})

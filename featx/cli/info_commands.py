@@ -21,7 +21,7 @@ from featx.cli.arguments import (
     open_data,
 )
 from featx.cli.evaluation_commands import CV_COLUMNS
-from featx.cli.output import format_table, print_json
+from featx.cli.output import format_table, print_json, report_skipped
 from featx.compare import best_row, compare_layers
 from featx.images import open_source
 from featx.options import CACHED, ExtractOptions
@@ -135,13 +135,14 @@ def cmd_advise(args) -> int:
     """
     from featx.advise import advise  # torch: only when the command runs
 
-    source = open_data(args, labelled=True)
+    source = open_data(args, classified=True, cv=args.cv if args.measure else None)
     options = extract_options(args, CACHED)  # compare_layers' own defaults, with --model and --device
     comparison = None
     if args.measure:
         comparison = compare_layers(source, options, backbones=options.backbone, layers="all", poolings="avg",
                                     heads="logreg", cv=args.cv, random_state=args.seed)
     report = advise(source, backbone=options.backbone, device=options.device, comparison=comparison, data=args.data)
+    report_skipped(report["skipped"], len(source), data=args.data)
     if args.json:
         print_json(report)
         return 0

@@ -48,6 +48,7 @@ def cmd_fit_auto(args, source) -> int:
                       backbones=args.auto_models, feature_sets=args.auto_layers, ttas=args.auto_tta,
                       heads=args.auto_heads, finetune=args.auto_finetune, finetune_epochs=args.auto_finetune_epochs,
                       cv=args.cv or 5, random_state=args.seed, report=progress_line)
+    report_skipped(result.skipped, result.n_images, data=args.data)
     save_model(result.model, args.output)
     if args.json:
         print_json({**result.to_json(), "output": args.output})
@@ -89,7 +90,7 @@ def cmd_fit(args) -> int:
     """
     from featx.models import fit_model, save_model  # scikit-learn: only when the command runs
 
-    source = open_data(args, labelled=True)
+    source = open_data(args, classified=True, cv=(args.cv or 5) if args.auto else None)
     if args.auto:
         return cmd_fit_auto(args, source)
     if args.json:
@@ -97,14 +98,15 @@ def cmd_fit(args) -> int:
     inner_cv = 3 if args.cv is None else args.cv
     options = extract_options(args)
     if args.layers == "auto":
-        candidates, y, _ = auto_candidates(source, options)
+        candidates, y, _ = auto_candidates(source, options, args.data)
         chosen, scores = select_layer(candidates, y, head=args.head, cv=inner_cv, random_state=args.seed)
         print(f"--layers auto: chose {chosen} by {inner_cv}-fold cross-validation "
               f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())})")
         layer, pooling = chosen.split("/")
         options = options.replace(layers=layer, pooling=pooling)
     model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
-    report_skipped(result.skipped)
+    if args.layers != "auto":  # --layers auto reported them after its extraction
+        report_skipped(result.skipped, len(result.keys), data=args.data)
     save_model(model, args.output)
     print(f"{model.describe()}; chosen {model.info['chosen_params']}")
     print(_cv_score_line(model.info))
@@ -205,7 +207,8 @@ def cmd_predict(args) -> int:
     failed = [row for row in rows if row["error"]]
     if args.output:
         print(f"{len(rows) - len(failed)} predictions written to {args.output}", file=sys.stderr)
-    report_skipped([(row["image"], row["error"]) for row in failed])
+    report_skipped([(row["image"], row["error"]) for row in failed], len(rows),
+                   data=images if isinstance(images, str) else None)
     return 0
 
 
@@ -241,13 +244,13 @@ def cmd_evaluate(args) -> int:
     model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
     source = open_data(args, labelled=True)
     report = evaluate_model(model, source, store=args.cache, max_pixels=args.max_pixels)
+    report_skipped(report["skipped"], report["n_images"] + len(report["skipped"]), data=args.data)
     if args.json:
         print_json(report)
         return 0
     print(report["model"])
     print(_accuracy_line(report))
     print(format_table([{"class": c, **v} for c, v in report["per_class"].items()]))
-    report_skipped([(s["image"], s["reason"]) for s in report["skipped"]])
     return 0
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Sequence
+
+from featx.extraction import skipped_lines
 
 __all__ = ["format_size", "format_table", "print_json", "report_skipped", "warn_problems"]
 
@@ -69,9 +72,29 @@ def warn_problems(source) -> None:
         print(f"featx: warning: {path}: {reason}", file=sys.stderr)
 
 
-def report_skipped(skipped) -> None:
-    """List the ``(image, reason)`` pairs that were skipped on stderr (nothing when none were)."""
-    if skipped:
-        print(f"featx: skipped {len(skipped)} images:", file=sys.stderr)
-        for name, reason in skipped:
-            print(f"  {name}: {reason}", file=sys.stderr)
+#: How many skipped images a command lists on stderr; 'featx extract DATA' lists them all.
+SKIPPED_SHOWN = 5
+
+
+def report_skipped(skipped, n_images: int | None = None, *, data: str | None = None) -> None:
+    """Report the images a command skipped, on stderr, in the one wording every command uses.
+
+    Every command that extracts calls this (``featx extract`` lists every skipped image in its
+    summary instead, in the same wording): the count, the first :data:`SKIPPED_SHOWN` images with
+    their reasons, and how to see them all. Nothing is printed when nothing was skipped.
+
+    Parameters
+    ----------
+    skipped : sequence of (image, reason) pairs or of dicts with ``image`` and ``reason``
+    n_images : int, optional
+        How many images the command was given.
+    data : str, optional
+        The command's DATA argument, for the command that lists every skipped image.
+    """
+    target = shlex.quote(data) if data else "DATA"
+    lines = skipped_lines(skipped, n_images, limit=SKIPPED_SHOWN,
+                          see_all=f"'featx extract {target}' lists them all (with --json: its \"skipped\" field)")
+    if lines:
+        print(f"featx: warning: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:
+            print(line, file=sys.stderr)

@@ -176,6 +176,56 @@ class ImageSource:
             raise FeatxError(f"{self.name} has no labels: {needs}.{reason}")
         return self.labels
 
+    def require_classes(self, needs: str, *, cv: int | None = None) -> np.ndarray:
+        """Return the labels, or raise before anything is extracted when they cannot be classified.
+
+        The checks that need only the labels, run once here for every command and workflow: the
+        labels exist (:meth:`require_labels`), there are at least two classes, and, with ``cv``,
+        every class has at least ``cv`` images (one per cross-validation fold). Images that turn
+        out unreadable at extraction are dropped later, and :func:`featx.heads.evaluate` checks
+        what is left.
+
+        Parameters
+        ----------
+        needs : str
+            What needs the labels (the error when there are none, see :meth:`require_labels`).
+        cv : int, optional
+            The cross-validation folds every class must fill.
+
+        Raises
+        ------
+        FeatxError
+            Saying which class is alone or too small, and how to fix it.
+
+        Examples
+        --------
+        >>> ImageSource(items=["a.png", "b.png"], labels=np.array(["cat", "cat"]), classes=["cat"],
+        ...             name="pets").require_classes("cv needs classes")
+        Traceback (most recent call last):
+        ...
+        featx.exceptions.FeatxError: pets holds one class only ('cat', 2 images): a classifier needs at least two \
+classes to tell apart; add a sub-folder (or 'label' value) per class.
+        """
+        labels = self.require_labels(needs)
+        names, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
+        names = [str(name) for name in names]
+        if len(names) < 2:
+            alone = f" ({names[0]!r}, {int(counts[0])} images)" if len(names) else ""
+            raise FeatxError(f"{self.name} holds {'one class' if len(names) else 'no image'} only{alone}: a classifier "
+                             "needs at least two classes to tell apart; add a sub-folder (or 'label' value) per class.")
+        if cv is not None:
+            small = [(name, int(count)) for name, count in zip(names, counts) if count < cv]
+            if small:
+                listed = ", ".join(f"{name!r} ({count})" for name, count in small)
+                fewest = min(count for _, count in small)
+                lower = f"lower --cv to {fewest}, " if fewest >= 2 else ""
+                raise FeatxError(
+                    f"{self.name}: {len(small)} class{'es have' if len(small) > 1 else ' has'} fewer images than the "
+                    f"{cv} cross-validation folds need (--cv {cv}): {listed}; add images, {lower}or drop "
+                    f"{'these classes' if len(small) > 1 else 'that class'}."
+                )
+        return labels
+
     def subset(self, indices) -> ImageSource:
         """Return a source with the items at `indices` (integers or a boolean mask), in that order.
 
