@@ -653,7 +653,7 @@ def test_cli_predict_max_pixels_skips_and_names_the_option(tmp_path, capsys, mon
     capsys.readouterr()
     assert main(["predict", str(model), str(data), "--max-pixels", "10000"]) == 0
     err = capsys.readouterr().err
-    assert "featx: skipped 2 images:" in err
+    assert "featx: warning: skipped 2 of 2 images:" in err  # the one wording of report_skipped
     assert "pass --max-pixels 90000 (CLI)" in err and "Traceback" not in err
     assert main(["predict", str(model), str(data), "--max-pixels", "100000"]) == 0
     assert "--max-pixels" not in capsys.readouterr().err
