@@ -674,7 +674,7 @@ def auto_fit(
             f"feature store per backbone and flip setting."
         )
     source = source if isinstance(source, ImageSource) else open_source(source)
-    source.require_classes("--auto needs a folder of class sub-folders, a labelled CSV or a built-in dataset", cv=cv)
+    source.require_classes("--auto needs a folder of class sub-folders, a labelled CSV or a built-in dataset")
     search = Search(source, options, cv=cv, inner_cv=inner_cv, random_state=random_state)
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
     advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs,

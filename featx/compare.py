@@ -198,7 +198,7 @@ def compare_layers(
     options = ExtractOptions.merge(options or CACHED, settings, where="compare_layers")
     finetune = FinetuneOptions.merge(finetune_options, where="compare_layers")
     source = source if isinstance(source, ImageSource) else open_source(source)
-    source.require_classes("compare_layers needs labelled images", cv=cv)
+    source.require_classes("compare_layers needs labelled images")  # fewer images than folds: fewer folds, warned
     entries = [split_names(entry, sep="+") for entry in split_names(backbones)]
     # Each backbone runs once, for the union of what every entry asks of it.
     loaded, sets, results, extraction_times = {}, {}, {}, {}
