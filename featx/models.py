@@ -205,8 +205,9 @@ def fit_model(
     source.require_classes("fit_model needs labelled images")
     names = split_names(options.backbone, sep="+") if isinstance(options.backbone, str) else list(options.backbone)
     parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
-    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress,
-                                             max_pixels=options.max_pixels)
+    # Each part was built from ``options`` (backbone, blocks, store, max_pixels …); the run adds what a
+    # transformer has no parameter for.
+    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress)
            for part in parts]
     X, result, kept = _extract_parts(source, parts, run)
     y = kept_labels(result, kept)
