@@ -34,6 +34,7 @@ LAYERS = {
     "featx.store": 1,
     "featx.shards": 1,
     "featx.backbones": 1,
+    "featx.html": 1,
     # the loop and the runtimes it runs the network with
     "featx.runners": 2,
     "featx.decoding": 2,
