@@ -386,7 +386,7 @@ class Page:
         for image, caption in items:
             uri = thumbnail_uri(image, size=size)
             alt = escape(str(caption).replace("\n", " "))
-            figures.append(f'<figure style="width:{size + 8}px"><img src="{uri}" alt="{alt}" '
+            figures.append(f'<figure style="width:{max(size + 8, 128)}px"><img src="{uri}" alt="{alt}" '
                            f'width="{size}" height="{size}"><figcaption>{_text_html(caption)}</figcaption></figure>')
         return self._add('<div class="gallery">' + "".join(figures) + "</div>")
 

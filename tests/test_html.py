@@ -10,6 +10,8 @@ from PIL import Image
 from featx.exceptions import FeatxError, ImageDecodeError
 from featx.html import Page, Raw, escape, figure_uri, format_value, thumbnail_uri
 
+from conftest import colour_pixels
+
 
 def _decode_uri(uri: str, mime: str) -> Image.Image:
     prefix = f"data:{mime};base64,"
@@ -171,3 +173,26 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4), (0, 0, 255)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_page_renders_its_images_and_tables_in_chromium(chromium, tmp_path):
+    """Check in headless Chromium that a page's thumbnails, figure and table render, and that a broken
+    image is caught (the check can fail)."""
+    colours = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 60, 230)}
+    page = Page("Rendering")
+    with page.section("Gallery"):
+        page.gallery([(np.full((40, 40, 3), c, np.uint8), name) for name, c in colours.items()], size=96)
+    page.figure(_png(), alt="plot").table([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}])
+    good = tmp_path / "good.html"
+    page.write(good)
+    seen = chromium.check(good)
+    assert seen["images"] == seen["loaded"] == 4 and seen["broken"] == []
+    assert seen["tables"] == 1 and seen["table_rows"] == 2 and seen["headings"] == ["Rendering", "Gallery"]
+    shot = chromium.screenshot(good, tmp_path / "good.png", width=800, height=600)
+    for colour in colours.values():  # each 96×96 thumbnail: 9216 pixels of its colour
+        assert colour_pixels(shot, colour, tolerance=30) > 8000
+    page.raw('<img src="data:image/jpeg;base64,AAAA" alt="broken">')
+    bad = tmp_path / "bad.html"
+    page.write(bad)
+    seen = chromium.check(bad)
+    assert seen["images"] == 5 and seen["loaded"] == 4 and seen["broken"] == ["broken"]
