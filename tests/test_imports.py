@@ -51,6 +51,7 @@ LAYERS = {
     "featx.auto": 5,
     "featx.advise": 5,
     "featx.bench": 5,
+    "featx.report": 5,
     # the command line
     "featx.cli": 6,
     "featx.__main__": 6,

@@ -128,6 +128,13 @@ def cmd_compare(args) -> int:
         print(f"\nbest: {best['model']} {best['layer']} / {best['pooling']} / {best['head']}: "
               f"accuracy {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}")
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.report:
+        from featx.html import Page
+        from featx.report import comparison_section  # scikit-learn: imported by the comparison already
+
+        comparison_section(Page(f"featx compare: {source.name}"), rows, title=source.name).write(args.report)
+        if not args.json:
+            print(f"wrote {args.report}")
     return 0
 
 
@@ -148,6 +155,8 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, default=FinetuneOptions.epochs,
                    help="at most this many epochs per fold (default: %(default)s)")
     p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write the plot and the table as one self-contained HTML page")
     add_json(p, "print the rows as JSON")
 
 
