@@ -154,6 +154,7 @@ def model_report(
     *,
     title: str | None = None,
     per_confusion: int = 48,
+    max_confusions: int = 50,
     thumbnail_size: int = 96,
     on_error: str = "skip",
     progress: bool | None = None,
@@ -171,6 +172,9 @@ def model_report(
         The page's title; default ``featx report: <data name>``.
     per_confusion : int, default=48
         Most thumbnails shown per confusion (the most confident mistakes); the tables hold all.
+    max_confusions : int, default=50
+        Most confusions shown with their images, the most frequent first (a page of 100 classes
+        could otherwise hold thousands); the confusion table lists them all.
     thumbnail_size : int, default=96
         Side of a thumbnail, in pixels.
     on_error, progress, store, max_pixels
@@ -184,7 +188,8 @@ def model_report(
     Raises
     ------
     FeatxError
-        If the data holds a class the model was not trained on, or `per_confusion` is below 0.
+        If the data holds a class the model was not trained on, or `per_confusion` or
+        `max_confusions` is not a whole number >= 0.
     ImageDecodeError
         If a misclassified image can no longer be decoded for its thumbnail.
 
@@ -206,8 +211,9 @@ def model_report(
     >>> report.page.render().count("<img")  # the confusion matrix and one thumbnail
     2
     """
-    if isinstance(per_confusion, bool) or not isinstance(per_confusion, int) or per_confusion < 0:
-        raise FeatxError(f"per_confusion must be a whole number of images >= 0, got {per_confusion!r}")
+    for name, value in (("per_confusion", per_confusion), ("max_confusions", max_confusions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise FeatxError(f"{name} must be a whole number >= 0, got {value!r}")
     if not isinstance(model, FeatxModel):
         model = load_model(model)
     source = data if isinstance(data, ImageSource) else open_source(data)
@@ -228,7 +234,7 @@ def model_report(
     confusions, misclassified = _confusions(evaluation, classes)
     report = ModelReport(evaluation, summary, per_class, confusions, misclassified, Page(title or
                                                                                        f"featx report: {source.name}"))
-    _fill_page(report, source, per_confusion=per_confusion, size=thumbnail_size)
+    _fill_page(report, source, per_confusion=per_confusion, max_confusions=max_confusions, size=thumbnail_size)
     return report
 
 
@@ -256,7 +262,8 @@ def _caption(row: dict) -> str:
     return f"{name}\ntrue {row['true']} · p={row['p_true']:.2f}\npredicted {row['predicted']} · p={row['p_predicted']:.2f}"
 
 
-def _fill_page(report: ModelReport, source: ImageSource, *, per_confusion: int, size: int) -> None:
+def _fill_page(report: ModelReport, source: ImageSource, *, per_confusion: int, max_confusions: int,
+               size: int) -> None:
     page, evaluation = report.page, report.evaluation
     page.paragraph(f"Model: {evaluation['model']}.\nData: {source.name}.\n{accuracy_line(evaluation)}.")
     with page.section("Accuracy"):
@@ -276,7 +283,10 @@ def _fill_page(report: ModelReport, source: ImageSource, *, per_confusion: int, 
                            "its true and predicted classes with the model's probability of each, the most "
                            "confident mistake first.")
             page.table(report.confusions, caption="confusions (share: of the true class's images)")
-        for confusion in report.confusions:
+        if len(report.confusions) > max_confusions:
+            page.paragraph(f"The images of the {max_confusions} most frequent of {len(report.confusions)} "
+                           "confusions follow; the table above lists them all.")
+        for confusion in report.confusions[:max_confusions]:
             rows = [w for w in report.misclassified
                     if (w["true"], w["predicted"]) == (confusion["true"], confusion["predicted"])]
             with page.section(f"{confusion['true']} → {confusion['predicted']}: {confusion['count']} "

@@ -79,6 +79,16 @@ def test_model_report_caps_thumbnails_per_confusion(planted):
         model_report(planted["model"], str(planted["val"]), per_confusion=-1)
 
 
+def test_model_report_caps_the_confusions_shown(planted):
+    """Check that max_confusions shows the images of the most frequent confusions only and says so."""
+    report = model_report(planted["model"], str(planted["val"]), store=planted["store"], max_confusions=1)
+    text = report.page.render()
+    assert text.count("data:image/jpeg") == 1 and text.count(": 1 image</h3>") == 1
+    assert "The images of the 1 most frequent of 3 confusions follow" in text and len(report.confusions) == 3
+    with pytest.raises(FeatxError, match="max_confusions must be a whole number >= 0, got 1.5"):
+        model_report(planted["model"], str(planted["val"]), max_confusions=1.5)
+
+
 def test_model_report_without_mistakes_says_so(planted, tmp_path):
     """Check that data the model gets all right gives no confusion and says so on the page."""
     arrays, labels = make_images(n_per_class=2, n_classes=3, seed=5)

@@ -277,7 +277,8 @@ def cmd_report(args) -> int:
     model = _load_model_argument(args.model_file, "report", "DATA", [args.data])
     source = open_data(args, labelled=True)
     report = model_report(model, source, store=args.cache, max_pixels=args.max_pixels,
-                          per_confusion=args.per_confusion, thumbnail_size=args.thumbnail_size)
+                          per_confusion=args.per_confusion, max_confusions=args.max_confusions,
+                          thumbnail_size=args.thumbnail_size)
     evaluation = report.evaluation
     report_skipped(evaluation["skipped"], evaluation["n_images"] + len(evaluation["skipped"]), data=args.data)
     report.write(args.output)
@@ -313,6 +314,9 @@ def report_arguments(p: argparse.ArgumentParser) -> None:
                    help="HTML file to write (default: %(default)s)")
     g.add_argument("--per-confusion", type=_positive_int, default=48, metavar="N",
                    help="most thumbnails per confusion, the most confident mistakes first (default: %(default)s)")
+    g.add_argument("--max-confusions", type=_positive_int, default=50, metavar="N",
+                   help="most confusions shown with their images, the most frequent first; the table lists all "
+                   "(default: %(default)s)")
     g.add_argument("--thumbnail-size", type=_positive_int, default=96, metavar="PX",
                    help="side of a thumbnail in pixels (default: %(default)s)")
 
