@@ -779,6 +779,19 @@ def test_cli_report_writes_the_page_and_prints_the_confusions(tmp_path, capsys, 
     assert 'width="48" height="48"' in text and list(page.parent.iterdir()) == [page]
 
 
+def test_cli_report_outputs_are_checked_before_any_work(tmp_path, capsys):
+    """Check that report -o, evaluate --report and compare --report in a missing folder, or naming a folder,
+    fail in one line before the model or the data are read."""
+    missing = tmp_path / "nowhere" / "r.html"
+    for argv in (["report", "no-model.joblib", "no-data", "-o", str(missing)],
+                 ["evaluate", "no-model.joblib", "no-data", "--report", str(missing)],
+                 ["compare", "no-data", "--report", str(missing)]):
+        assert main(argv) == 1
+        assert f"the folder '{missing.parent}' does not exist" in capsys.readouterr().err
+    assert main(["report", "no-model.joblib", "no-data", "-o", str(tmp_path)]) == 1
+    assert "is a folder: give a file name in it" in capsys.readouterr().err
+
+
 def test_cli_report_refuses_a_bad_thumbnail_size(tmp_path, capsys):
     """Check that --thumbnail-size 0 is refused by the parser with the expected value."""
     with pytest.raises(SystemExit):

@@ -14,6 +14,7 @@ from featx.cli.arguments import (
     add_extraction_options,
     add_head_options,
     add_json,
+    check_output_file,
     extract_options,
     open_data,
 )
@@ -114,6 +115,8 @@ def cmd_compare(args) -> int:
     Example: featx compare fashion-mnist --per-class 100 --models
     efficientnet_lite0,efficientnet_lite2 --layers all --pool avg,spp --out results
     """
+    if args.report:
+        check_output_file(args.report, "--report")
     source = open_data(args, cv=args.cv)
     training = FinetuneOptions(epochs=args.finetune_epochs) if args.finetune_from else None
     rows = compare_rows(args, source, extract_options(args), args.models, finetune_from=args.finetune_from,

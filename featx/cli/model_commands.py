@@ -19,6 +19,7 @@ from featx.cli.arguments import (
     add_head_options,
     add_json,
     add_model_output,
+    check_output_file,
     extract_options,
     open_data,
 )
@@ -242,6 +243,8 @@ def cmd_evaluate(args) -> int:
     from featx.models import evaluate_model  # scikit-learn: only when the command runs
     from featx.report import accuracy_line, model_report
 
+    if args.report:
+        check_output_file(args.report, "--report")
     model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
     source = open_data(args, labelled=True)
     if args.report:
@@ -274,6 +277,7 @@ def cmd_report(args) -> int:
     """
     from featx.report import accuracy_line, model_report  # scikit-learn: only when the command runs
 
+    check_output_file(args.output, "-o")
     model = _load_model_argument(args.model_file, "report", "DATA", [args.data])
     source = open_data(args, labelled=True)
     report = model_report(model, source, store=args.cache, max_pixels=args.max_pixels,
