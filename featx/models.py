@@ -445,10 +445,12 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
 
 
 def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None,
-                   store=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                   store=None, max_pixels: int = DEFAULT_MAX_PIXELS, predictions: bool = False) -> dict:
     """Score a model on labelled images: held-out ones, unless ``n_training_images`` says otherwise.
 
-    ``store`` and ``max_pixels`` are as in :func:`predict`.
+    ``store`` and ``max_pixels`` are as in :func:`predict`. ``predictions=True`` adds each
+    scored image's prediction and class probabilities (what :func:`featx.report.model_report`
+    shows of the images the model gets wrong).
 
     Returns
     -------
@@ -456,7 +458,10 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``,
         ``classes``, ``n_images``, ``n_training_images`` (how many of the scored images trained
         the model, by content; None for a model file that does not record its training images)
-        and ``skipped``.
+        and ``skipped``. With ``predictions=True`` also ``predictions``: one dict per scored
+        image, in source order, with ``position`` (its index in `source`), ``image`` (its
+        description), ``label`` (the true one), ``predicted`` and ``proba`` (the probability
+        of every class, in the order of ``classes``).
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
     X, result, kept = _extract_parts(source, model.parts, _run_options(model, on_error=on_error, progress=progress,
@@ -467,7 +472,15 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         raise FeatxError(
             f"{source.name} holds classes the model was not trained on: {unknown}; the model knows {model.classes}."
         )
-    report = score_predictions(y, model.head.predict(X), classes=model.classes)
+    predicted = model.head.predict(X)
+    report = score_predictions(y, predicted, classes=model.classes)
+    if predictions:
+        proba = model.head.predict_proba(X) if len(kept) else np.zeros((0, len(model.classes)))
+        report["predictions"] = [
+            {"position": int(i), "image": describe(source[i], i), "label": str(label), "predicted": str(guess),
+             "proba": [float(v) for v in p]}
+            for i, label, guess, p in zip(kept, y, predicted, proba)
+        ]
     report.update(
         n_images=int(len(y)),
         n_training_images=count_training_images(model, [result.keys[i] for i in kept]),

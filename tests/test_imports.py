@@ -34,6 +34,7 @@ LAYERS = {
     "featx.store": 1,
     "featx.shards": 1,
     "featx.backbones": 1,
+    "featx.html": 1,
     # the loop and the runtimes it runs the network with
     "featx.runners": 2,
     "featx.decoding": 2,
@@ -50,6 +51,7 @@ LAYERS = {
     "featx.auto": 5,
     "featx.advise": 5,
     "featx.bench": 5,
+    "featx.report": 5,
     "featx.audit": 5,
     # the command line
     "featx.cli": 6,

@@ -130,3 +130,19 @@ def test_fit_model_concatenated_backbones_and_hflip_round_trip(folders, tmp_path
     in_memory = model.pipeline.predict(open_source(test))
     assert [r["label"] for r in rows] == list(in_memory)
     assert "hflip" in loaded.describe() and evaluate_model(loaded, test)["n_images"] == len(rows)
+
+
+def test_evaluate_model_predictions_are_those_of_predict(folders):
+    """Check that predictions=True lists every scored image with predict's label and probabilities, and that
+    the scores stay those without it."""
+    model, _ = fit_model(str(folders["train"]), backbone=TINY, layer="stage1", device="cpu")
+    val = open_source(str(folders["val"]))
+    plain = evaluate_model(model, val)
+    report = evaluate_model(model, val, predictions=True)
+    assert "predictions" not in plain and {k: v for k, v in report.items() if k != "predictions"} == plain
+    rows = predict(model, val)
+    assert [p["position"] for p in report["predictions"]] == list(range(len(val)))
+    for p, row in zip(report["predictions"], rows):
+        assert p["image"] == row["image"] and p["predicted"] == row["label"]
+        assert p["label"] == val.labels[p["position"]]
+        assert p["proba"] == pytest.approx([row[f"p_{c}"] for c in model.classes])

@@ -33,7 +33,7 @@ __all__ = ["build_parser", "demo", "format_table", "layer_rows", "main"]
 
 #: The commands in the order ``featx --help`` lists them.
 ORDER = ("demo", "models", "layers", "extract", "cv", "compare", "advise", "fit", "finetune", "predict", "evaluate",
-         "audit", "bench", "cache")
+         "report", "audit", "bench", "cache")
 
 _COMMANDS = {
     **info_commands.COMMANDS,

@@ -14,6 +14,7 @@ from featx.cli.arguments import (
     add_extraction_options,
     add_head_options,
     add_json,
+    check_output_file,
     extract_options,
     open_data,
 )
@@ -114,6 +115,8 @@ def cmd_compare(args) -> int:
     Example: featx compare fashion-mnist --per-class 100 --models
     efficientnet_lite0,efficientnet_lite2 --layers all --pool avg,spp --out results
     """
+    if args.report:
+        check_output_file(args.report, "--report")
     source = open_data(args, cv=args.cv)
     training = FinetuneOptions(epochs=args.finetune_epochs) if args.finetune_from else None
     rows = compare_rows(args, source, extract_options(args), args.models, finetune_from=args.finetune_from,
@@ -128,6 +131,13 @@ def cmd_compare(args) -> int:
         print(f"\nbest: {best['model']} {best['layer']} / {best['pooling']} / {best['head']}: "
               f"accuracy {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}")
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.report:
+        from featx.html import Page
+        from featx.report import comparison_section  # scikit-learn: imported by the comparison already
+
+        comparison_section(Page(f"featx compare: {source.name}"), rows, title=source.name).write(args.report)
+        if not args.json:
+            print(f"wrote {args.report}")
     return 0
 
 
@@ -148,6 +158,8 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, default=FinetuneOptions.epochs,
                    help="at most this many epochs per fold (default: %(default)s)")
     p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write the plot and the table as one self-contained HTML page")
     add_json(p, "print the rows as JSON")
 
 

@@ -1,4 +1,4 @@
-"""``featx fit``, ``featx predict`` and ``featx evaluate``: a model file, written, used and scored.
+"""``featx fit``, ``featx predict``, ``featx evaluate`` and ``featx report``: a model file, written, used and scored.
 
 A command's docstring is its ``--help``: the one-line summary, the description, the example.
 featx.models imports scikit-learn: it is imported only when one of these commands runs.
@@ -19,6 +19,7 @@ from featx.cli.arguments import (
     add_head_options,
     add_json,
     add_model_output,
+    check_output_file,
     extract_options,
     open_data,
 )
@@ -240,34 +241,90 @@ def cmd_evaluate(args) -> int:
     Example: featx fit data/train -o m.joblib && featx evaluate m.joblib data/val
     """
     from featx.models import evaluate_model  # scikit-learn: only when the command runs
+    from featx.report import accuracy_line, model_report
 
+    if args.report:
+        check_output_file(args.report, "--report")
     model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
     source = open_data(args, labelled=True)
-    report = evaluate_model(model, source, store=args.cache, max_pixels=args.max_pixels)
+    if args.report:
+        written = model_report(model, source, store=args.cache, max_pixels=args.max_pixels)
+        report = written.evaluation
+        written.write(args.report)
+    else:
+        report = evaluate_model(model, source, store=args.cache, max_pixels=args.max_pixels)
     report_skipped(report["skipped"], report["n_images"] + len(report["skipped"]), data=args.data)
     if args.json:
-        print_json(report)
+        print_json({k: v for k, v in report.items() if k != "predictions"})
         return 0
     print(report["model"])
-    print(_accuracy_line(report))
+    print(accuracy_line(report))
     print(format_table([{"class": c, **v} for c, v in report["per_class"].items()]))
+    if args.report:
+        print(f"wrote {args.report}")
     return 0
 
 
-def _accuracy_line(report: dict) -> str:
-    """The scores of 'featx evaluate', called held-out only when none of the images trained the model."""
-    n, trained = report["n_images"], report["n_training_images"]
-    scores = (f"accuracy {report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
-              f"macro-F1 {report['macro_f1']:.4f} on {n} images")
-    if trained is None:
-        return (f"{scores} (this model file does not record its training images, so whether this is a held-out "
-                "score is unknown)")
-    if trained == 0:
-        return f"held-out {scores}"
-    if trained == n:
-        return f"{scores.replace('accuracy', 'accuracy on the training images', 1)}: all {n} were used to train " \
-               "this model, not a held-out score"
-    return f"{scores}: {trained} of {n} images were used to train this model, not a held-out score"
+def cmd_report(args) -> int:
+    """an HTML report of a saved model on labelled data: scores and the images it gets wrong
+
+    Score a saved model on a labelled folder, CSV or built-in dataset and write one self-contained
+    HTML file (images embedded as thumbnails; no network, no server): accuracy figures, the
+    confusion matrix, precision and recall per class, and for each confusion (true -> predicted)
+    the misclassified images with their true and predicted labels and probabilities.
+
+    Example: featx fit data/train -o m.joblib && featx report m.joblib data/val -o report.html
+    """
+    from featx.report import accuracy_line, model_report  # scikit-learn: only when the command runs
+
+    check_output_file(args.output, "-o")
+    model = _load_model_argument(args.model_file, "report", "DATA", [args.data])
+    source = open_data(args, labelled=True)
+    report = model_report(model, source, store=args.cache, max_pixels=args.max_pixels,
+                          per_confusion=args.per_confusion, max_confusions=args.max_confusions,
+                          thumbnail_size=args.thumbnail_size)
+    evaluation = report.evaluation
+    report_skipped(evaluation["skipped"], evaluation["n_images"] + len(evaluation["skipped"]), data=args.data)
+    report.write(args.output)
+    print(evaluation["model"])
+    print(accuracy_line(evaluation))
+    print(format_table(report.confusions[:10], ["true", "predicted", "count", "share"]) if report.confusions
+          else "no misclassified images")
+    if len(report.confusions) > 10:
+        print(f"... and {len(report.confusions) - 10} more confusions in the report")
+    size = os.path.getsize(args.output)
+    print(f"wrote {args.output} ({len(report.misclassified)} misclassified images in {len(report.confusions)} "
+          f"confusions; {size / 1024:.0f} KiB)")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def report_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_file(p)
+    add_data_options(p)
+    add_extraction_options(p, ("max_pixels",), title=None)
+    _add_cache(p)
+    g = p.add_argument_group("page")
+    g.add_argument("-o", "--output", default="report.html", metavar="HTML",
+                   help="HTML file to write (default: %(default)s)")
+    g.add_argument("--per-confusion", type=_positive_int, default=48, metavar="N",
+                   help="most thumbnails per confusion, the most confident mistakes first (default: %(default)s)")
+    g.add_argument("--max-confusions", type=_positive_int, default=50, metavar="N",
+                   help="most confusions shown with their images, the most frequent first; the table lists all "
+                   "(default: %(default)s)")
+    g.add_argument("--thumbnail-size", type=_positive_int, default=96, metavar="PX",
+                   help="side of a thumbnail in pixels (default: %(default)s)")
+
+
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -276,6 +333,8 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     add_extraction_options(p, ("max_pixels",), title=None)
     add_json(p, "print JSON")
     _add_cache(p)
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write the HTML report of 'featx report' (scores and the misclassified images) here")
 
 
 #: Each command: what runs it, and what adds its arguments.
@@ -283,4 +342,5 @@ COMMANDS = {
     "fit": (cmd_fit, fit_arguments),
     "predict": (cmd_predict, predict_arguments),
     "evaluate": (cmd_evaluate, evaluate_arguments),
+    "report": (cmd_report, report_arguments),
 }
