@@ -21,6 +21,7 @@ functions that compute each table from given arrays are public too.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,11 +38,13 @@ __all__ = [
     "LABEL_ISSUE_OTHER_ABOVE",
     "NEAR_DUPLICATE_THRESHOLD",
     "audit",
+    "audit_page",
     "class_balance",
     "cosine_pairs",
     "exact_duplicates",
     "label_issues",
     "out_of_fold_probabilities",
+    "relative_name",
     "write_audit_page",
 ]
 
@@ -518,6 +521,123 @@ def _leaks(result, other_result, names, labels, feature_set, threshold, X, first
     return leaks
 
 
-def write_audit_page(result: AuditResult, path) -> None:
-    """Write the audit as a self-contained HTML page (thumbnails embedded)."""
-    raise FeatxError("the audit page is not written yet: use --json")
+#: How many groups, pairs or images each section of the audit page shows with thumbnails.
+PAGE_LIMIT = 60
+
+
+def _caption(label, name: str, root, *extra: str) -> str:
+    """A thumbnail's caption: the label, what else is said, the name relative to the source's folder."""
+    return "\n".join(([] if label is None else [str(label)]) + list(extra) + [relative_name(name, root)])
+
+
+def relative_name(name, root):
+    """``name`` relative to ``root`` when it is a path inside that folder (a folder source's images), else as it is.
+
+    Examples
+    --------
+    >>> relative_name("data/train/cat/1.jpg", "data/train"), relative_name("other/1.jpg", "data/train")
+    ('cat/1.jpg', 'other/1.jpg')
+    """
+    if root and isinstance(name, str):
+        try:
+            relative = os.path.relpath(name, root)
+        except ValueError:  # another drive
+            return name
+        if not relative.startswith(".."):
+            return relative
+    return name
+
+
+def _shown(page, rows, what: str) -> list:
+    if len(rows) > PAGE_LIMIT:
+        page.paragraph(f"The first {PAGE_LIMIT} of {len(rows)} {what} (all of them: --json, or the AuditResult).")
+    return rows[:PAGE_LIMIT]
+
+
+def audit_page(result: AuditResult, *, size: int = 96):
+    """The audit as a :class:`featx.html.Page`: each finding with the thumbnails of its images.
+
+    Parameters
+    ----------
+    result : AuditResult
+        From :func:`audit` (it keeps the sources, whose images become the thumbnails).
+    size : int, default=96
+        Side of a thumbnail, in pixels.
+
+    Returns
+    -------
+    featx.html.Page
+        Write it with ``.write(path)``; :func:`write_audit_page` does both.
+    """
+    from featx.html import Page  # the page: only when one is asked for
+
+    source, other = result.source, result.against_source
+    if source is None:
+        raise FeatxError("this AuditResult holds no source (it was rebuilt from a dict?): the page needs the images; "
+                         "run featx.audit again.")
+    root = source.root
+    other_root = None if other is None else other.root
+    page = Page(f"Audit of {result.data}")
+    computed = f"{result.n_computed} computed" if result.n_computed else "all from the feature store"
+    page.paragraph(f"{result.n_images} images" + (f", against {result.against} ({result.n_against} images)"
+                                                  if result.against else "")
+                   + f". Features {result.features} of {result.backbone} ({computed}); near-duplicates from a cosine "
+                   f"similarity of {result.threshold:g}.")
+    for note in result.notes:
+        page.paragraph(note)
+
+    groups = result.exact_duplicates
+    with page.section(f"Exact duplicates: {len(groups)} groups, "
+                      f"{sum(row['conflicting'] for row in groups)} with conflicting labels"):
+        if not groups:
+            page.paragraph("No two images have the same content.")
+        for row in _shown(page, groups, "groups"):
+            labels = row["labels"] or [None] * row["n_images"]
+            page.heading(f"group {row['group']}: {'conflicting' if row['conflicting'] else 'equal'} labels", level=3)
+            page.gallery([(source[p], _caption(label, name, root))
+                          for p, label, name in zip(row["positions"], labels, row["images"])], size=size)
+
+    pairs = result.near_duplicates
+    with page.section(f"Near-duplicates: {len(pairs)} pairs (cosine similarity >= {result.threshold:g})"):
+        if not pairs:
+            page.paragraph("No two distinct images are that similar.")
+        for row in _shown(page, pairs, "pairs"):
+            similarity = f"similarity {row['similarity']:.4f}"
+            page.gallery([(source[row["position_a"]], _caption(row["label_a"], row["image_a"], root, similarity)),
+                          (source[row["position_b"]], _caption(row["label_b"], row["image_b"], root))], size=size)
+
+    if other is not None:
+        leaks = result.leaks
+        with page.section(f"Leaks into {result.against}: {len(leaks)} "
+                          f"({sum(row['kind'] == 'exact' for row in leaks)} exact)"):
+            if not leaks:
+                page.paragraph(f"No image of {result.data} is in {result.against}.")
+            for row in _shown(page, leaks, "leaks"):
+                kind = f"{row['kind']}, similarity {row['similarity']:.4f}"
+                page.gallery([(source[row["position"]], _caption(row["label"], row["image"], root, kind)),
+                              (other[row["other_position"]], _caption(row["other_label"], row["other_image"],
+                                                                      other_root, f"in {os.path.basename(str(result.against))}"))],
+                             size=size)
+
+    if result.class_balance:
+        issues = result.label_issues
+        with page.section(f"Likely label errors: {len(issues)}"):
+            page.paragraph("Out-of-fold probabilities of a logistic regression on the features: the given label's "
+                           "is low and another class's high. Most suspicious first.")
+            if not issues:
+                page.paragraph("None.")
+            page.gallery([(source[row["position"]], f"#{row['rank']} {row['label']} {row['label_probability']:.2f}"
+                           f" → {row['suggested']} {row['suggested_probability']:.2f}\n"
+                           + relative_name(row["image"], root))
+                          for row in _shown(page, issues, "images")], size=size)
+        with page.section("Class balance"):
+            columns = ["class", "n_images", "fraction", "ratio_to_largest"]
+            if result.against:
+                columns += ["n_against", "fraction_against"]
+            page.table(result.class_balance, columns)
+    return page
+
+
+def write_audit_page(result: AuditResult, path, *, size: int = 96) -> str:
+    """Write :func:`audit_page` to ``path`` as one self-contained HTML file; return the path."""
+    return audit_page(result, size=size).write(path)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_images
+from conftest import colour_pixels, make_images
 from PIL import Image
 
 from featx.audit import (
     AuditResult,
     audit,
+    audit_page,
     class_balance,
     cosine_pairs,
     exact_duplicates,
@@ -264,16 +265,58 @@ def test_audit_to_dict_is_json(planted, tmp_path):
         result.to_pandas("leak")
 
 
+# --------------------------------------------------------------------------- the page
+
+
+@pytest.fixture
+def planted_audit(planted, tmp_path):
+    return audit(str(planted["train"]), against=str(planted["val"]), threshold=TINY_THRESHOLD, store=tmp_path / "s",
+                 cv=5, **FEATURES)
+
+
+def test_audit_page_shows_every_finding(planted_audit):
+    """Check that the page has a thumbnail per image of every group, pair, leak and label issue, and the balance table."""
+    text = audit_page(planted_audit).render()
+    expected = 2 * 2 + 3 * 2 + 2 * 2 + len(planted_audit.label_issues)
+    assert text.count("<img") == expected
+    assert "Exact duplicates: 2 groups, 1 with conflicting labels" in text and "group 1: conflicting labels" in text
+    assert "class1/copy_of_a0.png" in text and "Class balance" in text and text.count("<table>") == 1
+
+
+def test_audit_page_refuses_a_result_without_source():
+    """Check that a result without its source (nothing to make thumbnails of) is refused with the fix."""
+    with pytest.raises(FeatxError, match="holds no source"):
+        audit_page(AuditResult())
+
+
+def test_audit_page_renders_in_chromium(planted_audit, chromium, tmp_path):
+    """Check in headless Chromium that every thumbnail of the audit page loads and its table shows, and that the
+    screenshot holds the three class colours of the thumbnails."""
+    page = tmp_path / "audit.html"
+    audit_page(planted_audit).write(page)
+    seen = chromium.check(page)
+    n_images = 2 * 2 + 3 * 2 + 2 * 2 + len(planted_audit.label_issues)
+    assert seen["images"] == seen["loaded"] == n_images and seen["broken"] == []
+    assert seen["tables"] == 1 and seen["table_rows"] == 3
+    assert {"Class balance", "Exact duplicates: 2 groups, 1 with conflicting labels"} <= set(seen["headings"])
+    shot = chromium.screenshot(page, tmp_path / "audit.png", width=1200, height=seen["height"] + 50)
+    for colour in COLOURS:  # each class has a group or pair on the page; the background is most of a 96×96 box
+        assert colour_pixels(shot, colour) > 0.5 * 96 * 96
+
+
 # --------------------------------------------------------------------------- the command
 
 
 def test_cli_audit_prints_tables(planted, tmp_path, capsys):
-    """Check that 'featx audit' prints a heading and table per finding, with paths relative to DATA."""
+    """Check that 'featx audit' prints a heading and table per finding, with paths relative to DATA, and --html
+    writes the page."""
+    page = tmp_path / "audit.html"
     code = main(["audit", str(planted["train"]), "--against", str(planted["val"]), "--model", TINY, "--layers",
                  "stage2", "--pool", "spp", "--device", "cpu", "--cache", str(tmp_path), "--threshold",
-                 str(TINY_THRESHOLD), "--limit", "1"])
+                 str(TINY_THRESHOLD), "--limit", "1", "--html", str(page)])
     out = capsys.readouterr().out
     assert code == 0
+    assert f"wrote {page}" in out and page.read_text().startswith("<!DOCTYPE html>")
     assert "exact duplicates (same content key): 2 groups, 1 with conflicting labels" in out
     assert "near-duplicates (cosine similarity >= 0.997): 3 pairs" in out
     assert "leaks into" in out and "(1 exact, 1 near)" in out

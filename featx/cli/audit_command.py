@@ -6,9 +6,8 @@ A command's docstring is its ``--help``: the one-line summary, the description, 
 from __future__ import annotations
 
 import argparse
-import os
 
-from featx.audit import NEAR_DUPLICATE_THRESHOLD, audit, write_audit_page
+from featx.audit import NEAR_DUPLICATE_THRESHOLD, audit, relative_name, write_audit_page
 from featx.cli.arguments import add_data_options, add_extraction_options, add_json, extract_options, open_data
 from featx.cli.interrupts import interrupted, interruptible
 from featx.cli.output import format_table, print_json, report_skipped, warn_problems
@@ -76,18 +75,6 @@ def audit_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- the text
 
 
-def _short(name, root):
-    """A path relative to the source's folder, when it is inside it."""
-    if root and isinstance(name, str):
-        try:
-            relative = os.path.relpath(name, root)
-        except ValueError:
-            return name
-        if not relative.startswith(".."):
-            return relative
-    return name
-
-
 def _limited(rows, limit: int) -> tuple[list, str]:
     if not limit or len(rows) <= limit:
         return rows, ""
@@ -115,7 +102,7 @@ def audit_text(result, *, limit: int = 20) -> str:
             for i, image in enumerate(row["images"]):
                 table.append({"group": row["group"] if i == 0 else "",
                               "labels": ("conflicting" if row["conflicting"] else "equal") if i == 0 else "",
-                              "label": row["labels"][i] if row["labels"] else "", "image": _short(image, root)})
+                              "label": row["labels"][i] if row["labels"] else "", "image": relative_name(image, root)})
         lines += [format_table(table, ["group", "labels", "label", "image"])] + ([more] if more else [])
 
     pairs = result.near_duplicates
@@ -123,7 +110,7 @@ def audit_text(result, *, limit: int = 20) -> str:
               f"pair{'s' * (len(pairs) != 1)}, {sum(row['same_label'] is False for row in pairs)} with different labels"]
     shown, more = _limited(pairs, limit)
     if shown:
-        lines += [format_table([{**row, "image_a": _short(row["image_a"], root), "image_b": _short(row["image_b"], root)}
+        lines += [format_table([{**row, "image_a": relative_name(row["image_a"], root), "image_b": relative_name(row["image_b"], root)}
                                 for row in shown],
                                ["similarity", "label_a", "label_b", "image_a", "image_b"])] + ([more] if more else [])
 
@@ -133,8 +120,8 @@ def audit_text(result, *, limit: int = 20) -> str:
         lines += ["", f"leaks into {result.against}: {len(leaks)} ({exact} exact, {len(leaks) - exact} near)"]
         shown, more = _limited(leaks, limit)
         if shown:
-            lines += [format_table([{**row, "image": _short(row["image"], root),
-                                     "other_image": _short(row["other_image"], other_root)} for row in shown],
+            lines += [format_table([{**row, "image": relative_name(row["image"], root),
+                                     "other_image": relative_name(row["other_image"], other_root)} for row in shown],
                                    ["kind", "similarity", "label", "other_label", "image", "other_image"])]
             lines += [more] if more else []
 
@@ -143,7 +130,7 @@ def audit_text(result, *, limit: int = 20) -> str:
         lines += ["", f"likely label errors (out-of-fold): {len(issues)}"]
         shown, more = _limited(issues, limit)
         if shown:
-            lines += [format_table([{**row, "image": _short(row["image"], root)} for row in shown],
+            lines += [format_table([{**row, "image": relative_name(row["image"], root)} for row in shown],
                                    ["rank", "label", "label_probability", "suggested", "suggested_probability",
                                     "image"])] + ([more] if more else [])
         lines += ["", "class balance"]
