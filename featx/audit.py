@@ -36,6 +36,7 @@ __all__ = [
     "AuditResult",
     "LABEL_ISSUE_GIVEN_BELOW",
     "LABEL_ISSUE_OTHER_ABOVE",
+    "NEAR_DUPLICATE_ALARM",
     "NEAR_DUPLICATE_THRESHOLD",
     "audit",
     "audit_page",
@@ -57,6 +58,10 @@ LABEL_ISSUE_GIVEN_BELOW: float = 0.2
 
 LABEL_ISSUE_OTHER_ABOVE: float = 0.5
 """… and another class's probability above this."""
+
+NEAR_DUPLICATE_ALARM: float = 0.1
+"""When more than this fraction of the distinct images has a near-duplicate, the audit adds a note that
+the features do not separate the set's images (measured at 0.95: 0.4 % on flowers5_128px, 43 % on neu_steel)."""
 
 _BLOCK = 2048  # rows of the similarity matrix computed at a time
 
@@ -454,6 +459,12 @@ def audit(data, options: ExtractOptions | None = None, *, against=None, threshol
     rows = np.searchsorted(kept, firsts)
     out.near_duplicates = [_pair_row(firsts[i], firsts[j], s, names, labels)
                            for i, j, s in cosine_pairs(X[rows], threshold=threshold)]
+    involved = {row[side] for row in out.near_duplicates for side in ("position_a", "position_b")}
+    if len(involved) > NEAR_DUPLICATE_ALARM * max(len(firsts), 1):
+        out.notes.append(
+            f"{len(involved)} of {len(firsts)} distinct images have a near-duplicate at similarity {threshold:g}: "
+            f"these features do not tell distinct images of this set apart (textures or close-ups of one kind, "
+            "as on neu_steel); trust the exact duplicates, and raise the threshold or look at the pairs yourself (the near leaks too).")
     if other is not None:
         other_result = extract(other, options, stop=stop)
         out.n_against = len(other)

@@ -241,11 +241,20 @@ def test_audit_unlabelled_source_lists_duplicates_only(tmp_path):
     rng = np.random.default_rng(0)
     images = [scene(rng, COLOURS[i % 3]) for i in range(6)]
     images.append(images[2].copy())
-    result = audit(open_source(images), store=tmp_path, **FEATURES)
+    result = audit(open_source(images), store=tmp_path, threshold=TINY_THRESHOLD, **FEATURES)
     assert [row["positions"] for row in result.exact_duplicates] == [[2, 6]]
     assert result.exact_duplicates[0]["labels"] is None
     assert (result.label_issues, result.class_balance) == ([], [])
-    assert "no labels" in result.notes[0]
+    assert result.notes == ["<memory> has no labels: no label issues nor class balance."]
+
+
+def test_audit_notes_features_that_do_not_separate_the_images(tmp_path):
+    """Check that a threshold at which most images have a near-duplicate adds the note that says so."""
+    rng = np.random.default_rng(0)
+    images = [scene(rng, COLOURS[i % 3]) for i in range(6)]
+    result = audit(open_source(images), store=tmp_path, threshold=0.5, **FEATURES)
+    assert len(result.near_duplicates) == 15
+    assert any("6 of 6 distinct images have a near-duplicate at similarity 0.5" in note for note in result.notes)
 
 
 def test_audit_rejects_several_feature_sets_and_no_store(tmp_path):
