@@ -464,7 +464,8 @@ def audit(data, options: ExtractOptions | None = None, *, against=None, threshol
         out.notes.append(
             f"{len(involved)} of {len(firsts)} distinct images have a near-duplicate at similarity {threshold:g}: "
             f"these features do not tell distinct images of this set apart (textures or close-ups of one kind, "
-            "as on neu_steel); trust the exact duplicates, and raise the threshold or look at the pairs yourself (the near leaks too).")
+            "as on neu_steel); trust the exact duplicates, and raise the threshold or look at the pairs yourself "
+            "(the near leaks too).")
     if other is not None:
         other_result = extract(other, options, stop=stop)
         out.n_against = len(other)
@@ -623,12 +624,12 @@ def audit_page(result: AuditResult, *, size: int = 96):
                           f"({sum(row['kind'] == 'exact' for row in leaks)} exact)"):
             if not leaks:
                 page.paragraph(f"No image of {result.data} is in {result.against}.")
+            where = f"in {os.path.basename(str(result.against))}"
             for row in _shown(page, leaks, "leaks"):
                 kind = f"{row['kind']}, similarity {row['similarity']:.4f}"
                 page.gallery([(source[row["position"]], _caption(row["label"], row["image"], root, kind)),
-                              (other[row["other_position"]], _caption(row["other_label"], row["other_image"],
-                                                                      other_root, f"in {os.path.basename(str(result.against))}"))],
-                             size=size)
+                              (other[row["other_position"]],
+                               _caption(row["other_label"], row["other_image"], other_root, where))], size=size)
 
     if result.class_balance:
         issues = result.label_issues

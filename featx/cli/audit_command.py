@@ -106,12 +106,13 @@ def audit_text(result, *, limit: int = 20) -> str:
         lines += [format_table(table, ["group", "labels", "label", "image"])] + ([more] if more else [])
 
     pairs = result.near_duplicates
+    different = sum(row["same_label"] is False for row in pairs)
     lines += ["", f"near-duplicates (cosine similarity >= {result.threshold:g}): {len(pairs)} "
-              f"pair{'s' * (len(pairs) != 1)}, {sum(row['same_label'] is False for row in pairs)} with different labels"]
+              f"pair{'s' * (len(pairs) != 1)}, {different} with different labels"]
     shown, more = _limited(pairs, limit)
     if shown:
-        lines += [format_table([{**row, "image_a": relative_name(row["image_a"], root), "image_b": relative_name(row["image_b"], root)}
-                                for row in shown],
+        lines += [format_table([{**row, "image_a": relative_name(row["image_a"], root),
+                                 "image_b": relative_name(row["image_b"], root)} for row in shown],
                                ["similarity", "label_a", "label_b", "image_a", "image_b"])] + ([more] if more else [])
 
     if result.against:
