@@ -339,3 +339,11 @@ def test_cli_audit_one_line_error_for_several_layers(image_folder, tmp_path, cap
     code = main(["audit", str(image_folder), "--model", TINY, "--layers", "all", "--cache", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "one feature set" in err
+
+
+def test_cli_audit_refuses_html_in_a_missing_folder(image_folder, tmp_path, capsys):
+    """Check that --html in a folder that does not exist is refused in one line before anything is extracted."""
+    code = main(["audit", str(image_folder), "--model", TINY, "--cache", str(tmp_path / "cache"), "--html",
+                 str(tmp_path / "nowhere" / "audit.html")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--html" in err and "does not exist" in err and not (tmp_path / "cache").exists()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 
 from featx.audit import NEAR_DUPLICATE_THRESHOLD, audit, relative_name, write_audit_page
-from featx.cli.arguments import add_data_options, add_extraction_options, add_json, extract_options, open_data
+from featx.cli.arguments import (add_data_options, add_extraction_options, add_json, check_output_file, extract_options,
+                                 open_data)
 from featx.cli.interrupts import interrupted, interruptible
 from featx.cli.output import format_table, print_json, report_skipped, warn_problems
 from featx.images import open_source
@@ -32,6 +33,8 @@ def cmd_audit(args) -> int:
 
     Example: featx audit data/train --against data/val --html audit.html
     """
+    if args.html:
+        check_output_file(args.html, "--html")
     options = extract_options(args, CACHED)
     source = open_data(args)
     other = None
