@@ -417,7 +417,7 @@ def audit(data, options: ExtractOptions | None = None, *, against=None, threshol
     Raises
     ------
     FeatxError
-        For several layers or poolings, or ``store=None``.
+        For several layers or poolings, ``store=None``, a threshold outside (0, 1] or fewer than 2 folds.
 
     Examples
     --------
@@ -432,6 +432,11 @@ def audit(data, options: ExtractOptions | None = None, *, against=None, threshol
     ([[4, 5]], 11)
     """
     options = ExtractOptions.merge(options or CACHED, settings, where="featx.audit")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise FeatxError(f"threshold must be a cosine similarity in (0, 1], got {threshold!r}; the calibrated "
+                         f"default is {NEAR_DUPLICATE_THRESHOLD}.")
+    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
+        raise FeatxError(f"cv must be a whole number of folds >= 2, got {cv!r}.")
     if options.store is None:
         raise FeatxError("featx.audit reads content keys and features from a feature store, but store=None was "
                          "given: pass store=True (the cache folder), a folder or a .h5 path.")

@@ -258,11 +258,16 @@ def test_audit_notes_features_that_do_not_separate_the_images(tmp_path):
 
 
 def test_audit_rejects_several_feature_sets_and_no_store(tmp_path):
-    """Check that several layers, or no store, are refused before anything is extracted."""
+    """Check that several layers, no store, a threshold that is no similarity or one fold are refused before anything
+    is extracted."""
     with pytest.raises(FeatxError, match="one feature set, but 2 were asked for"):
         audit(np.zeros((2, 8, 8, 3), np.uint8), backbone=TINY, layers="stage1,stage2", store=tmp_path)
     with pytest.raises(FeatxError, match="store=None was given"):
         audit(np.zeros((2, 8, 8, 3), np.uint8), backbone=TINY, store=None)
+    with pytest.raises(FeatxError, match=r"threshold must be a cosine similarity in \(0, 1\], got 95"):
+        audit(np.zeros((2, 8, 8, 3), np.uint8), backbone=TINY, store=tmp_path, threshold=95)
+    with pytest.raises(FeatxError, match="cv must be a whole number of folds >= 2, got 1"):
+        audit(np.zeros((2, 8, 8, 3), np.uint8), backbone=TINY, store=tmp_path, cv=1)
 
 
 def test_audit_to_dict_is_json(planted, tmp_path):
