@@ -104,13 +104,16 @@ class HeadlessChromium:
         return done.stdout
 
     def check(self, page: Path) -> dict:
-        """Open a copy of ``page`` with the check script; return its counts (images, loaded, broken, tables, …)."""
+        """Open a copy of ``page`` with the check script; return its counts (images, loaded, broken, tables, …).
+
+        ``height`` is the page's height in a window 1200 pixels wide (at least the window's 800).
+        """
         text = Path(page).read_text(encoding="utf-8")
         if "</body>" not in text:
             raise ValueError(f"{page} has no </body> to add the check script before")
         copy = self.workdir / f"check-{Path(page).name}"
         copy.write_text(text.replace("</body>", _CHECK_SCRIPT + "</body>", 1), encoding="utf-8")
-        dom = self._run("--dump-dom", copy.resolve().as_uri())
+        dom = self._run("--dump-dom", "--window-size=1200,800", copy.resolve().as_uri())
         found = re.search(r'<pre id="featx-render-check">(.*?)</pre>', dom, re.DOTALL)
         if found is None:
             raise AssertionError(f"the check script did not run in {copy}: {dom[-500:]}")
