@@ -29,6 +29,7 @@ LAYERS = {
     "featx.preprocess": 1,
     "featx.pooling": 1,
     "featx.featuresets": 1,
+    "featx.selection": 1,
     "featx.devices": 1,
     "featx.images": 1,
     "featx.store": 1,

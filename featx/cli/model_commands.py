@@ -23,7 +23,7 @@ from featx.cli.arguments import (
     open_data,
 )
 from featx.cli.evaluation_commands import auto_candidates
-from featx.cli.output import format_table, print_json, report_skipped, warn_problems
+from featx.cli.output import format_selection, format_table, print_json, report_skipped, warn_problems
 from featx.compare import select_layer
 from featx.exceptions import FeatxError, ModelFileError
 from featx.images import IMAGE_EXTENSIONS, open_source
@@ -99,10 +99,11 @@ def cmd_fit(args) -> int:
     options = extract_options(args)
     if args.layers == "auto":
         candidates, y, _ = auto_candidates(source, options, args.data)
-        chosen, scores = select_layer(candidates, y, head=args.head, cv=inner_cv, random_state=args.seed)
-        print(f"--layers auto: chose {chosen} by {inner_cv}-fold cross-validation "
-              f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())})")
-        layer, pooling = chosen.split("/")
+        selection = select_layer(candidates, y, head=args.head, cv=inner_cv, random_state=args.seed)
+        print(f"--layers auto: {len(candidates)} feature sets scored by {args.head} with its default parameters, "
+              f"{selection.table[0]['n_folds']} stratified folds ({inner_cv}-fold CV, repeated below 500 images):")
+        print(format_selection(selection))
+        layer, pooling = selection.chosen.split("/")
         options = options.replace(layers=layer, pooling=pooling)
     model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
     if args.layers != "auto":  # --layers auto reported them after its extraction
@@ -123,7 +124,7 @@ def _cv_score_line(info: dict) -> str:
 
 def fit_arguments(p: argparse.ArgumentParser) -> None:
     add_data_options(p)
-    add_extraction_options(p)
+    add_extraction_options(p, layers="auto")
     add_head_options(p, several=False)
     g = p.add_argument_group(
         "auto", "--auto searches backbones, feature sets, flip averaging, heads and (where the advisor says so) "
