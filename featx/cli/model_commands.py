@@ -30,8 +30,8 @@ from featx.images import IMAGE_EXTENSIONS, open_source
 
 __all__ = ["AUTO_COLUMNS", "COMMANDS"]
 
-AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "seconds", "extraction_seconds",
-                "status"]
+AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "within_1se", "seconds",
+                "extraction_seconds", "status"]
 
 #: What the --auto search chooses itself: the options of these fields are ignored with --auto.
 AUTO_CHOOSES = ("backbone", "layers", "pooling", "tta")
@@ -59,6 +59,8 @@ def cmd_fit_auto(args, source) -> int:
 
     rows = [{**row, "rank": shown(row["rank"], "d"), "dim": shown(row["dim"], "d"),
              "accuracy_mean": shown(row["accuracy_mean"], ".4f"), "accuracy_std": shown(row["accuracy_std"], ".4f"),
+             "within_1se": ("yes, chosen" if row.get("chosen") else "yes") if row.get("within_1se") else
+                           ("no" if row["rank"] is not None else "-"),
              "seconds": shown(row["seconds"], ".1f"), "extraction_seconds": shown(row["extraction_seconds"], ".1f")}
             for row in result.leaderboard]
     print(format_table(rows, AUTO_COLUMNS))
@@ -68,9 +70,15 @@ def cmd_fit_auto(args, source) -> int:
               f"{advice['similarity_score']:.2f}): fine-tuning candidates "
               + (f"from {', '.join(advice['finetune_from'])}" if advice["finetune_from"] else
                  "none (small data: heads on frozen features); --auto-finetune stage5 adds one"))
-    best = result.best
-    print(f"\nbest: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
-          f"({best['cv']}-fold CV on {source.name} only)")
+    best, selection = result.best, result.selection
+    top = result.leaderboard[0]
+    why = ("the highest mean" if best is top else
+           f"the cheapest candidate within one standard error of the highest mean ({top['configuration']} "
+           f"{top['accuracy_mean']:.4f}), since a small lead among {len(selection.table)} candidates is mostly luck")
+    print(f"\nchosen: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
+          f"({best['cv']}-fold CV on {source.name} only): {why}")
+    print(f"estimate of the whole search: {selection.estimate:.4f} (the rule scored by a bootstrap over the folds; "
+          f"the chosen candidate's own score is optimistic by about {selection.bias:+.4f})")
     print("extractions: " + ", ".join(f"{e['backbone']} {'maps' if e['maps'] else 'tta=' + e['tta']} {e['seconds']:.0f} s "
                                       f"({e['n_computed']} computed)" for e in result.extractions))
     print(f"search and refit: {result.seconds:.0f} s of a {result.budget:.0f} s budget")
