@@ -24,12 +24,15 @@ corrects the direction of the winner's curse, not its every point.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Selection", "bootstrap_estimate", "one_standard_error"]
+from featx.exceptions import FeatxError
+
+__all__ = ["SIMPLEST", "Selection", "bootstrap_estimate", "evaluate_auto", "one_standard_error", "select_layer"]
 
 RULE = ("the simplest candidate within one standard error of the best (paired over the same folds); "
         "the estimate scores the rule itself by a bootstrap over the folds")
@@ -122,6 +125,8 @@ def bootstrap_estimate(fold_scores: Mapping[str, Sequence[float]], preference: S
     its own mean, far below the luckiest candidate's.
 
     >>> import numpy as np
+
+from featx.exceptions import FeatxError
     >>> rng = np.random.default_rng(1)
     >>> folds = {f"c{i}": 0.8 + rng.normal(0, 0.06, size=10) for i in range(30)}
     >>> round(float(np.mean(folds["c0"])), 3), round(float(max(np.mean(v) for v in folds.values())), 3)
@@ -205,3 +210,90 @@ def one_standard_error(fold_scores: Mapping[str, Sequence[float]],
         row["chosen"] = row["name"] == chosen
     estimate = bootstrap_estimate(scores, order, random_state=random_state)
     return Selection(chosen=chosen, best=best, estimate=estimate, bias=means[chosen] - estimate, table=rows)
+
+
+#: The feature set a choice prefers when others are no better than the noise: the classic default.
+SIMPLEST = "pre_logits/avg"
+
+
+def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", cv: int = 3,
+                 random_state: int = 0) -> Selection:
+    """Choose among feature sets by cross-validation on ``(X, y)`` only, resisting the winner's curse.
+
+    Each candidate is scored by :func:`featx.heads.evaluate` with the head's default
+    hyper-parameters (the choice of layer comes first; C is tuned afterwards on the chosen one),
+    on the same stratified folds, repeated three times below 500 images so that small data gives
+    enough folds to measure its noise. The choice is :func:`featx.selection.one_standard_error`:
+    the simplest candidate within one standard error of the best, simplest meaning
+    ``pre_logits/avg`` first, then the narrower feature sets (ties: the shallower).
+
+    Returns
+    -------
+    Selection
+        ``chosen``, ``best``, the ``estimate`` of the choice and the ``table`` it chose from.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> y = np.repeat(["a", "b"], 15)
+    >>> informative = rng.normal(size=(30, 4)) + 3 * (y == "a")[:, None]
+    >>> choice = select_layer({"stage2/avg": informative, "pre_logits/avg": rng.normal(size=(30, 4))}, y)
+    >>> choice.chosen
+    'stage2/avg'
+    """
+    from featx.heads import evaluate  # scikit-learn: this module stays light for warm runs
+
+    y = np.asarray(y)
+    repeats = 3 if len(y) < 500 else 1
+    folds = {
+        name: evaluate(X, y, head=head, cv=cv, repeats=repeats, tune=False, random_state=random_state)["fold_accuracy"]
+        for name, X in candidates.items()
+    }
+    names = list(candidates)
+    preference = sorted(names, key=lambda n: (n != SIMPLEST, np.shape(candidates[n])[1], names.index(n)))
+    return one_standard_error(folds, preference)
+
+
+def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", cv: int = 5, inner_cv: int = 3,
+                  random_state: int = 0) -> dict:
+    """Nested cross-validation of 'choose the layer, then tune and fit the head'.
+
+    In every outer fold, :func:`select_layer` picks a candidate on the training part only (the
+    one-standard-error rule), the head is tuned and fitted there (:func:`featx.heads.fit_head`)
+    and scored on the held-out part; the accuracy therefore includes the cost of choosing the
+    layer: it is the honest estimate of the whole procedure.
+
+    Returns
+    -------
+    dict
+        ``accuracy_mean``, ``accuracy_std``, ``balanced_accuracy``, ``macro_f1``,
+        ``chosen_per_fold``, ``chosen`` (the most frequent), ``cv``, ``n_samples``.
+    """
+    from collections import Counter
+
+    from featx.heads import fit_head, fold_means, outer_splits, score_predictions  # scikit-learn
+
+    y = np.asarray(y)
+    names = list(candidates)
+    _, counts = np.unique(y, return_counts=True)
+    n_splits = int(min(cv, counts.min()))
+    if n_splits < 2:
+        raise FeatxError("--layers auto needs at least two images in every class.")
+    folds, chosen_per_fold = [], []
+    start = time.perf_counter()
+    classes = np.unique(y)
+    for train, test in outer_splits(y, n_splits, random_state=random_state):
+        chosen = select_layer({n: candidates[n][train] for n in names}, y[train], head=head, cv=inner_cv,
+                              random_state=random_state).chosen
+        model, _ = fit_head(candidates[chosen][train], y[train], head=head, inner_cv=inner_cv, random_state=random_state)
+        folds.append(score_predictions(y[test], model.predict(candidates[chosen][test]), classes=classes))
+        chosen_per_fold.append(chosen)
+    return {
+        **fold_means(folds),
+        "chosen_per_fold": chosen_per_fold,
+        "chosen": Counter(chosen_per_fold).most_common(1)[0][0],
+        "cv": n_splits,
+        "n_samples": int(len(y)),
+        "fit_time": time.perf_counter() - start,
+    }

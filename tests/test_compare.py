@@ -94,7 +94,7 @@ def test_write_comparison_files_and_plot(tmp_path):
 
 def test_select_layer_and_evaluate_auto_choose_informative_features():
     """Check that the informative feature set is chosen, inside every outer fold."""
-    from featx.compare import evaluate_auto, select_layer
+    from featx.selection import evaluate_auto, select_layer
 
     rng = np.random.default_rng(0)
     y = np.repeat(["a", "b", "c"], 12)

@@ -18,7 +18,8 @@ from featx.cli.arguments import (
     open_data,
 )
 from featx.cli.output import format_selection, format_table, print_json, report_skipped
-from featx.compare import best_row, compare_layers, evaluate_auto, select_layer, write_comparison
+from featx.compare import best_row, compare_layers, write_comparison
+from featx.selection import evaluate_auto, select_layer
 from featx.distributed import joblib_on_ray
 from featx.extraction import extract, kept_labels
 from featx.options import ExtractOptions, FinetuneOptions

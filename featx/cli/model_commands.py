@@ -22,9 +22,8 @@ from featx.cli.arguments import (
     extract_options,
     open_data,
 )
-from featx.cli.evaluation_commands import auto_candidates
 from featx.cli.output import format_selection, format_table, print_json, report_skipped, warn_problems
-from featx.compare import select_layer
+from featx.selection import Selection
 from featx.exceptions import FeatxError, ModelFileError
 from featx.images import IMAGE_EXTENSIONS, open_source
 
@@ -105,17 +104,14 @@ def cmd_fit(args) -> int:
         raise FeatxError("--json goes with --auto (the leaderboard); a plain 'featx fit' prints one line.")
     inner_cv = 3 if args.cv is None else args.cv
     options = extract_options(args)
-    if args.layers == "auto":
-        candidates, y, _ = auto_candidates(source, options, args.data)
-        selection = select_layer(candidates, y, head=args.head, cv=inner_cv, random_state=args.seed)
-        print(f"--layers auto: {len(candidates)} feature sets scored by {args.head} with its default parameters, "
-              f"{selection.table[0]['n_folds']} stratified folds ({inner_cv}-fold CV, repeated below 500 images):")
-        print(format_selection(selection))
-        layer, pooling = selection.chosen.split("/")
-        options = options.replace(layers=layer, pooling=pooling)
     model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
-    if args.layers != "auto":  # --layers auto reported them after its extraction
-        report_skipped(result.skipped, len(result.keys), data=args.data)
+    report_skipped(result.skipped, len(result.keys), data=args.data)
+    selection = model.info["selection"]
+    if selection is not None:
+        print(f"--layers auto: {len(selection['table'])} feature sets scored by {args.head} with its default "
+              f"parameters, {selection['table'][0]['n_folds']} stratified folds ({inner_cv}-fold CV, repeated "
+              f"below 500 images):")
+        print(format_selection(Selection(**selection)))
     save_model(model, args.output)
     print(f"{model.describe()}; chosen {model.info['chosen_params']}")
     print(_cv_score_line(model.info))
