@@ -32,7 +32,8 @@ import numpy as np
 
 from featx.exceptions import FeatxError
 
-__all__ = ["SIMPLEST", "Selection", "bootstrap_estimate", "evaluate_auto", "one_standard_error", "select_layer"]
+__all__ = ["SIMPLEST", "Selection", "bootstrap_estimate", "evaluate_auto", "layer_preference", "one_standard_error",
+           "select_layer"]
 
 RULE = ("the simplest candidate within one standard error of the best (paired over the same folds); "
         "the estimate scores the rule itself by a bootstrap over the folds")
@@ -224,8 +225,9 @@ def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", 
     hyper-parameters (the choice of layer comes first; C is tuned afterwards on the chosen one),
     on the same stratified folds, repeated three times below 500 images so that small data gives
     enough folds to measure its noise. The choice is :func:`featx.selection.one_standard_error`:
-    the simplest candidate within one standard error of the best, simplest meaning
-    ``pre_logits/avg`` first, then the narrower feature sets (ties: the shallower).
+    the first candidate within one standard error of the best in :func:`layer_preference`
+    order, the least departure from the default first: ``pre_logits/avg``, then the deepest
+    layers (a shallower layer must beat them by more than the noise).
 
     Returns
     -------
@@ -250,9 +252,26 @@ def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", 
         name: evaluate(X, y, head=head, cv=cv, repeats=repeats, tune=False, random_state=random_state)["fold_accuracy"]
         for name, X in candidates.items()
     }
+    return one_standard_error(folds, layer_preference(candidates), random_state=random_state)
+
+
+def layer_preference(candidates: dict[str, np.ndarray]) -> list[str]:
+    """Feature sets from the least to the most departure from the default: ``pre_logits/avg``, then deepest first.
+
+    ``candidates`` lists its ``"<layer>/<pooling>"`` names shallow to deep (as ``layers="all"``
+    extracts them); within a layer the narrower pooling comes first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> names = ["stage3/avg", "stage3/spp", "stage4/avg", "pre_logits/avg"]
+    >>> layer_preference({n: np.zeros((1, 5 if n.endswith("spp") else 1)) for n in names})
+    ['pre_logits/avg', 'stage4/avg', 'stage3/avg', 'stage3/spp']
+    """
     names = list(candidates)
-    preference = sorted(names, key=lambda n: (n != SIMPLEST, np.shape(candidates[n])[1], names.index(n)))
-    return one_standard_error(folds, preference)
+    layers = list(dict.fromkeys(name.split("/")[0] for name in names))
+    return sorted(names, key=lambda n: (n != SIMPLEST, -layers.index(n.split("/")[0]), np.shape(candidates[n])[1],
+                                        names.index(n)))
 
 
 def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", cv: int = 5, inner_cv: int = 3,
