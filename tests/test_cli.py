@@ -523,18 +523,23 @@ def test_cli_compare_writes_table_csv_json_png(tmp_path, capsys, monkeypatch):
     assert len(json.loads((out / "compare.json").read_text())) == 6
 
 
-def test_cli_cv_and_fit_with_layers_auto(tmp_path, capsys, monkeypatch):
-    """Check that --layers auto chooses a layer by inner CV in cv (nested) and in fit."""
+def test_cli_cv_and_fit_choose_the_layer_by_default(tmp_path, capsys, monkeypatch):
+    """Check that cv and fit without --layers choose the feature set by the one-standard-error rule and show its table."""
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
     train, _ = _split_folders(tmp_path)
-    assert main(["cv", str(train), *TINY_OPTS, "--layers", "auto", "--cv", "3", "--json"]) == 0
+    assert main(["cv", str(train), *TINY_OPTS, "--cv", "3", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["layer"] == "auto" and len(row["chosen_per_fold"]) == 3
     assert row["chosen_layer"] in {"stem", "stage1", "stage2", "stage3", "pre_logits"}
+    selection = row["selection"]
+    assert f"{row['chosen_layer']}/{row['pooling']}" == selection["chosen"]
+    assert [r["chosen"] for r in selection["table"]].count(True) == 1 and selection["bias"] >= 0
+    assert "one standard error" in selection["rule"]
     model = tmp_path / "auto.joblib"
-    assert main(["fit", str(train), *TINY_OPTS, "--layers", "auto", "--cv", "3", "-o", str(model)]) == 0
+    assert main(["fit", str(train), *TINY_OPTS, "--cv", "3", "-o", str(model)]) == 0
     out = capsys.readouterr().out
-    assert "--layers auto: chose" in out and model.is_file()
+    assert "--layers auto: 5 feature sets scored" in out and "within 1 se" in out and model.is_file()
+    assert re.search(r"chose \S+/avg: the (best by mean|simplest candidate within one standard error)", out)
 
 
 def test_cli_advise_json_keys(tmp_path, capsys, monkeypatch):

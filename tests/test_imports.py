@@ -45,6 +45,7 @@ LAYERS = {
     "featx.extraction": 4,
     "featx.transformers": 5,
     "featx.heads": 5,
+    "featx.selection": 5,
     "featx.compare": 5,
     "featx.models": 5,
     "featx.finetuning": 5,

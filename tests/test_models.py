@@ -116,6 +116,24 @@ def test_load_model_checks_the_weights_still_resolve(folders, tmp_path):
         load_model(tmp_path / "m.joblib")
 
 
+def test_fit_model_layers_auto_chooses_from_one_extraction(folders, tmp_path):
+    """Check that layers='auto' extracts every layer once, keeps the table it chose from, and predicts."""
+    train, val = str(folders["train"]), str(folders["val"])
+    model, result = fit_model(train, backbone=TINY, layers="auto", pooling="avg,spp", device="cpu", store=tmp_path / "c")
+    selection = model.info["selection"]
+    names = [row["name"] for row in selection["table"]]
+    assert names[0] == "pre_logits/avg" and len(names) == len(set(names)) > 4 and "stage1/spp" in names
+    assert selection["chosen"] in names and [row["chosen"] for row in selection["table"]].count(True) == 1
+    assert f"{model.features.layer}/{model.features.pooling}" == selection["chosen"]
+    assert result.n_computed == len(result.keys) and "stage1/spp" in {r.key for r in result.requests}  # one pass
+    again, second = fit_model(train, backbone=TINY, layers="auto", pooling="avg,spp", device="cpu",
+                              store=tmp_path / "c")
+    assert second.n_computed == 0 and again.info["selection"] == selection
+    assert all(row["label"] in model.classes for row in predict(model, val))
+    with pytest.raises(FeatxError, match="layers='auto' chooses a layer of one backbone"):
+        fit_model(train, backbone=f"{TINY}+{TINY}", layers="auto", device="cpu", store=tmp_path / "c")
+
+
 def test_fit_model_concatenated_backbones_and_hflip_round_trip(folders, tmp_path):
     """Check that a model over two backbones' concatenated, flip-averaged features saves, loads and predicts as fitted."""
     train, test = str(folders["train"]), str(folders["val"])

@@ -23,16 +23,15 @@ from featx.cli.arguments import (
     extract_options,
     open_data,
 )
-from featx.cli.evaluation_commands import auto_candidates
-from featx.cli.output import format_table, print_json, report_skipped, warn_problems
-from featx.compare import select_layer
+from featx.cli.output import format_selection, format_table, print_json, report_skipped, warn_problems
+from featx.selection import Selection
 from featx.exceptions import FeatxError, ModelFileError
 from featx.images import IMAGE_EXTENSIONS, open_source
 
 __all__ = ["AUTO_COLUMNS", "COMMANDS"]
 
-AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "seconds", "extraction_seconds",
-                "status"]
+AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "within_1se", "seconds",
+                "extraction_seconds", "status"]
 
 #: What the --auto search chooses itself: the options of these fields are ignored with --auto.
 AUTO_CHOOSES = ("backbone", "layers", "pooling", "tta")
@@ -60,6 +59,8 @@ def cmd_fit_auto(args, source) -> int:
 
     rows = [{**row, "rank": shown(row["rank"], "d"), "dim": shown(row["dim"], "d"),
              "accuracy_mean": shown(row["accuracy_mean"], ".4f"), "accuracy_std": shown(row["accuracy_std"], ".4f"),
+             "within_1se": ("yes, chosen" if row.get("chosen") else "yes") if row.get("within_1se") else
+                           ("no" if row["rank"] is not None else "-"),
              "seconds": shown(row["seconds"], ".1f"), "extraction_seconds": shown(row["extraction_seconds"], ".1f")}
             for row in result.leaderboard]
     print(format_table(rows, AUTO_COLUMNS))
@@ -69,9 +70,15 @@ def cmd_fit_auto(args, source) -> int:
               f"{advice['similarity_score']:.2f}): fine-tuning candidates "
               + (f"from {', '.join(advice['finetune_from'])}" if advice["finetune_from"] else
                  "none (small data: heads on frozen features); --auto-finetune stage5 adds one"))
-    best = result.best
-    print(f"\nbest: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
-          f"({best['cv']}-fold CV on {source.name} only)")
+    best, selection = result.best, result.selection
+    top = result.leaderboard[0]
+    why = ("the highest mean" if best is top else
+           f"the cheapest candidate within one standard error of the highest mean ({top['configuration']} "
+           f"{top['accuracy_mean']:.4f}), since a small lead among {len(selection.table)} candidates is mostly luck")
+    print(f"\nchosen: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
+          f"({best['cv']}-fold CV on {source.name} only): {why}")
+    print(f"estimate of the whole search: {selection.estimate:.4f} (the rule scored by a bootstrap over the folds; "
+          f"the chosen candidate's own score is optimistic by about {selection.bias:+.4f})")
     print("extractions: " + ", ".join(f"{e['backbone']} {'maps' if e['maps'] else 'tta=' + e['tta']} {e['seconds']:.0f} s "
                                       f"({e['n_computed']} computed)" for e in result.extractions))
     print(f"search and refit: {result.seconds:.0f} s of a {result.budget:.0f} s budget")
@@ -98,16 +105,14 @@ def cmd_fit(args) -> int:
         raise FeatxError("--json goes with --auto (the leaderboard); a plain 'featx fit' prints one line.")
     inner_cv = 3 if args.cv is None else args.cv
     options = extract_options(args)
-    if args.layers == "auto":
-        candidates, y, _ = auto_candidates(source, options, args.data)
-        chosen, scores = select_layer(candidates, y, head=args.head, cv=inner_cv, random_state=args.seed)
-        print(f"--layers auto: chose {chosen} by {inner_cv}-fold cross-validation "
-              f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())})")
-        layer, pooling = chosen.split("/")
-        options = options.replace(layers=layer, pooling=pooling)
     model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
-    if args.layers != "auto":  # --layers auto reported them after its extraction
-        report_skipped(result.skipped, len(result.keys), data=args.data)
+    report_skipped(result.skipped, len(result.keys), data=args.data)
+    selection = model.info["selection"]
+    if selection is not None:
+        print(f"--layers auto: {len(selection['table'])} feature sets scored by {args.head} with its default "
+              f"parameters, {selection['table'][0]['n_folds']} stratified folds ({inner_cv}-fold CV, repeated "
+              f"below 500 images):")
+        print(format_selection(Selection(**selection)))
     save_model(model, args.output)
     print(f"{model.describe()}; chosen {model.info['chosen_params']}")
     print(_cv_score_line(model.info))
@@ -124,7 +129,7 @@ def _cv_score_line(info: dict) -> str:
 
 def fit_arguments(p: argparse.ArgumentParser) -> None:
     add_data_options(p)
-    add_extraction_options(p)
+    add_extraction_options(p, layers="auto")
     add_head_options(p, several=False)
     g = p.add_argument_group(
         "auto", "--auto searches backbones, feature sets, flip averaging, heads and (where the advisor says so) "
