@@ -746,3 +746,19 @@ def test_cli_cv_class_smaller_than_folds_refused_before_extracting(tmp_path, cap
         f"featx: error: {data}: 1 class has fewer images than the 3 cross-validation folds need (--cv 3): "
         "'class0' (2); add images, lower --cv to 2, or drop that class.\n")
     assert not cache.exists()
+
+
+def test_cli_threads_option_builds_the_plan_and_refuses_a_bad_value(tmp_path, capsys):
+    """Check that --threads none/N/auto reach ExtractOptions.threads and a bad value is one line, exit 1."""
+    import argparse
+
+    from featx.cli.arguments import add_extraction_options, extract_options
+
+    parser = argparse.ArgumentParser()
+    add_extraction_options(parser, ("threads",))
+    assert [extract_options(parser.parse_args(argv)).threads
+            for argv in ([], ["--threads", "none"], ["--threads", "3"])] == ["auto", None, 3]
+    data = _large_images(tmp_path / "data", 1)
+    assert main(["extract", str(data), *EXTRACT, "--threads", "lots"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--threads must be auto, none or a whole number" in err
