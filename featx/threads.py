@@ -130,13 +130,13 @@ class ThreadPlan:
         torch intra-op threads of the forward pass; None leaves torch's count as it is.
     blas_after : int or None
         BLAS threads :class:`~featx.transformers.CNNFeatures` leaves the process at; None: untouched.
-    heads : int
-        BLAS and OpenMP threads of featx's own heads and cross-validation.
+
+    featx's own heads and cross-validation run on one BLAS and OpenMP thread whatever the plan
+    (:func:`head_limits`): that is also what keeps their reports identical from run to run.
     """
 
     torch: int | None
     blas_after: int | None
-    heads: int = 1
 
 
 def torch_threads(*, default: int, cores: int | None = None, passive: bool | None = None,
@@ -186,9 +186,9 @@ def plan(threads="auto", *, torch_default: int | None = None) -> ThreadPlan:
     Examples
     --------
     >>> plan(3)
-    ThreadPlan(torch=3, blas_after=None, heads=1)
+    ThreadPlan(torch=3, blas_after=None)
     >>> plan(None)
-    ThreadPlan(torch=None, blas_after=None, heads=1)
+    ThreadPlan(torch=None, blas_after=None)
     >>> plan("auto", torch_default=1).blas_after
     1
     """

@@ -46,8 +46,8 @@ def test_check_threads_refuses_what_is_not_a_plan():
 
 def test_plan_user_overrides_win():
     """Check that a number gives the forward pass that many torch threads and leaves BLAS alone, and None touches nothing."""
-    assert plan(3) == ThreadPlan(torch=3, blas_after=None, heads=1)
-    assert plan(None) == ThreadPlan(torch=None, blas_after=None, heads=1)
+    assert plan(3) == ThreadPlan(torch=3, blas_after=None)
+    assert plan(None) == ThreadPlan(torch=None, blas_after=None)
     assert plan("auto", torch_default=2).blas_after == 1
 
 
