@@ -107,8 +107,9 @@ def run(*, n: int = 300, model: str = "efficientnet_lite0", layers=LAYERS, threa
     saved = os.environ.get("FEATX_CACHE")
     with tempfile.TemporaryDirectory(prefix="grid-ratio-") as tmp:
         tmp = Path(tmp)
-        # Warm-up, not timed: imports, weights, the layer probe and the first kernels.
-        featx.extract(images[:2], backbone=model, layers=list(layers), threads=threads)
+        # Warm-up, not timed: imports, weights, the layer probe and the kernels of a full batch
+        # (oneDNN prepares them per input shape; charged to the first extraction otherwise).
+        featx.extract(images[:32], backbone=model, layers=list(layers), threads=threads)
         LogisticRegression(max_iter=50).fit(np.random.default_rng(0).normal(size=(20, 4)), np.arange(20) % 2)
         try:
             for condition in ("alone", "busy"):
