@@ -19,15 +19,23 @@ Three measurements on the same images, each in a fresh process (so that peak mem
     by ONNX Runtime (export timed apart, on one batch first), and (g) ONNX Runtime's own
     model-only limit on random tensors.
 
+:func:`run_busy_bench` (``featx bench --busy``) measures (b) at each thread setting
+(:mod:`featx.threads`) while a second ``featx extract`` of other images shares the cores, and
+reports featx's default against its best setting.
+
 Nothing here asserts a time: the figures are printed for people to compare, side by side, from
 one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import resource
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,8 +49,9 @@ from featx.images import open_source
 from featx.loop import prepare
 from featx.options import ExtractOptions
 from featx.runners import onnx_taps
+from featx.threads import available_cores
 
-__all__ = ["make_jpegs", "run_bench"]
+__all__ = ["busy_neighbour", "make_jpegs", "run_bench", "run_busy_bench"]
 
 
 def make_jpegs(folder: str | os.PathLike, n: int, *, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
@@ -260,3 +269,123 @@ def run_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 25
         "naive_peak_rss_mb": naive["peak_rss_mb"],
         **extra,
     }
+
+
+# --- featx bench --busy: the thread plan under load ------------------------------------------------
+
+# The neighbour: 'featx extract' of its own images, again and again on a fresh store, until stopped.
+_NEIGHBOUR = """
+import subprocess, sys, tempfile
+folder, model = sys.argv[1:3]
+while True:
+    with tempfile.TemporaryDirectory() as cache:
+        subprocess.run([sys.executable, "-m", "featx", "extract", folder, "--model", model, "--cache", cache],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+"""
+
+
+@contextlib.contextmanager
+def busy_neighbour(folder, *, model: str = ExtractOptions.backbone, settle_s: float = 5.0):
+    """A second ``featx extract`` (of ``model``) of the images in ``folder`` running beside the block.
+
+    It is a multithreaded job of its own (torch threads and decoding processes), restarted on a
+    fresh store whenever it finishes, and stopped (with every process it started) when the block
+    ends. The block starts ``settle_s`` seconds after it, once its network is running.
+    """
+    process = subprocess.Popen([sys.executable, "-c", _NEIGHBOUR, str(folder), str(model)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(settle_s)
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # its own session: the loop and the extraction it runs
+        process.wait()
+
+
+@contextlib.contextmanager
+def _environment(**changes):
+    """``os.environ`` with ``changes`` (None removes a name) for the block; the child processes
+    started inside it inherit them."""
+    saved = {name: os.environ.get(name) for name in changes}
+    try:
+        for name, value in changes.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _label(threads) -> str:
+    return {"auto": "auto (default)", None: "none"}.get(threads, f"{threads} torch threads")
+
+
+def run_busy_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 256, settings=None,
+                   repeat: int = 1, settle_s: float = 5.0, out=print, **extract_settings) -> dict:
+    """featx's extraction at each thread setting while a second ``featx extract`` shares the cores.
+
+    Each setting runs in a fresh process (like (b) of :func:`run_bench`), one after the other,
+    ``repeat`` rounds, while :func:`busy_neighbour` extracts other generated images beside them.
+    ``threads=None`` runs without featx's OpenMP wait policy (``OMP_WAIT_POLICY`` and
+    ``FEATX_THREADS=none`` as a user who opts out has them): the behaviour before the plan.
+
+    Parameters
+    ----------
+    folder : path, optional
+        A folder of class sub-folders of images; by default ``n`` generated 500×375 JPEGs.
+    options : ExtractOptions, optional
+        The ``backbone``, ``batch_size`` and ``device`` measured; ``threads`` is what is varied.
+    n : int, default=256
+        Images to generate (ignored with ``folder``); the neighbour gets as many of its own.
+    settings : sequence, optional
+        The ``threads`` values to measure; default ``"auto"``, 1 … the cores, and None.
+    repeat : int, default=1
+        Rounds over the settings; a setting's best round counts.
+    settle_s : float, default=5.0
+        Seconds the neighbour runs before the first measurement.
+
+    Returns
+    -------
+    dict
+        ``results`` (one dict per setting: ``threads``, ``images_per_s``, ``rounds``),
+        ``default_images_per_s``, ``best_threads``, ``best_images_per_s``, ``best_over_default``
+        (acceptance: at most 1.5), ``load_before``, ``load_after``, ``cpu_count``, ``model``, ``n_images``.
+    """
+    options = ExtractOptions.merge(options, extract_settings, aliases={"model": "backbone"}, where="run_busy_bench")
+    cores = available_cores()
+    settings = list(settings) if settings is not None else ["auto", *range(1, cores + 1), None]
+    plain = options.replace(device=str(resolve(options).device), compile=False, runtime="torch")
+    model = options.backbone if isinstance(options.backbone, str) else options.backbone.name
+    rounds: dict = {_label(s): [] for s in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        if folder is None:
+            out(f"generating {n} JPEGs of 500×375 …")
+            folder = make_jpegs(Path(tmp) / "images", n)
+        out(f"generating {n} other JPEGs for the neighbouring 'featx extract' …")
+        other = make_jpegs(Path(tmp) / "neighbour", n, seed=1)
+        load_before = os.getloadavg()[0]
+        with busy_neighbour(other, model=model, settle_s=settle_s):
+            for r in range(repeat):
+                for threads in settings:
+                    env = {"OMP_WAIT_POLICY": None, "FEATX_THREADS": "none"} if threads is None else {}
+                    with _environment(**env):
+                        result = _isolated("_featx", str(folder), plain.replace(threads=threads))
+                    rounds[_label(threads)].append(result["images_per_s"])
+                    out(f"    round {r + 1}, threads={_label(threads)}: {result['images_per_s']:.1f} images/s "
+                        f"(beside the neighbour)")
+            n_images = result["n"]
+        load_after = os.getloadavg()[0]
+    results = [{"threads": s, "images_per_s": max(rounds[_label(s)]), "rounds": rounds[_label(s)]} for s in settings]
+    by_label = {_label(r["threads"]): r for r in results}
+    default = by_label[_label(options.threads)] if _label(options.threads) in by_label else results[0]
+    best = max(results, key=lambda r: r["images_per_s"])
+    return {"model": model, "n_images": n_images, "cpu_count": cores, "load_before": load_before, "load_after": load_after,
+            "results": results, "default_threads": default["threads"], "default_images_per_s": default["images_per_s"],
+            "best_threads": best["threads"], "best_images_per_s": best["images_per_s"],
+            "best_over_default": best["images_per_s"] / default["images_per_s"]}

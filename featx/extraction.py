@@ -30,6 +30,7 @@ from featx.loop import Batch, Request, iter_batches, make_requests, prepare
 from featx.options import ExtractOptions, check_tta
 from featx.shards import check_shard, in_shard, open_shard
 from featx.store import FeatureStore, canonical_json, store_path
+from featx.threads import extraction_scope
 
 __all__ = [
     "Batch",
@@ -392,10 +393,11 @@ def extract(images, options: ExtractOptions | None = None, *, stop=None, shard: 
     if run.store is None:
         prepare(backbone, run.device)
         chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
-        for batch in iter_batches(backbone, source, requests, run.replace(on_error="raise")):
-            for request in requests:
-                chunks[request].append(batch.features[request])
-            _check_stop(stop)
+        with extraction_scope(run.threads):
+            for batch in iter_batches(backbone, source, requests, run.replace(on_error="raise")):
+                for request in requests:
+                    chunks[request].append(batch.features[request])
+                _check_stop(stop)
         return {
             r.key: np.concatenate(chunks[r]) if chunks[r] else np.empty((0, 0), dtype=np.float32) for r in requests
         }
@@ -467,7 +469,7 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
             batches = iter_batches(backbone, source, todo, run, indices=indices)
         else:
             batches = engine.batches(backbone, source, todo, run, indices=indices)
-        with feature_store.writer(), contextlib.closing(batches):
+        with extraction_scope(run.threads), feature_store.writer(), contextlib.closing(batches):
             for batch in batches:
                 for position, message in batch.skipped:
                     failed[keys[position]] = message

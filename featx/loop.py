@@ -24,7 +24,7 @@ from featx.exceptions import ImageDecodeError
 from featx.options import ExtractOptions
 from featx.featuresets import parse_blocks
 from featx.paths import split_names
-from featx.pooling import check_pooling, pool
+from featx.pooling import check_pooling, pool_each
 from featx.runners import compiled_taps, onnx_taps
 
 if TYPE_CHECKING:
@@ -178,8 +178,12 @@ def iter_batches(
                         else:
                             width = 2 * n if tta == "hflip" else n
                             outputs = {tap: out[:width] for tap, out in zip(taps, runner(x))}
+                    poolings: dict = {}
                     for request in requests:
-                        pooled = pool(outputs[request.tap].float(), request.pooling)
+                        poolings.setdefault(request.tap, []).append(request.pooling)
+                    pooled_at = {tap: pool_each(outputs[tap], names) for tap, names in poolings.items()}
+                    for request in requests:
+                        pooled = pooled_at[request.tap][request.pooling]
                         if tta == "hflip":
                             pooled = (pooled[:n] + pooled[n:]) / 2
                         features[request] = pooled.cpu().numpy().astype(np.float32, copy=False)

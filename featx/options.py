@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from featx.exceptions import FeatxError, suggest
+from featx.threads import check_threads
 
 __all__ = [
     "CACHED",
@@ -133,6 +134,12 @@ class ExtractOptions:
         checked from the header); a larger one is a bad image (``on_error``). It decides which
         images are accepted, not their features, so it is no part of a store's configuration:
         an image whose features a store already holds is not decoded again, nor checked.
+    threads : "auto", int or None, default="auto"
+        The thread plan (:mod:`featx.threads`): ``"auto"`` runs the forward pass on torch's
+        threads capped by the cores this process may use (one when OpenMP threads spin and the
+        machine is busy) and gives the caller's count back after; N runs it on N torch
+        threads; ``None`` changes no thread setting. It does not change the features beyond
+        float rounding, so it is no part of a store's configuration.
 
     Examples
     --------
@@ -165,6 +172,7 @@ class ExtractOptions:
     compile: bool = False
     engine: object = "local"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    threads: int | str | None = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "layers", _as_names(self.layers))
@@ -184,6 +192,7 @@ class ExtractOptions:
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise FeatxError(f"max_pixels must be a positive integer (width × height; default {DEFAULT_MAX_PIXELS}), "
                              f"got {self.max_pixels!r}.")
+        check_threads(self.threads)
         if self.runtime == "onnxruntime" and self.compile:
             raise FeatxError("compile=True compiles the torch runtime; it does not go with runtime='onnxruntime'. "
                              "Leave one of them out.")

@@ -4,7 +4,7 @@ import pytest
 
 from PIL import Image
 
-from featx.bench import make_jpegs, run_bench
+from featx.bench import make_jpegs, run_bench, run_busy_bench
 from featx.cli import main
 
 
@@ -55,3 +55,27 @@ def test_run_bench_onnxruntime_reports_its_rate_and_limit(tmp_path):
     assert report["onnx_images_per_s"] > 0 and report["model_only_onnx_images_per_s"] > 0
     assert report["onnx_export_seconds"] > 0 and report["onnx_speedup_vs_naive"] > 0
     assert "model_only_compiled_images_per_s" not in report
+
+
+def test_run_busy_bench_reports_default_against_best(tmp_path):
+    """Check that bench --busy measures each thread setting beside a neighbour and reports best over default."""
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    report = run_busy_bench(folder, model="featx_tiny_cnn", batch_size=2, device="cpu", n=4, settings=("auto", 1, None),
+                            settle_s=0.5, out=lambda line: None)
+    assert [row["threads"] for row in report["results"]] == ["auto", 1, None]
+    assert report["default_threads"] == "auto" and report["n_images"] == 4
+    best = max(row["images_per_s"] for row in report["results"])
+    assert report["best_images_per_s"] == best
+    assert report["best_over_default"] == best / report["default_images_per_s"] >= 1.0
+
+
+def test_cli_bench_busy_prints_each_setting(tmp_path, capsys, monkeypatch):
+    """Check that 'featx bench --busy' prints one line per thread setting and the best / default ratio."""
+    import featx.bench
+
+    monkeypatch.setattr(featx.bench, "available_cores", lambda: 1)
+    folder = make_jpegs(tmp_path / "imgs", 2)
+    assert main(["bench", str(folder), "--busy", "--model", "featx_tiny_cnn", "--batch-size", "2", "--device", "cpu",
+                 "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "threads=auto" in out and "threads=None" in out and "best / default (threads=auto)" in out

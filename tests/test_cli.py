@@ -829,3 +829,17 @@ def test_cli_compare_report_writes_plot_and_table(tmp_path, capsys, monkeypatch)
     text = page.read_text(encoding="utf-8")
     assert text.count("data:image/png;base64,") == 1 and f"<h2>Layer comparison: {train}</h2>" in text
     assert len(re.findall(r"<tr><td>featx_tiny_cnn</td>", text)) == 2
+def test_cli_threads_option_builds_the_plan_and_refuses_a_bad_value(tmp_path, capsys):
+    """Check that --threads none/N/auto reach ExtractOptions.threads and a bad value is one line, exit 1."""
+    import argparse
+
+    from featx.cli.arguments import add_extraction_options, extract_options
+
+    parser = argparse.ArgumentParser()
+    add_extraction_options(parser, ("threads",))
+    assert [extract_options(parser.parse_args(argv)).threads
+            for argv in ([], ["--threads", "none"], ["--threads", "3"])] == ["auto", None, 3]
+    data = _large_images(tmp_path / "data", 1)
+    assert main(["extract", str(data), *EXTRACT, "--threads", "lots"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--threads must be auto, none or a whole number" in err

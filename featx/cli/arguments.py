@@ -98,17 +98,36 @@ OPTIONS: dict[str, tuple[str, dict]] = {
         "help": "largest width x height of an image file that is decoded; a larger one is a bad image "
         "(decompression-bomb guard). Raise it for files you trust (default: %(default)s)",
     }),
+    "threads": ("--threads", {
+        "default": "auto", "metavar": "auto|none|N",
+        "help": "the thread plan: auto (torch threads capped by the cores, OpenMP threads that sleep when they wait, "
+        "BLAS on one thread in featx's heads), N torch threads for the forward pass, or none (featx changes no thread "
+        "setting) (default: %(default)s)",
+    }),
 }
 
 #: The group of options 'featx extract', 'cv', 'compare' and 'fit' have.
 EXTRACTION = ("backbone", "weights", "layers", "pooling", "batch_size", "device", "precision", "num_workers",
-              "on_error", "store", "dtype", "tta", "max_pixels")
+              "on_error", "store", "dtype", "tta", "max_pixels", "threads")
+
+
+def _threads(value):
+    """``--threads``: "auto", "none" (None) or a whole number, checked by ExtractOptions."""
+    if value.lower() == "none":
+        return None
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise FeatxError(f"--threads must be auto, none or a whole number >= 1, got {value!r}.") from None
 
 # How a parsed value becomes its field's: what the CLI writes for "no value" differs from the field's own.
 _VALUES = {
     "weights": lambda value: None if value.lower() == "none" else value,
     "num_workers": lambda value: "auto" if value is None else value,
     "store": lambda folder: folder or True,
+    "threads": _threads,
 }
 
 _DECLARED = "extraction_options"  # the args attribute that maps each declared field to its args attribute

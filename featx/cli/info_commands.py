@@ -11,7 +11,7 @@ import sys
 import time
 
 from featx.backbones import list_backbones, list_layers
-from featx.bench import run_bench
+from featx.bench import run_bench, run_busy_bench
 from featx.cli.arguments import (
     add_data_options,
     add_extraction_options,
@@ -173,8 +173,13 @@ def cmd_bench(args) -> int:
     loop, featx's extraction into a fresh store, and the model's forward pass alone; print
     images/s, the ratios and peak memory.
 
+    With --busy: featx's extraction at each thread setting while a second 'featx extract' of
+    other images shares the cores; featx's default against its best setting.
+
     Example: featx bench --n 512 --json
     """
+    if args.busy:
+        return _bench_busy(args)
     report = run_bench(args.folder, extract_options(args), n=args.n,
                        out=(lambda line: print(line, file=sys.stderr)) if args.json else print)
     if args.json:
@@ -221,6 +226,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_busy(args) -> int:
+    """``featx bench --busy``: the thread settings side by side, under a neighbouring extraction."""
+    report = run_busy_bench(args.folder, extract_options(args), n=args.n, repeat=args.repeat,
+                            out=lambda line: print(line, file=sys.stderr if args.json else sys.stdout))
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"\n{report['n_images']} images, {report['model']}, {report['cpu_count']} cores, beside a second "
+          f"'featx extract' (load average {report['load_before']:.1f} before, {report['load_after']:.1f} after):")
+    for row in report["results"]:
+        print(f"  threads={str(row['threads']):5} {row['images_per_s']:8.1f} images/s")
+    print(f"  best: threads={report['best_threads']}; best / default (threads={report['default_threads']}): "
+          f"{report['best_over_default']:.2f}x")
+    return 0
+
+
 def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", nargs="?", default=None, metavar="DIR", help="a folder of class sub-folders of images")
     add_extraction_options(p, ("backbone",), title=None)
@@ -231,6 +252,10 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
         "runtime": {"help": "onnxruntime: also measure featx and the model-only limit with ONNX Runtime (default: "
                             "%(default)s)"},
     })
+    p.add_argument("--busy", action="store_true",
+                   help="instead: featx's extraction at each thread setting (auto, 1 … the cores, none) while a second "
+                        "'featx extract' of other images shares the cores; default against best")
+    p.add_argument("--repeat", type=int, default=1, help="with --busy: rounds over the settings (default: %(default)s)")
     add_json(p, "print JSON")
 
 
