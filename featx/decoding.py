@@ -145,8 +145,8 @@ def make_loader(source, indices: Sequence[int], preprocess: Preprocess, *, decod
     """The batches THE loop reads: :class:`ImageDataset` items collated by :func:`collate`.
 
     On a CPU device with ``num_workers="auto"``, a :class:`ThreadedLoader` with as many threads
-    as the network's (``torch.get_num_threads()``): decoding and the network take turns on the
-    same cores. Otherwise a DataLoader with ``num_workers`` decoding processes (``"auto"``:
+    as the network's (``torch.get_num_threads()``) for image files, one for in-memory images:
+    decoding and the network take turns on the same cores. Otherwise a DataLoader with ``num_workers`` decoding processes (``"auto"``:
     :func:`auto_workers`) that decode ahead while the device runs the network; memory is pinned
     for a CUDA device only. ``featx bench`` times this same loader alone (decoding without the
     network).
@@ -156,7 +156,10 @@ def make_loader(source, indices: Sequence[int], preprocess: Preprocess, *, decod
 
     if num_workers == "auto" and device.type == "cpu":
         dataset = ImageDataset(source, indices, preprocess, decoder, max_pixels)
-        return ThreadedLoader(dataset, batch_size, torch.get_num_threads())
+        # Files: one thread per network thread. In-memory images stay on one thread, as before: a
+        # PIL image listed twice must not be loaded by two threads at once.
+        files = len(indices) > 0 and isinstance(source[indices[0]], (str, os.PathLike))
+        return ThreadedLoader(dataset, batch_size, torch.get_num_threads() if files else 1)
     if num_workers == "auto":
         num_workers = auto_workers(source, len(indices))
     return DataLoader(

@@ -43,3 +43,13 @@ def test_threaded_loader_reports_bad_images_and_decode_time(tmp_path, image_fold
     kept = np.concatenate([b.indices.numpy() for b in batches])
     assert sorted(kept.tolist() + [position]) == list(range(len(source)))
     assert all(b.decode_seconds > 0 and not b.in_workers for b in batches)
+
+
+def test_make_loader_keeps_in_memory_images_on_one_thread(images):
+    """Check that arrays and PIL images are decoded by one thread (an object listed twice is never shared)."""
+    arrays, _ = images
+    preprocess = load_backbone(TINY, lazy=True).preprocess
+    loader = make_loader(list(arrays), range(len(arrays)), preprocess, decoder="pil", max_pixels=10**8, batch_size=5,
+                         num_workers="auto", device=torch.device("cpu"))
+    assert isinstance(loader, ThreadedLoader) and loader.threads == 1
+    assert sum(len(b.indices) for b in loader) == len(arrays)
