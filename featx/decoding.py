@@ -1,6 +1,8 @@
-"""Images to pixels for THE loop: the DataLoader dataset, its batches, and decoding on the device.
+"""Images to pixels for THE loop: the dataset, its batches and their loader, and decoding on the device.
 
-DataLoader workers decode and crop images to ``uint8`` tensors (:class:`ImageDataset`), or, with
+:func:`make_loader` builds the loop's loader: on a CPU, threads of the main process that decode a
+batch when the loop asks for it (:class:`ThreadedLoader`), elsewhere DataLoader worker processes.
+Either decodes and crops images to ``uint8`` tensors (:class:`ImageDataset`), or, with
 the ``"torch"`` decoder, read a JPEG file's bytes for the main process to decode on the device
 (:func:`decode_on_device`: nvjpeg on CUDA). A bad image comes back as its error message, never
 as an exception in a worker.
@@ -153,7 +155,7 @@ class ThreadedLoader:
         taken = itertools.count()  # next() on a count is atomic under the GIL
 
         def work():
-            for k in iter(taken.__next__, None):
+            for k in taken:
                 if k >= len(positions):
                     return
                 samples[k] = self.dataset[positions[k]]

@@ -1,6 +1,7 @@
 """THE batched extraction loop.
 
-DataLoader workers decode and crop images to ``uint8`` tensors (:mod:`featx.decoding`); the main
+The loader of :mod:`featx.decoding` decodes and crops images to ``uint8`` tensors (on a CPU in
+threads of this process, between forward passes; elsewhere in DataLoader workers); the main
 process moves each batch to the device, normalises it, runs the frozen backbone once under
 ``torch.inference_mode()`` (and autocast where the precision asks for it), and pools every
 requested layer from that one forward pass. Every consumer — the in-memory
