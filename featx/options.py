@@ -116,7 +116,10 @@ class ExtractOptions:
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         See :func:`featx.extraction.resolve_precision`.
     num_workers : int or "auto", default="auto"
-        Decoding processes; ``"auto"`` uses the cores for image files, none for arrays.
+        Decoding processes. ``"auto"``: on a CPU device none, the images are decoded by threads
+        of this process, one batch at a time between forward passes (decoding and the network
+        take turns on the cores); on other devices one process per core for image files, none
+        for arrays.
     progress : bool or None, default=None
         Progress bar; ``None``: only on a terminal.
     decoder : {"auto", "pil", "torch"}, default="auto"

@@ -54,7 +54,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         With a cache, whether a forward pass also stores every other layer alias and pooling,
         so that changing ``layer`` or ``pooling`` later costs no forward pass.
     num_workers : int or "auto", default="auto"
-        Decoding processes.
+        Decoding processes (``"auto"``: see :class:`~featx.options.ExtractOptions`).
     progress : bool, default=False
         Show a progress bar while the network runs.
     tta : {None, "hflip"}, default=None

@@ -4,7 +4,7 @@ import pytest
 
 from PIL import Image
 
-from featx.bench import make_jpegs, run_bench, run_busy_bench
+from featx.bench import STAGES, breakdown, loop_limit, make_jpegs, run_bench, run_busy_bench
 from featx.cli import main
 
 
@@ -26,6 +26,23 @@ def test_run_bench_reports_documented_keys(tmp_path):
         assert report[key] > 0, key
     assert report["n_images"] == 8
     assert report["speedup_vs_naive"] == report["featx_images_per_s"] / report["naive_images_per_s"]
+    assert report["decode_only_images_per_s"] > 0
+    assert report["loop_limit_images_per_s"] == pytest.approx(
+        1 / (1 / report["model_only_images_per_s"] + 1 / report["decode_only_images_per_s"]))
+    assert report["fraction_of_loop_limit"] == report["featx_images_per_s"] / report["loop_limit_images_per_s"]
+    stages = report["breakdown_ms_per_image"]
+    assert list(stages) == list(STAGES) and all(ms >= 0 for ms in stages.values())
+    assert stages["decode"] > 0 and stages["network"] > 0 and stages["hash"] > 0 and stages["write"] > 0
+    # decoded in this process's threads (the CPU default): the stages are the whole time per image
+    assert sum(stages.values()) == pytest.approx(1000 / report["featx_images_per_s"], rel=1e-3, abs=0.01)
+
+
+def test_breakdown_counts_decoding_in_workers_as_overlapped():
+    """Check that decoding in worker processes is reported but not taken out of the main process's time."""
+    timings = {"hash": 0.1, "decode": 0.0, "decode_workers": 0.8, "handover": 0.2, "network": 0.5, "write": 0.1}
+    stages = breakdown(timings, 1.0, 100)
+    assert stages == {"decode": 8.0, "hash": 1.0, "handover": 2.0, "network": 5.0, "write": 1.0, "other": 1.0}
+    assert loop_limit(60.0, 120.0) == pytest.approx(40.0)
 
 
 def test_cli_bench_json(tmp_path, capsys):

@@ -65,7 +65,8 @@ OPTIONS: dict[str, tuple[str, dict]] = {
                                   "help": "auto, fp32, bf16 or fp16 (default: %(default)s)"}),
     "num_workers": ("--workers", {
         "type": int, "default": None,
-        "help": "decoding processes (default: one per core); with --engine ray: Ray actors",
+        "help": "decoding processes (default: on a CPU, threads of the main process taking turns with the "
+                "network; on a GPU, one process per core); with --engine ray: Ray actors",
     }),
     "on_error": ("--on-error", {"choices": ("skip", "raise"), "default": CACHED.on_error,
                                 "help": "bad images: skip and report, or stop"}),

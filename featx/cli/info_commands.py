@@ -170,8 +170,9 @@ def cmd_bench(args) -> int:
     """benchmark extraction against the naive loop and the model-only limit
 
     On the same images (DIR, or N generated 500x375 JPEGs), measure in one run the naive tutorial
-    loop, featx's extraction into a fresh store, and the model's forward pass alone; print
-    images/s, the ratios and peak memory.
+    loop, featx's extraction into a fresh store, the model's forward pass alone and featx's
+    decoding alone; print images/s, the ratios, the loop's own limit (network and decoding
+    sharing the cores), where an image's time goes, and peak memory.
 
     With --busy: featx's extraction at each thread setting while a second 'featx extract' of
     other images shares the cores; featx's default against its best setting.
@@ -191,6 +192,10 @@ def cmd_bench(args) -> int:
         f"  naive loop   {report['naive_images_per_s']:8.1f} images/s  (peak RSS {report['naive_peak_rss_mb']:.0f} MB)\n"
         f"  featx        {report['featx_images_per_s']:8.1f} images/s  (peak RSS {report['peak_rss_mb']:.0f} MB)\n"
         f"  model only   {report['model_only_images_per_s']:8.1f} images/s\n"
+        f"  decode only  {report['decode_only_images_per_s']:8.1f} images/s\n"
+        f"  loop limit   {report['loop_limit_images_per_s']:8.1f} images/s  (1 / (1/model only + 1/decode only))\n"
+        f"  per image    " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in report["breakdown_ms_per_image"].items())
+        + " ms\n"
         + (
             f"  compiled     {report['model_only_compiled_images_per_s']:8.1f} images/s model only "
             f"(torch.compile took {report['compile_seconds']:.0f} s)\n"
@@ -209,7 +214,8 @@ def cmd_bench(args) -> int:
         )
         + f"  decoder {report['decoder']}; "
         f"speedup vs naive {report['speedup_vs_naive']:.2f}x, "
-        f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit"
+        f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit, "
+        f"{100 * report['fraction_of_loop_limit']:.0f}% of the loop's own limit"
         + (
             f"; compiled: {report['compiled_speedup_vs_naive']:.2f}x, "
             f"{100 * report['compiled_fraction_of_compiled_limit']:.0f}% of the compiled limit"
@@ -246,7 +252,9 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", nargs="?", default=None, metavar="DIR", help="a folder of class sub-folders of images")
     add_extraction_options(p, ("backbone",), title=None)
     p.add_argument("--n", type=int, default=256, help="images to generate without DIR (default: %(default)s)")
-    add_extraction_options(p, ("batch_size", "device", "compile", "runtime"), title=None, changes={
+    add_extraction_options(p, ("batch_size", "device", "num_workers", "compile", "runtime"), title=None, changes={
+        "num_workers": {"help": "decoding processes for featx and its decode-only run (default: on a CPU, threads of "
+                                "the main process; on a GPU, one per core)"},
         "compile": {"help": "also measure featx and the model-only limit under torch.compile (compile time reported "
                             "apart)"},
         "runtime": {"help": "onnxruntime: also measure featx and the model-only limit with ONNX Runtime (default: "
