@@ -45,11 +45,12 @@ from featx.backbones import load_backbone
 from featx.compare import cached_evaluate, reports_folder
 from featx.devices import autocast, resolve
 from featx.exceptions import FeatxError
-from featx.extraction import extract, join_features, kept_labels, prepare, store_config, store_location
+from featx.extraction import extract, join_features, kept_labels, prepare, require_kept, store_config, store_location
 from featx.featuresets import parse_feature_sets, set_name
 from featx.images import ImageSource, content_key, open_source
 from featx.options import CACHED, ExtractOptions, FinetuneOptions, check_tta
 from featx.paths import split_names
+from featx.progress import Progress
 from featx.store import FeatureStore
 
 __all__ = ["AutoResult", "Candidate", "FinetuneCandidate", "FrozenCandidate", "Search", "auto_fit", "parse_budget"]
@@ -170,7 +171,8 @@ class FrozenCandidate:
     def score(self, search: Search) -> dict:
         X, y, folder, blocks = search.matrix(self)
         return cached_evaluate(X, y, folder=folder, head=self.head, cv=search.cv, inner_cv=search.inner_cv,
-                               random_state=search.random_state, **({"blocks": blocks} if len(blocks) > 1 else {}))
+                               random_state=search.random_state, progress=search.progress,
+                               **({"blocks": blocks} if len(blocks) > 1 else {}))
 
     def refit(self, search: Search):
         from featx.models import fit_model  # scikit-learn: 'featx fit' reads this module's defaults light
@@ -249,7 +251,8 @@ class FinetuneCandidate:
         report = cached_evaluate(X, y, folder=reports_folder(result.store), method="finetune", cv=search.cv,
                                  random_state=search.random_state, backbone=self.backbone,
                                  weights=search.options.weights, layer=self.from_layer,
-                                 device=str(search.options.device), val_split=val_split, **self.options)
+                                 device=str(search.options.device), val_split=val_split, progress=search.progress,
+                                 **self.options)
         return {**report, "n_features": int(X.shape[1])}
 
     def refit(self, search: Search):
@@ -268,7 +271,17 @@ class Search:
     It extracts each (backbone, tta) once, with every (layer, pooling) any registered frozen
     candidate needs; keeps the measured extraction and evaluation speeds for the estimates; and
     hands candidates the training source, the store and the CV settings. Candidates of other
-    kinds read ``source``, ``cv``, ``inner_cv``, ``random_state`` and :attr:`options`.
+    kinds read ``source``, ``cv``, ``inner_cv``, ``random_state`` and :attr:`options`, and may
+    advance :attr:`progress` by one step per outer fold (the search counts a candidate's folds
+    itself when it did not).
+
+    Attributes
+    ----------
+    progress : featx.progress.Progress or None
+        The search's bar (set by :func:`auto_fit`).
+    on_skipped : callable or None
+        Called with the ``(image, reason)`` pairs an extraction skipped that no earlier
+        extraction of the search had (and the number of images), right after that extraction.
     """
 
     def __init__(self, source, options: ExtractOptions | None = None, *, cv, inner_cv, random_state, **settings):
@@ -291,6 +304,17 @@ class Search:
         self.map_layers: dict[str, dict[str, None]] = {}
         self.train_rate: dict[tuple[str, str], float] = {}
         self.train_overhead: list[float] = []
+        self.progress: Progress | None = None
+        self.on_skipped = None
+        self._reported: dict[str, str] = {}
+
+    def _extracted(self, result) -> None:
+        """Report the images ``result`` skipped that were not reported yet; refuse a result without images."""
+        new = [(name, reason) for name, reason in result.skipped if name not in self._reported]
+        self._reported.update(new)
+        if new and self.on_skipped is not None:
+            self.on_skipped(new, len(self.source))
+        require_kept(result, "search")
 
     # ------------------------------------------------------------------ extraction
     def register(self, candidate) -> None:
@@ -309,6 +333,7 @@ class Search:
             start = time.perf_counter()
             result = extract(self.source, self.frozen_options(backbone, tta))
             seconds = time.perf_counter() - start
+            self._extracted(result)
             if result.n_computed >= 32:
                 self.overhead.append(seconds / max(estimate, 1e-9) * self._overhead())
             self.results[key] = result
@@ -321,6 +346,7 @@ class Search:
         if key not in self.results:
             start = time.perf_counter()
             result = extract(self.source, self.maps_options(backbone))
+            self._extracted(result)
             self.results[key] = result
             self.extraction_seconds[key] = time.perf_counter() - start
         return self.results[key]
@@ -597,6 +623,7 @@ def auto_fit(
     inner_cv: int = 3,
     random_state: int = 0,
     report: Callable[[dict], None] | None = None,
+    on_skipped: Callable[[list, int], None] | None = None,
     **settings,
 ) -> AutoResult:
     """Search backbones, feature sets, flip averaging and heads by cross-validation on ``source`` within a budget.
@@ -632,10 +659,17 @@ def auto_fit(
         ``inner_cv`` folds inside every training part (:func:`featx.heads.evaluate`).
     report : callable, optional
         Called with each leaderboard row as soon as it is scored.
+    on_skipped : callable, optional
+        Called right after an extraction, before the candidates are scored on it, with the
+        ``(image, reason)`` pairs it skipped (those no earlier extraction of the search had
+        reported) and the number of images of ``source``; not called when none was skipped.
+        ``AutoResult.skipped`` lists them all again at the end.
     options : ExtractOptions, optional
         How to extract (default :data:`featx.options.CACHED`); the search sets ``backbone``,
         ``layers``, ``pooling`` and ``tta`` itself. ``store`` must be ``True`` or a folder
-        (several configurations mean several store files).
+        (several configurations mean several store files). Its ``progress`` decides the search's
+        bar on stderr, over the outer folds of the candidates and naming the one being scored
+        (by default on a terminal only; never with ``progress=False``).
     **settings
         :class:`~featx.options.ExtractOptions` fields by name (``store=``, ``device=`` …),
         replacing those of ``options``.
@@ -676,6 +710,7 @@ def auto_fit(
     source = source if isinstance(source, ImageSource) else open_source(source)
     source.require_classes("--auto needs a folder of class sub-folders, a labelled CSV or a built-in dataset")
     search = Search(source, options, cv=cv, inner_cv=inner_cv, random_state=random_state)
+    search.on_skipped = on_skipped
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
     advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs,
                                         device=search.options.device)
@@ -698,8 +733,39 @@ def auto_fit(
 
     if not pending:
         raise FeatxError("auto_fit has no candidate to try: give at least one backbone, feature set, tta and head.")
+    search.progress = bar = Progress(len(pending) * cv, enabled=options.progress)
+    try:
+        best = _search(search, pending, held_back, head_list, first_head, rows, first_scores, row_of, bar,
+                       start=start, seconds_budget=seconds_budget, explore_top=explore_top, report=report, cv=cv)
+    finally:
+        bar.close()
+        search.progress = None
+    winner = next(c for c in [*frozen, *tuned, *extra_candidates] if c.name == best["configuration"])
+    model = winner.refit(search)
+    model.info["auto"] = {"configuration": best["config"], "accuracy_mean": best["accuracy_mean"],
+                          "accuracy_std": best["accuracy_std"], "cv": best["cv"]}
+    scored = sorted((r for r in rows.values() if r["accuracy_mean"] is not None),
+                    key=lambda r: (-r["accuracy_mean"], list(rows).index(r["configuration"])))
+    for rank, row in enumerate(scored, 1):
+        row["rank"] = rank
+    leaderboard = scored + [r for r in rows.values() if r["accuracy_mean"] is None]
+    extractions = [{"backbone": b, "tta": "none" if t in (None, MAPS) else t, "maps": t == MAPS,
+                    "seconds": round(search.extraction_seconds[(b, t)], 1), "n_computed": search.results[(b, t)].n_computed}
+                   for b, t in search.results]
+    skipped = {name: reason for result in search.results.values() for name, reason in result.skipped}
+    return AutoResult(leaderboard=leaderboard, best=scored[0], model=model, seconds=time.perf_counter() - start,
+                      budget=seconds_budget, extractions=extractions, advice=advice, skipped=list(skipped.items()),
+                      n_images=len(source))
+
+
+def _search(search: Search, pending: list, held_back: dict, head_list: list, first_head, rows: dict, first_scores: dict,
+            row_of, bar: Progress, *, start: float, seconds_budget: float, explore_top: int, report, cv: int) -> dict:
+    """The loop of :func:`auto_fit`: score the cheapest pending candidate while the budget allows; return the best row.
+
+    ``rows`` (every candidate's row, scored or not) and ``first_scores`` are filled in; ``bar``
+    names the candidate being scored and counts its outer folds.
+    """
     best: dict | None = None
-    estimates: dict[str, float] = {}
     while pending:
         estimates = {c.name: c.estimate(search) for c in pending}
         candidate = min(pending, key=lambda c: estimates[c.name])  # ties: the first listed
@@ -714,10 +780,14 @@ def auto_fit(
                                           f"{max(seconds_budget - elapsed - reserve, 0):.0f} s left"}
             break
         pending.remove(candidate)
+        bar.describe(f"auto {candidate.name} [{len(rows) + 1}/{len(rows) + len(pending) + 1}]")
+        counted = bar.n
         done_before = set(search.results)
         begun = time.perf_counter()
         report_ = candidate.score(search)
         seconds = time.perf_counter() - begun
+        if bar.n == counted:  # a candidate of another kind that does not count its folds
+            bar.advance(cv)
         new_extractions = set(search.results) - done_before
         extraction_seconds = sum(search.extraction_seconds[k] for k in new_extractions)
         if isinstance(candidate, FrozenCandidate) and not report_.get("from_cache"):
@@ -744,19 +814,4 @@ def auto_fit(
                     other = held_back.pop(candidate.with_head(head).name, None)
                     if other is not None:
                         pending.append(other)
-    winner = next(c for c in [*frozen, *tuned, *extra_candidates] if c.name == best["configuration"])
-    model = winner.refit(search)
-    model.info["auto"] = {"configuration": best["config"], "accuracy_mean": best["accuracy_mean"],
-                          "accuracy_std": best["accuracy_std"], "cv": best["cv"]}
-    scored = sorted((r for r in rows.values() if r["accuracy_mean"] is not None),
-                    key=lambda r: (-r["accuracy_mean"], list(rows).index(r["configuration"])))
-    for rank, row in enumerate(scored, 1):
-        row["rank"] = rank
-    leaderboard = scored + [r for r in rows.values() if r["accuracy_mean"] is None]
-    extractions = [{"backbone": b, "tta": "none" if t in (None, MAPS) else t, "maps": t == MAPS,
-                    "seconds": round(search.extraction_seconds[(b, t)], 1), "n_computed": search.results[(b, t)].n_computed}
-                   for b, t in search.results]
-    skipped = {name: reason for result in search.results.values() for name, reason in result.skipped}
-    return AutoResult(leaderboard=leaderboard, best=scored[0], model=model, seconds=time.perf_counter() - start,
-                      budget=seconds_budget, extractions=extractions, advice=advice, skipped=list(skipped.items()),
-                      n_images=len(source))
+    return best

@@ -47,8 +47,8 @@ def cmd_fit_auto(args, source) -> int:
     result = auto_fit(source, extract_options(args, leave_out=AUTO_CHOOSES), budget=args.budget,
                       backbones=args.auto_models, feature_sets=args.auto_layers, ttas=args.auto_tta,
                       heads=args.auto_heads, finetune=args.auto_finetune, finetune_epochs=args.auto_finetune_epochs,
-                      cv=args.cv or 5, random_state=args.seed, report=progress_line)
-    report_skipped(result.skipped, result.n_images, data=args.data)
+                      cv=args.cv or 5, random_state=args.seed, report=progress_line,
+                      on_skipped=lambda skipped, n: report_skipped(skipped, n, data=args.data))
     save_model(result.model, args.output)
     if args.json:
         print_json({**result.to_json(), "output": args.output})
@@ -104,9 +104,10 @@ def cmd_fit(args) -> int:
               f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())})")
         layer, pooling = chosen.split("/")
         options = options.replace(layers=layer, pooling=pooling)
-    model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
-    if args.layers != "auto":  # --layers auto reported them after its extraction
-        report_skipped(result.skipped, len(result.keys), data=args.data)
+    # --layers auto reported the skipped images after its extraction; otherwise they are reported before the tuning.
+    on_skipped = None if args.layers == "auto" else (lambda skipped, n: report_skipped(skipped, n, data=args.data))
+    model, _ = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed,
+                         on_skipped=on_skipped)
     save_model(model, args.output)
     print(f"{model.describe()}; chosen {model.info['chosen_params']}")
     print(_cv_score_line(model.info))
