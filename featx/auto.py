@@ -814,4 +814,5 @@ def _search(search: Search, pending: list, held_back: dict, head_list: list, fir
                     other = held_back.pop(candidate.with_head(head).name, None)
                     if other is not None:
                         pending.append(other)
+                        bar.add_total(cv)
     return best

@@ -89,16 +89,24 @@ class Progress:
         self.total = None if total is None else int(total)
         self.n = 0
         self.description = desc
+        self.unit = unit
+        self._shown = show_progress(enabled)
         self._bar = None
-        if show_progress(enabled):
+        if self.total is not None:
+            self._open()
+
+    def _open(self) -> None:
+        """Draw the bar (once its total is known, so that it never shows a count without a total)."""
+        if self._shown and self._bar is None:
             from tqdm.auto import tqdm  # only when a bar is shown
 
-            self._bar = tqdm(total=self.total, unit=unit, desc=desc, leave=False, **_width())
+            self._bar = tqdm(total=self.total, initial=self.n, unit=self.unit, desc=self.description, leave=False,
+                             **_width())
 
     @property
     def enabled(self) -> bool:
-        """Whether a bar is on the screen."""
-        return self._bar is not None
+        """Whether a bar is shown (drawn as soon as its total is known)."""
+        return self._shown
 
     def describe(self, text: str) -> None:
         """Name what is being done now (shown at once)."""
@@ -121,11 +129,14 @@ class Progress:
     def add_total(self, n: int) -> None:
         """Expect ``n`` more units (or fewer, with a negative ``n``)."""
         self.total = (self.total or 0) + n
-        if self._bar is not None:
+        if self._bar is None:
+            self._open()
+        else:
             self._bar.total = self.total
             self._bar.refresh()
 
     def close(self) -> None:
+        self._shown = False
         if self._bar is not None:
             self._bar.close()
             self._bar = None

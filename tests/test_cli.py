@@ -520,7 +520,9 @@ def test_cli_compare_writes_table_csv_json_png(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "best: featx_tiny_cnn" in printed and "compare.png" in printed
     assert {p.name for p in out.iterdir()} == {"compare.csv", "compare.json", "compare.png"}
-    assert len(json.loads((out / "compare.json").read_text())) == 6
+    rows = json.loads((out / "compare.json").read_text())  # pre_logits is a vector: one row, not avg and spp
+    assert [(r["layer"], r["pooling"]) for r in rows] == [("stage1", "avg"), ("stage1", "spp"), ("stage2", "avg"),
+                                                          ("stage2", "spp"), ("pre_logits", "avg")]
 
 
 def test_cli_cv_and_fit_with_layers_auto(tmp_path, capsys, monkeypatch):
@@ -805,22 +807,25 @@ def test_cli_cv_progress_bar_on_a_terminal_names_what_is_scored_and_a_pipe_gets_
 
 
 def test_cli_compare_fit_and_fit_auto_bars_name_what_is_scored(tmp_path, capsys, terminal):
-    """Check the bars of 'featx compare' (each row), 'featx fit' (the tuning of its features and head) and
-    'featx fit --auto' (each candidate) on a terminal."""
+    """Check the bars of 'featx compare' (each row), 'featx cv --layers auto' (its outer folds), 'featx fit' (the
+    tuning of its features and head) and 'featx fit --auto' (each candidate) on a terminal."""
     train, _ = _split_folders(tmp_path)
     common = [str(train), *TINY_OPTS, "--cache", str(tmp_path / "c")]
     assert main(["compare", *common, "--layers", "stage1,stage2", "--cv", "3", "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert "cv stage1/avg logreg [1/2]" in err and "cv stage2/avg logreg [2/2]" in err and "| 0/6 " in err
+    assert main(["cv", *common, "--layers", "auto", "--cv", "3"]) == 0
+    assert "cv auto logreg (a layer chosen in each fold)" in capsys.readouterr().err
     assert main(["fit", *common, "--layers", "stage2", "--pool", "spp", "-o", str(tmp_path / "m.joblib")]) == 0
     err = capsys.readouterr().err
     assert "tune stage2/spp logreg" in err and "| 0/19 " in err  # 6 C values x 3 folds + the final fit
     assert main(["fit", str(train), "--auto", "--budget", "5m", "--auto-models", "featx_tiny_cnn", "--auto-layers",
-                 "stage1/avg,pre_logits/avg", "--auto-tta", "none", "--auto-heads", "logreg", "--cv", "3",
+                 "stage1/avg,pre_logits/avg", "--auto-tta", "none", "--auto-heads", "logreg,linear-svm", "--cv", "3",
                  "--device", "cpu", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "a.joblib")]) == 0
     err = capsys.readouterr().err
-    assert "auto featx_tiny_cnn stage1/avg tta=none logreg [1/2]" in err
-    assert "auto featx_tiny_cnn pre_logits/avg tta=none logreg [2/2]" in err
+    assert "auto featx_tiny_cnn stage1/avg tta=none logreg [1/2]" in err and "| 0/6 " in err
+    # the second head is tried on the best feature sets: the bar's total grows with it (2 more candidates)
+    assert "auto featx_tiny_cnn stage1/avg tta=none linear-svm [3/4]" in err and "/12 [" in err
 
 
 def test_cli_compare_and_fit_without_a_terminal_draw_no_bar(tmp_path, capsys, monkeypatch):

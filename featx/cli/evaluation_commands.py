@@ -69,7 +69,7 @@ def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
     candidates, y, result = auto_candidates(source, options, args.data)
     rows = []
     for head in split_names(args.head):
-        report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed)
+        report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed, progress=options.progress)
         layer, pooling = report["chosen"].split("/")
         rows.append({"model": args.model, "layer": "auto", "chosen_layer": layer, "pooling": pooling, "head": head,
                      "accuracy_mean": report["accuracy_mean"], "accuracy_std": report["accuracy_std"],
