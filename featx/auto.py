@@ -51,6 +51,7 @@ from featx.images import ImageSource, content_key, open_source
 from featx.options import CACHED, ExtractOptions, FinetuneOptions, check_tta
 from featx.paths import split_names
 from featx.progress import Progress
+from featx.selection import Selection, one_standard_error
 from featx.store import FeatureStore
 
 __all__ = ["AutoResult", "Candidate", "FinetuneCandidate", "FrozenCandidate", "Search", "auto_fit", "parse_budget"]
@@ -507,7 +508,12 @@ class AutoResult:
         ``accuracy_std``, ``cv``, ``seconds`` (extraction it triggered + evaluation),
         ``extraction_seconds``, ``estimated_seconds``, ``status`` (``scored`` or why not).
     best : dict
-        The winner's row.
+        The chosen row: the cheapest candidate (the first the search ran) whose cross-validated
+        accuracy is within one standard error of the highest (:func:`featx.selection.one_standard_error`);
+        it is not always ``leaderboard[0]``, whose mean is highest but mostly luck on small data.
+    selection : Selection
+        The choice: ``chosen``, ``best`` (by mean), the table it chose from, and ``estimate``,
+        the score of the whole search (a bootstrap over the folds), not of its winner.
     model : FeatxModel
         The winner, refitted on all the data.
     seconds : float
@@ -528,6 +534,7 @@ class AutoResult:
 
     leaderboard: list[dict]
     best: dict
+    selection: Selection
     model: object
     seconds: float
     budget: float
@@ -541,6 +548,9 @@ class AutoResult:
         return {"leaderboard": self.leaderboard, "best": self.best, "seconds": self.seconds, "budget": self.budget,
                 "extractions": self.extractions, "advice": self.advice, "model": self.model.describe(),
                 "n_images": self.n_images,
+                "selection": {"rule": self.selection.rule, "chosen": self.selection.chosen,
+                              "best_by_mean": self.selection.best, "estimate": self.selection.estimate,
+                              "table": self.selection.table},
                 "skipped": [{"image": name, "reason": reason} for name, reason in self.skipped]}
 
 
@@ -733,86 +743,85 @@ def auto_fit(
 
     if not pending:
         raise FeatxError("auto_fit has no candidate to try: give at least one backbone, feature set, tta and head.")
+    best: dict | None = None
+    estimates: dict[str, float] = {}
     search.progress = bar = Progress(len(pending) * cv, enabled=options.progress)
     try:
-        best = _search(search, pending, held_back, head_list, first_head, rows, first_scores, row_of, bar,
-                       start=start, seconds_budget=seconds_budget, explore_top=explore_top, report=report, cv=cv)
+        while pending:
+            estimates = {c.name: c.estimate(search) for c in pending}
+            candidate = min(pending, key=lambda c: estimates[c.name])  # ties: the first listed
+            # Room for the refit of the best so far: about one outer fold of its evaluation, and a half.
+            reserve = 1.5 * (best["seconds"] - best["extraction_seconds"]) / max(best["cv"] or 1, 1) if best else 0.0
+            elapsed = time.perf_counter() - start
+            over = elapsed + estimates[candidate.name] + reserve > seconds_budget
+            if over and best is not None:
+                for c in pending:
+                    rows[c.name] = {**row_of(c, estimates[c.name]),
+                                    "status": f"not run: {estimates[c.name]:.0f} s estimated, "
+                                              f"{max(seconds_budget - elapsed - reserve, 0):.0f} s left"}
+                break
+            pending.remove(candidate)
+            bar.describe(f"auto {candidate.name} [{len(rows) + 1}/{len(rows) + len(pending) + 1}]")
+            counted = bar.n
+            done_before = set(search.results)
+            begun = time.perf_counter()
+            report_ = candidate.score(search)
+            if bar.n == counted:  # a candidate of another kind that does not count its folds
+                bar.advance(cv)
+            seconds = time.perf_counter() - begun
+            new_extractions = set(search.results) - done_before
+            extraction_seconds = sum(search.extraction_seconds[k] for k in new_extractions)
+            if isinstance(candidate, FrozenCandidate) and not report_.get("from_cache"):
+                search.record_evaluation(candidate.head, report_.get("n_samples", 0), report_.get("n_features", 0),
+                                         seconds - extraction_seconds)
+            if isinstance(candidate, FinetuneCandidate):
+                search.record_finetune(candidate, report_, seconds - extraction_seconds)
+            row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
+                   "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
+                   "cv": report_.get("cv"), "fold_accuracy": [float(a) for a in report_.get("fold_accuracy", ())],
+                   "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
+                   "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")
+                   + (f" (started over budget: {estimates[candidate.name]:.0f} s estimated; the cheapest candidate "
+                      f"always runs)" if over else "")}
+            rows[candidate.name] = row
+            if best is None or row["accuracy_mean"] > best["accuracy_mean"]:
+                best = row
+            if report is not None:
+                report(row)
+            if isinstance(candidate, FrozenCandidate) and candidate.head == first_head:
+                first_scores[candidate] = row["accuracy_mean"]
+                top = sorted(first_scores.values(), reverse=True)[:explore_top]
+                if row["accuracy_mean"] >= top[-1]:
+                    for head in head_list[1:]:
+                        other = held_back.pop(candidate.with_head(head).name, None)
+                        if other is not None:
+                            pending.append(other)
+                            bar.add_total(cv)
     finally:
         bar.close()
         search.progress = None
+    # The winner's curse: choose the cheapest candidate within one standard error of the best, in
+    # the order the search ran them (cheapest estimate first), and estimate the rule itself.
+    ran = [r for r in rows.values() if r["accuracy_mean"] is not None]
+    selection = one_standard_error({r["configuration"]: r["fold_accuracy"] or [r["accuracy_mean"]] for r in ran},
+                                   [r["configuration"] for r in ran], random_state=random_state)
+    best = rows[selection.chosen]
     winner = next(c for c in [*frozen, *tuned, *extra_candidates] if c.name == best["configuration"])
     model = winner.refit(search)
     model.info["auto"] = {"configuration": best["config"], "accuracy_mean": best["accuracy_mean"],
-                          "accuracy_std": best["accuracy_std"], "cv": best["cv"]}
-    scored = sorted((r for r in rows.values() if r["accuracy_mean"] is not None),
-                    key=lambda r: (-r["accuracy_mean"], list(rows).index(r["configuration"])))
+                          "accuracy_std": best["accuracy_std"], "cv": best["cv"], "estimate": selection.estimate,
+                          "best_by_mean": selection.best, "rule": selection.rule}
+    scored = sorted(ran, key=lambda r: (-r["accuracy_mean"], list(rows).index(r["configuration"])))
+    within = {row["name"]: row for row in selection.table}
     for rank, row in enumerate(scored, 1):
         row["rank"] = rank
+        row["within_1se"] = within[row["configuration"]]["within"]
+        row["chosen"] = row["configuration"] == selection.chosen
     leaderboard = scored + [r for r in rows.values() if r["accuracy_mean"] is None]
     extractions = [{"backbone": b, "tta": "none" if t in (None, MAPS) else t, "maps": t == MAPS,
                     "seconds": round(search.extraction_seconds[(b, t)], 1), "n_computed": search.results[(b, t)].n_computed}
                    for b, t in search.results]
     skipped = {name: reason for result in search.results.values() for name, reason in result.skipped}
-    return AutoResult(leaderboard=leaderboard, best=scored[0], model=model, seconds=time.perf_counter() - start,
+    return AutoResult(leaderboard=leaderboard, best=best, selection=selection, model=model, seconds=time.perf_counter() - start,
                       budget=seconds_budget, extractions=extractions, advice=advice, skipped=list(skipped.items()),
                       n_images=len(source))
-
-
-def _search(search: Search, pending: list, held_back: dict, head_list: list, first_head, rows: dict, first_scores: dict,
-            row_of, bar: Progress, *, start: float, seconds_budget: float, explore_top: int, report, cv: int) -> dict:
-    """The loop of :func:`auto_fit`: score the cheapest pending candidate while the budget allows; return the best row.
-
-    ``rows`` (every candidate's row, scored or not) and ``first_scores`` are filled in; ``bar``
-    names the candidate being scored and counts its outer folds.
-    """
-    best: dict | None = None
-    while pending:
-        estimates = {c.name: c.estimate(search) for c in pending}
-        candidate = min(pending, key=lambda c: estimates[c.name])  # ties: the first listed
-        # Room for the refit of the best so far: about one outer fold of its evaluation, and a half.
-        reserve = 1.5 * (best["seconds"] - best["extraction_seconds"]) / max(best["cv"] or 1, 1) if best else 0.0
-        elapsed = time.perf_counter() - start
-        over = elapsed + estimates[candidate.name] + reserve > seconds_budget
-        if over and best is not None:
-            for c in pending:
-                rows[c.name] = {**row_of(c, estimates[c.name]),
-                                "status": f"not run: {estimates[c.name]:.0f} s estimated, "
-                                          f"{max(seconds_budget - elapsed - reserve, 0):.0f} s left"}
-            break
-        pending.remove(candidate)
-        bar.describe(f"auto {candidate.name} [{len(rows) + 1}/{len(rows) + len(pending) + 1}]")
-        counted = bar.n
-        done_before = set(search.results)
-        begun = time.perf_counter()
-        report_ = candidate.score(search)
-        seconds = time.perf_counter() - begun
-        if bar.n == counted:  # a candidate of another kind that does not count its folds
-            bar.advance(cv)
-        new_extractions = set(search.results) - done_before
-        extraction_seconds = sum(search.extraction_seconds[k] for k in new_extractions)
-        if isinstance(candidate, FrozenCandidate) and not report_.get("from_cache"):
-            search.record_evaluation(candidate.head, report_.get("n_samples", 0), report_.get("n_features", 0),
-                                     seconds - extraction_seconds)
-        if isinstance(candidate, FinetuneCandidate):
-            search.record_finetune(candidate, report_, seconds - extraction_seconds)
-        row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
-               "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
-               "cv": report_.get("cv"), "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
-               "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")
-               + (f" (started over budget: {estimates[candidate.name]:.0f} s estimated; the cheapest candidate "
-                  f"always runs)" if over else "")}
-        rows[candidate.name] = row
-        if best is None or row["accuracy_mean"] > best["accuracy_mean"]:
-            best = row
-        if report is not None:
-            report(row)
-        if isinstance(candidate, FrozenCandidate) and candidate.head == first_head:
-            first_scores[candidate] = row["accuracy_mean"]
-            top = sorted(first_scores.values(), reverse=True)[:explore_top]
-            if row["accuracy_mean"] >= top[-1]:
-                for head in head_list[1:]:
-                    other = held_back.pop(candidate.with_head(head).name, None)
-                    if other is not None:
-                        pending.append(other)
-                        bar.add_total(cv)
-    return best

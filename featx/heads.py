@@ -610,7 +610,7 @@ def outer_splits(y, n_splits: int, *, repeats: int = 1, random_state: int = 0) -
 
     Stratified and shuffled (:class:`~sklearn.model_selection.RepeatedStratifiedKFold` when
     ``repeats`` is above 1). They depend on ``y`` and the arguments only, so :func:`evaluate`,
-    :func:`featx.compare.evaluate_auto` and fine-tuned comparison rows score the same folds.
+    :func:`featx.selection.evaluate_auto` and fine-tuned comparison rows score the same folds.
 
     Examples
     --------

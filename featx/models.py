@@ -34,6 +34,7 @@ from featx.extraction import extract, join_features, kept_labels, require_kept
 from featx.options import CACHED, DEFAULT_MAX_PIXELS, ExtractOptions
 from featx.paths import split_names
 from featx.heads import fit_head, score_predictions
+from featx.selection import select_layer
 from featx.images import ImageSource, describe, open_source
 from featx.progress import Progress
 from featx.transformers import CNNFeatures
@@ -149,6 +150,14 @@ def _extract_parts(source, parts, options: list[ExtractOptions]) -> tuple[np.nda
     return X, results[0], kept
 
 
+def _check_extracted(results, source, on_skipped) -> None:
+    """Tell ``on_skipped`` of the images the extractions skipped; refuse when none is left to fit on."""
+    skipped = {name: reason for result in results for name, reason in result.skipped}
+    if skipped and on_skipped is not None:
+        on_skipped(list(skipped.items()), len(source))
+    require_kept(results, "fit a head on")
+
+
 def _model_blocks(parts) -> list[int] | None:
     """Widths of the concatenated blocks of every part, or None for a single block."""
     blocks = [b for part in parts for b in part.blocks_]
@@ -183,6 +192,10 @@ def fit_model(
         See :func:`featx.heads.fit_head`. The tuning shows a progress bar on stderr, over its
         grid fits and naming what it tunes (``tune stage4/spp logreg``), when
         ``options.progress`` says so (by default on a terminal only; never with ``progress=False``).
+        ``layers="auto"`` chooses the layer and pooling (among every layer and the given poolings,
+        from one extraction) by :func:`featx.selection.select_layer` with ``inner_cv`` folds:
+        the simplest feature set within one standard error of the best; ``model.info["selection"]``
+        keeps the table it chose from and the estimate of that choice.
     on_skipped : callable, optional
         Called once, after extraction and before the tuning, with the ``(image, reason)`` pairs
         the extraction skipped and the number of images of ``source``; not called when none was
@@ -212,18 +225,31 @@ def fit_model(
     source = source if isinstance(source, ImageSource) else open_source(source)
     source.require_classes("fit_model needs labelled images")
     names = split_names(options.backbone, sep="+") if isinstance(options.backbone, str) else list(options.backbone)
-    parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
-    # Each part was built from ``options`` (backbone, blocks, store, max_pixels …); the run adds what a
-    # transformer has no parameter for.
-    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress)
-           for part in parts]
-    results = [extract(source, part_options) for part_options in run]
-    skipped = {name: reason for part_result in results for name, reason in part_result.skipped}
-    if skipped and on_skipped is not None:
-        on_skipped(list(skipped.items()), len(source))
-    require_kept(results, "fit a head on")
-    X, _, kept = join_features(results, [[r.key for r in part.requests_] for part in parts])
-    result = results[0]
+    selection = None
+    if options.layers == "auto":
+        if len(names) > 1:
+            raise FeatxError(f"layers='auto' chooses a layer of one backbone, got {len(names)} ({options.backbone!r}): "
+                             "pass layers= for several backbones, or fit one backbone at a time.")
+        # Every layer from one extraction, the choice by the one-standard-error rule, then the
+        # chosen block of the same extraction: nothing is extracted twice.
+        result = extract(source, options.replace(layers="all"))
+        _check_extracted([result], source, on_skipped)
+        candidates = {request.key: result[request.key] for request in result.requests}
+        selection = select_layer(candidates, kept_labels(result), head=head, cv=inner_cv, random_state=random_state)
+        layer, pooling = selection.chosen.split("/")
+        options = options.replace(layers=layer, pooling=pooling)
+        parts = [CNNFeatures.from_options(options).fit()]
+        X, _, kept = join_features([result], [[selection.chosen]])
+    else:
+        parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
+        # Each part was built from ``options`` (backbone, blocks, store, max_pixels …); the run adds what a
+        # transformer has no parameter for.
+        run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error,
+                                                 progress=options.progress) for part in parts]
+        results = [extract(source, part_options) for part_options in run]
+        _check_extracted(results, source, on_skipped)
+        X, _, kept = join_features(results, [[r.key for r in part.requests_] for part in parts])
+        result = results[0]
     y = kept_labels(result, kept)
     features = " + ".join((f"{part.backbone}:" if len(parts) > 1 else "") + "+".join(r.key for r in part.requests_)
                           for part in parts)
@@ -248,6 +274,9 @@ def fit_model(
             "weights": "+".join(part.weights_ for part in parts),
             "dtype": options.dtype,
             "tta": options.tta,
+            "selection": None if selection is None else {
+                "rule": selection.rule, "chosen": selection.chosen, "best": selection.best,
+                "estimate": selection.estimate, "bias": selection.bias, "table": selection.table},
         },
     )
     return model, result
@@ -463,10 +492,12 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
 
 
 def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None,
-                   store=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                   store=None, max_pixels: int = DEFAULT_MAX_PIXELS, predictions: bool = False) -> dict:
     """Score a model on labelled images: held-out ones, unless ``n_training_images`` says otherwise.
 
-    ``store`` and ``max_pixels`` are as in :func:`predict`.
+    ``store`` and ``max_pixels`` are as in :func:`predict`. ``predictions=True`` adds each
+    scored image's prediction and class probabilities (what :func:`featx.report.model_report`
+    shows of the images the model gets wrong).
 
     Returns
     -------
@@ -474,7 +505,10 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``,
         ``classes``, ``n_images``, ``n_training_images`` (how many of the scored images trained
         the model, by content; None for a model file that does not record its training images)
-        and ``skipped``.
+        and ``skipped``. With ``predictions=True`` also ``predictions``: one dict per scored
+        image, in source order, with ``position`` (its index in `source`), ``image`` (its
+        description), ``label`` (the true one), ``predicted`` and ``proba`` (the probability
+        of every class, in the order of ``classes``).
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
     X, result, kept = _extract_parts(source, model.parts, _run_options(model, on_error=on_error, progress=progress,
@@ -485,7 +519,15 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         raise FeatxError(
             f"{source.name} holds classes the model was not trained on: {unknown}; the model knows {model.classes}."
         )
-    report = score_predictions(y, model.head.predict(X), classes=model.classes)
+    predicted = model.head.predict(X)
+    report = score_predictions(y, predicted, classes=model.classes)
+    if predictions:
+        proba = model.head.predict_proba(X) if len(kept) else np.zeros((0, len(model.classes)))
+        report["predictions"] = [
+            {"position": int(i), "image": describe(source[i], i), "label": str(label), "predicted": str(guess),
+             "proba": [float(v) for v in p]}
+            for i, label, guess, p in zip(kept, y, predicted, proba)
+        ]
     report.update(
         n_images=int(len(y)),
         n_training_images=count_training_images(model, [result.keys[i] for i in kept]),

@@ -154,6 +154,11 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         if self.prefetch not in ("all", "none"):
             raise FeatxError(f"prefetch must be 'all' or 'none', got {self.prefetch!r}.")
         options = self._options()  # checks every setting before anything is loaded
+        if options.layers == "auto":
+            raise FeatxError(
+                "CNNFeatures(layer='auto'): a transformer cannot choose its layer without labels. Put the layer in "
+                "GridSearchCV's grid ({'cnnfeatures__layer': ['stage4', 'pre_logits']}), or let "
+                "featx.fit_model(data, layers='auto') choose it by cross-validation.")
         backbone = load_backbone(options.backbone, weights=options.weights, lazy=True)
         self.requests_ = make_requests(backbone.name, options.layers, options.pooling)
         resolved = resolve(options)

@@ -13,6 +13,7 @@ This module imports neither torch nor scikit-learn.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 
 from featx.cli.output import warn_problems
@@ -33,6 +34,7 @@ __all__ = [
     "add_json",
     "add_model_output",
     "add_per_class",
+    "check_output_file",
     "engine",
     "extract_options",
     "open_data",
@@ -285,3 +287,21 @@ def add_json(parser, help: str) -> None:
 
 def add_model_output(parser) -> None:
     parser.add_argument("-o", "--output", required=True, help="model file to write")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Refuse an output file that cannot be written, before any work: a folder, or in a missing folder.
+
+    Examples
+    --------
+    >>> check_output_file(".", "-o")
+    Traceback (most recent call last):
+    ...
+    featx.exceptions.FeatxError: -o '.' is a folder: give a file name in it, e.g. 'report.html'
+    """
+    if os.path.isdir(path):
+        raise FeatxError(f"{option} {path!r} is a folder: give a file name in it, e.g. "
+                         f"{os.path.join(path, 'report.html') if path != '.' else 'report.html'!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FeatxError(f"{option} {path!r}: the folder {folder!r} does not exist; create it or write elsewhere")
