@@ -45,11 +45,12 @@ from featx.backbones import load_backbone
 from featx.compare import cached_evaluate, reports_folder
 from featx.devices import autocast, resolve
 from featx.exceptions import FeatxError
-from featx.extraction import extract, join_features, kept_labels, prepare, store_config, store_location
+from featx.extraction import extract, join_features, kept_labels, prepare, require_kept, store_config, store_location
 from featx.featuresets import parse_feature_sets, set_name
 from featx.images import ImageSource, content_key, open_source
 from featx.options import CACHED, ExtractOptions, FinetuneOptions, check_tta
 from featx.paths import split_names
+from featx.progress import Progress
 from featx.selection import Selection, one_standard_error
 from featx.store import FeatureStore
 
@@ -171,7 +172,8 @@ class FrozenCandidate:
     def score(self, search: Search) -> dict:
         X, y, folder, blocks = search.matrix(self)
         return cached_evaluate(X, y, folder=folder, head=self.head, cv=search.cv, inner_cv=search.inner_cv,
-                               random_state=search.random_state, **({"blocks": blocks} if len(blocks) > 1 else {}))
+                               random_state=search.random_state, progress=search.progress,
+                               **({"blocks": blocks} if len(blocks) > 1 else {}))
 
     def refit(self, search: Search):
         from featx.models import fit_model  # scikit-learn: 'featx fit' reads this module's defaults light
@@ -250,7 +252,8 @@ class FinetuneCandidate:
         report = cached_evaluate(X, y, folder=reports_folder(result.store), method="finetune", cv=search.cv,
                                  random_state=search.random_state, backbone=self.backbone,
                                  weights=search.options.weights, layer=self.from_layer,
-                                 device=str(search.options.device), val_split=val_split, **self.options)
+                                 device=str(search.options.device), val_split=val_split, progress=search.progress,
+                                 **self.options)
         return {**report, "n_features": int(X.shape[1])}
 
     def refit(self, search: Search):
@@ -269,7 +272,17 @@ class Search:
     It extracts each (backbone, tta) once, with every (layer, pooling) any registered frozen
     candidate needs; keeps the measured extraction and evaluation speeds for the estimates; and
     hands candidates the training source, the store and the CV settings. Candidates of other
-    kinds read ``source``, ``cv``, ``inner_cv``, ``random_state`` and :attr:`options`.
+    kinds read ``source``, ``cv``, ``inner_cv``, ``random_state`` and :attr:`options`, and may
+    advance :attr:`progress` by one step per outer fold (the search counts a candidate's folds
+    itself when it did not).
+
+    Attributes
+    ----------
+    progress : featx.progress.Progress or None
+        The search's bar (set by :func:`auto_fit`).
+    on_skipped : callable or None
+        Called with the ``(image, reason)`` pairs an extraction skipped that no earlier
+        extraction of the search had (and the number of images), right after that extraction.
     """
 
     def __init__(self, source, options: ExtractOptions | None = None, *, cv, inner_cv, random_state, **settings):
@@ -292,6 +305,17 @@ class Search:
         self.map_layers: dict[str, dict[str, None]] = {}
         self.train_rate: dict[tuple[str, str], float] = {}
         self.train_overhead: list[float] = []
+        self.progress: Progress | None = None
+        self.on_skipped = None
+        self._reported: dict[str, str] = {}
+
+    def _extracted(self, result) -> None:
+        """Report the images ``result`` skipped that were not reported yet; refuse a result without images."""
+        new = [(name, reason) for name, reason in result.skipped if name not in self._reported]
+        self._reported.update(new)
+        if new and self.on_skipped is not None:
+            self.on_skipped(new, len(self.source))
+        require_kept(result, "search")
 
     # ------------------------------------------------------------------ extraction
     def register(self, candidate) -> None:
@@ -310,6 +334,7 @@ class Search:
             start = time.perf_counter()
             result = extract(self.source, self.frozen_options(backbone, tta))
             seconds = time.perf_counter() - start
+            self._extracted(result)
             if result.n_computed >= 32:
                 self.overhead.append(seconds / max(estimate, 1e-9) * self._overhead())
             self.results[key] = result
@@ -322,6 +347,7 @@ class Search:
         if key not in self.results:
             start = time.perf_counter()
             result = extract(self.source, self.maps_options(backbone))
+            self._extracted(result)
             self.results[key] = result
             self.extraction_seconds[key] = time.perf_counter() - start
         return self.results[key]
@@ -607,6 +633,7 @@ def auto_fit(
     inner_cv: int = 3,
     random_state: int = 0,
     report: Callable[[dict], None] | None = None,
+    on_skipped: Callable[[list, int], None] | None = None,
     **settings,
 ) -> AutoResult:
     """Search backbones, feature sets, flip averaging and heads by cross-validation on ``source`` within a budget.
@@ -642,10 +669,17 @@ def auto_fit(
         ``inner_cv`` folds inside every training part (:func:`featx.heads.evaluate`).
     report : callable, optional
         Called with each leaderboard row as soon as it is scored.
+    on_skipped : callable, optional
+        Called right after an extraction, before the candidates are scored on it, with the
+        ``(image, reason)`` pairs it skipped (those no earlier extraction of the search had
+        reported) and the number of images of ``source``; not called when none was skipped.
+        ``AutoResult.skipped`` lists them all again at the end.
     options : ExtractOptions, optional
         How to extract (default :data:`featx.options.CACHED`); the search sets ``backbone``,
         ``layers``, ``pooling`` and ``tta`` itself. ``store`` must be ``True`` or a folder
-        (several configurations mean several store files).
+        (several configurations mean several store files). Its ``progress`` decides the search's
+        bar on stderr, over the outer folds of the candidates and naming the one being scored
+        (by default on a terminal only; never with ``progress=False``).
     **settings
         :class:`~featx.options.ExtractOptions` fields by name (``store=``, ``device=`` …),
         replacing those of ``options``.
@@ -686,6 +720,7 @@ def auto_fit(
     source = source if isinstance(source, ImageSource) else open_source(source)
     source.require_classes("--auto needs a folder of class sub-folders, a labelled CSV or a built-in dataset")
     search = Search(source, options, cv=cv, inner_cv=inner_cv, random_state=random_state)
+    search.on_skipped = on_skipped
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
     advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs,
                                         device=search.options.device)
@@ -710,51 +745,61 @@ def auto_fit(
         raise FeatxError("auto_fit has no candidate to try: give at least one backbone, feature set, tta and head.")
     best: dict | None = None
     estimates: dict[str, float] = {}
-    while pending:
-        estimates = {c.name: c.estimate(search) for c in pending}
-        candidate = min(pending, key=lambda c: estimates[c.name])  # ties: the first listed
-        # Room for the refit of the best so far: about one outer fold of its evaluation, and a half.
-        reserve = 1.5 * (best["seconds"] - best["extraction_seconds"]) / max(best["cv"] or 1, 1) if best else 0.0
-        elapsed = time.perf_counter() - start
-        over = elapsed + estimates[candidate.name] + reserve > seconds_budget
-        if over and best is not None:
-            for c in pending:
-                rows[c.name] = {**row_of(c, estimates[c.name]),
-                                "status": f"not run: {estimates[c.name]:.0f} s estimated, "
-                                          f"{max(seconds_budget - elapsed - reserve, 0):.0f} s left"}
-            break
-        pending.remove(candidate)
-        done_before = set(search.results)
-        begun = time.perf_counter()
-        report_ = candidate.score(search)
-        seconds = time.perf_counter() - begun
-        new_extractions = set(search.results) - done_before
-        extraction_seconds = sum(search.extraction_seconds[k] for k in new_extractions)
-        if isinstance(candidate, FrozenCandidate) and not report_.get("from_cache"):
-            search.record_evaluation(candidate.head, report_.get("n_samples", 0), report_.get("n_features", 0),
-                                     seconds - extraction_seconds)
-        if isinstance(candidate, FinetuneCandidate):
-            search.record_finetune(candidate, report_, seconds - extraction_seconds)
-        row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
-               "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
-               "cv": report_.get("cv"), "fold_accuracy": [float(a) for a in report_.get("fold_accuracy", ())],
-               "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
-               "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")
-               + (f" (started over budget: {estimates[candidate.name]:.0f} s estimated; the cheapest candidate "
-                  f"always runs)" if over else "")}
-        rows[candidate.name] = row
-        if best is None or row["accuracy_mean"] > best["accuracy_mean"]:
-            best = row
-        if report is not None:
-            report(row)
-        if isinstance(candidate, FrozenCandidate) and candidate.head == first_head:
-            first_scores[candidate] = row["accuracy_mean"]
-            top = sorted(first_scores.values(), reverse=True)[:explore_top]
-            if row["accuracy_mean"] >= top[-1]:
-                for head in head_list[1:]:
-                    other = held_back.pop(candidate.with_head(head).name, None)
-                    if other is not None:
-                        pending.append(other)
+    search.progress = bar = Progress(len(pending) * cv, enabled=options.progress)
+    try:
+        while pending:
+            estimates = {c.name: c.estimate(search) for c in pending}
+            candidate = min(pending, key=lambda c: estimates[c.name])  # ties: the first listed
+            # Room for the refit of the best so far: about one outer fold of its evaluation, and a half.
+            reserve = 1.5 * (best["seconds"] - best["extraction_seconds"]) / max(best["cv"] or 1, 1) if best else 0.0
+            elapsed = time.perf_counter() - start
+            over = elapsed + estimates[candidate.name] + reserve > seconds_budget
+            if over and best is not None:
+                for c in pending:
+                    rows[c.name] = {**row_of(c, estimates[c.name]),
+                                    "status": f"not run: {estimates[c.name]:.0f} s estimated, "
+                                              f"{max(seconds_budget - elapsed - reserve, 0):.0f} s left"}
+                break
+            pending.remove(candidate)
+            bar.describe(f"auto {candidate.name} [{len(rows) + 1}/{len(rows) + len(pending) + 1}]")
+            counted = bar.n
+            done_before = set(search.results)
+            begun = time.perf_counter()
+            report_ = candidate.score(search)
+            if bar.n == counted:  # a candidate of another kind that does not count its folds
+                bar.advance(cv)
+            seconds = time.perf_counter() - begun
+            new_extractions = set(search.results) - done_before
+            extraction_seconds = sum(search.extraction_seconds[k] for k in new_extractions)
+            if isinstance(candidate, FrozenCandidate) and not report_.get("from_cache"):
+                search.record_evaluation(candidate.head, report_.get("n_samples", 0), report_.get("n_features", 0),
+                                         seconds - extraction_seconds)
+            if isinstance(candidate, FinetuneCandidate):
+                search.record_finetune(candidate, report_, seconds - extraction_seconds)
+            row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
+                   "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
+                   "cv": report_.get("cv"), "fold_accuracy": [float(a) for a in report_.get("fold_accuracy", ())],
+                   "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
+                   "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")
+                   + (f" (started over budget: {estimates[candidate.name]:.0f} s estimated; the cheapest candidate "
+                      f"always runs)" if over else "")}
+            rows[candidate.name] = row
+            if best is None or row["accuracy_mean"] > best["accuracy_mean"]:
+                best = row
+            if report is not None:
+                report(row)
+            if isinstance(candidate, FrozenCandidate) and candidate.head == first_head:
+                first_scores[candidate] = row["accuracy_mean"]
+                top = sorted(first_scores.values(), reverse=True)[:explore_top]
+                if row["accuracy_mean"] >= top[-1]:
+                    for head in head_list[1:]:
+                        other = held_back.pop(candidate.with_head(head).name, None)
+                        if other is not None:
+                            pending.append(other)
+                            bar.add_total(cv)
+    finally:
+        bar.close()
+        search.progress = None
     # The winner's curse: choose the cheapest candidate within one standard error of the best, in
     # the order the search ran them (cheapest estimate first), and estimate the rule itself.
     ran = [r for r in rows.values() if r["accuracy_mean"] is not None]

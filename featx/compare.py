@@ -18,26 +18,39 @@ from pathlib import Path
 import numpy as np
 
 from featx import __version__
-from featx.backbones import load_backbone, resolve_layers
+from featx.backbones import layer_shape, load_backbone, resolve_layers
 from featx.exceptions import FeatxError, FeatxWarning
-from featx.extraction import extract, join_features, kept_labels
-from featx.featuresets import parse_feature_sets, set_name
+from featx.extraction import extract, join_features, kept_labels, require_kept
+from featx.featuresets import VECTOR_POOLING, collapse_vector_poolings, parse_feature_sets, set_name
 from featx.images import ImageSource, open_source
 from featx.options import CACHED, ExtractOptions, FinetuneOptions
 from featx.paths import atomic_write, split_names
+from featx.progress import Progress
 from featx.store import canonical_json
 
 __all__ = [
     "best_row",
     "cached_evaluate",
     "compare_layers",
-    "evaluate_auto",
+    "comparison_figure",
     "kept_labels",
+    "majority_rate",
     "plot_comparison",
     "reports_folder",
-    "select_layer",
     "write_comparison",
 ]
+
+
+def majority_rate(y) -> float:
+    """The accuracy of always answering the largest class: the chance level a comparison is read against.
+
+    Examples
+    --------
+    >>> majority_rate(["a", "a", "a", "b"])
+    0.75
+    """
+    _, counts = np.unique(np.asarray(y), return_counts=True)
+    return float(counts.max() / counts.sum()) if len(counts) else 0.0
 
 
 def reports_folder(store) -> Path | None:
@@ -60,7 +73,8 @@ def _evaluator(method: str, n_jobs=None):
     raise FeatxError(f"Unknown evaluation method {method!r}: expected 'heads' or 'finetune'.")
 
 
-def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "heads", **settings) -> dict:
+def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "heads", progress: Progress | None = None,
+                    **settings) -> dict:
     """An outer cross-validation report, kept in ``folder`` under a hash of the inputs.
 
     ``method="heads"`` runs :func:`featx.heads.evaluate` (a head on feature vectors);
@@ -69,11 +83,13 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
     of featx and of scikit-learn or torch, so a report is reused only for the identical
     computation (both are deterministic on the CPU). ``n_jobs`` does not change the report and
     is not part of the key. A report that cannot be written (a read-only folder, a full disk) is
-    returned all the same, with a :class:`~featx.exceptions.FeatxWarning`.
+    returned all the same, with a :class:`~featx.exceptions.FeatxWarning`. ``progress``, a
+    :class:`~featx.progress.Progress` (not part of the key), is advanced by one step per outer
+    fold: as each ends for the heads, at once for a report read back or a fine-tuning.
     """
     # scikit-learn (or torch) is imported only when a report must be computed: a warm run reads them.
     if folder is None:
-        return _evaluator(method, n_jobs)(X, y, **settings)
+        return _counted(_evaluator(method, n_jobs), method, progress)(X, y, **settings)
     import importlib.metadata
 
     plain = (str, int, float, bool, type(None), list, tuple, dict, Path, np.integer, np.floating)
@@ -91,8 +107,11 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
     path = folder / f"{digest.hexdigest()[:32]}.json"
     if path.is_file():
         with contextlib.suppress(OSError, ValueError):  # unreadable: recompute and rewrite it
-            return {**json.loads(path.read_text()), "from_cache": True}
-    report = {**_evaluator(method, n_jobs)(X, y, **settings), "from_cache": False}
+            report = {**json.loads(path.read_text()), "from_cache": True}
+            if progress is not None:
+                progress.advance(len(report.get("fold_accuracy") or []))
+            return report
+    report = {**_counted(_evaluator(method, n_jobs), method, progress)(X, y, **settings), "from_cache": False}
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(report))
@@ -102,6 +121,28 @@ def cached_evaluate(X, y, *, folder: Path | None, n_jobs=None, method: str = "he
                       "make the folder writable or use a writable cache folder to keep it.",
                       FeatxWarning, stacklevel=2)
     return report
+
+
+def _counted(evaluator, method: str, progress: Progress | None):
+    """``evaluator`` advancing ``progress`` by its outer folds (the heads' count them as they end)."""
+    if progress is None:
+        return evaluator
+    if method == "heads":
+        return lambda X, y, **settings: evaluator(X, y, progress=progress, **settings)
+
+    def evaluate_then_count(X, y, **settings):
+        report = evaluator(X, y, **settings)
+        progress.advance(len(report.get("fold_accuracy") or []))
+        return report
+
+    return evaluate_then_count
+
+
+def _vector_note(layer: str, models: Sequence[str], poolings: Sequence[str]) -> str:
+    """The note on a vector layer whose poolings were given: one row, and why."""
+    given = ", ".join(poolings)
+    return (f"{layer} ({', '.join(models)}) is already a vector: pooling does not apply to it, so its {given} "
+            f"features are its {VECTOR_POOLING} features, scored once as {layer}/{VECTOR_POOLING}")
 
 
 def compare_layers(
@@ -118,6 +159,7 @@ def compare_layers(
     n_jobs: int | None = None,
     report=None,
     on_skipped=None,
+    on_extraction=None,
     finetune_from: str | Sequence[str] | None = None,
     finetune_options: FinetuneOptions | dict | None = None,
     **settings,
@@ -155,6 +197,12 @@ def compare_layers(
         pairs the extraction skipped (unreadable or missing images, over every backbone) and the
         number of images of ``source``; not called when none was skipped. Rows count only the
         images kept (``n_images``).
+    on_extraction : callable, optional
+        Called once per extraction, with a dict: ``model``, ``features`` (``"pooled"``, or the
+        maps of a fine-tuned row, e.g. ``"stage3/map"``), ``seconds`` (wall time of that
+        extraction, reading the store included), ``n_computed`` (images that went through the
+        network; 0 when all came from the store) and ``n_images``. An extraction computes every
+        layer of a backbone in one pass, so its time belongs to no single row.
     **settings
         :class:`~featx.options.ExtractOptions` fields by name (``store=``, ``device=``, ``tta=``,
         ``engine=`` …), replacing those of ``options``. With ``engine="ray"`` the extraction runs
@@ -168,6 +216,15 @@ def compare_layers(
     finetune_options : FinetuneOptions or dict, optional
         How those rows train (``epochs``, ``lr`` …; see :class:`~featx.options.FinetuneOptions`).
 
+    The cross-validation shows one progress bar on stderr, over the outer folds of every row and
+    naming the row being scored (``cv stage4/avg logreg [3/12]``), when ``options.progress``
+    says so (:func:`featx.progress.show_progress`: by default on a terminal only, never with
+    ``progress=False``).
+
+    A layer that is already a vector (``pre_logits``) gets one row whatever the poolings (they
+    all return it unchanged), pooling ``avg``; a :class:`~featx.exceptions.FeatxWarning` and the
+    row's ``notes`` say so when other poolings were asked for.
+
     Returns
     -------
     list of dict
@@ -176,9 +233,8 @@ def compare_layers(
         for a concatenation), ``depth`` (0 = first layer, or concatenation of layers, listed), ``features`` (the feature
         set's name, e.g. ``stage4/spp+pre_logits/avg``), ``tta``, ``head``, ``dim``,
         ``accuracy_mean``, ``accuracy_std``, ``balanced_accuracy``, ``macro_f1``,
-        ``chosen_params``, ``n_images``, ``n_classes``, ``cv``, ``extraction_time`` (seconds
-        this run spent extracting for the backbone, 0 when all came from the store),
-        ``fit_time`` (of the evaluation, when it was computed), ``from_cache`` (the report was
+        ``chosen_params``, ``n_images``, ``n_classes``, ``chance`` (the share of the largest class:
+        the accuracy of always answering it), ``cv``, ``fit_time`` (of the evaluation, when it was computed), ``from_cache`` (the report was
         read back) and ``notes``.
 
     Examples
@@ -201,20 +257,59 @@ def compare_layers(
     source.require_classes("compare_layers needs labelled images")  # fewer images than folds: fewer folds, warned
     entries = [split_names(entry, sep="+") for entry in split_names(backbones)]
     # Each backbone runs once, for the union of what every entry asks of it.
-    loaded, sets, results, extraction_times = {}, {}, {}, {}
+    loaded, sets, results, replaced = {}, {}, {}, {}
     for name in dict.fromkeys(n for entry in entries for n in entry):
         backbone = load_backbone(name, weights=options.weights, lazy=True)
         loaded[name] = backbone
         all_layers = [layer for layer, _ in resolve_layers(backbone.name, "all")]
-        sets[name] = parse_feature_sets(layers, poolings, all_layers=all_layers)
+        parsed = parse_feature_sets(layers, poolings, all_layers=all_layers)
+        named = list(dict.fromkeys(layer for pairs in parsed for layer, _ in pairs))
+        vectors = [layer for layer, tap in resolve_layers(backbone.name, named)
+                   if len(layer_shape(backbone.name, tap)) == 1]
+        sets[name], replaced[name] = collapse_vector_poolings(parsed, vectors)
         blocks = list(dict.fromkeys(pair for fs in sets[name] for pair in fs))
         start = time.perf_counter()
         results[name] = extract(source, options.replace(backbone=backbone, pooling="avg",
                                                         layers=tuple(f"{layer}/{p}" for layer, p in blocks)))
-        extraction_times[name] = time.perf_counter() - start if results[name].n_computed else 0.0
+        _extracted(on_extraction, backbone.name, "pooled", results[name], time.perf_counter() - start)
     skipped = {name: reason for result in results.values() for name, reason in result.skipped}
     if skipped and on_skipped is not None:
         on_skipped(list(skipped.items()), len(source))
+    for entry in entries:
+        require_kept([results[name] for name in entry], "cross-validate")
+    notes: dict[str, str] = {}
+    for layer in dict.fromkeys(layer for name in replaced for layer in replaced[name]):
+        models = [loaded[name].name for name in replaced if layer in replaced[name]]
+        given = list(dict.fromkeys(p for name in replaced for p in replaced[name].get(layer, [])))
+        notes[layer] = _vector_note(layer, models, given)
+        warnings.warn(notes[layer] + ".", FeatxWarning, stacklevel=2)
+    head_names = split_names(heads)
+    n_rows = sum(len(sets[entry[0]]) * len(head_names) + (len(split_names(finetune_from or [])) if len(entry) == 1 else 0)
+                 for entry in entries)
+    _, counts = np.unique(kept_labels(results[entries[0][0]]), return_counts=True)
+    folds = min(cv, int(counts.min())) * repeats if len(counts) else 0
+    bar = Progress(n_rows * folds, enabled=options.progress, desc="cv")
+    several_models = len(entries) > 1
+    try:
+        rows = _score_rows(entries, loaded, sets, results, notes, head_names, options=options, cv=cv, repeats=repeats,
+                           random_state=random_state, n_jobs=n_jobs, report=report, bar=bar, n_rows=n_rows,
+                           several_models=several_models, source=source, finetune_from=finetune_from,
+                           finetune=finetune, on_extraction=on_extraction)
+    finally:
+        bar.close()
+    return rows
+
+
+def _extracted(on_extraction, model: str, features: str, result, seconds: float) -> None:
+    """Tell ``on_extraction`` (if given) what one extraction of a comparison did."""
+    if on_extraction is not None:
+        on_extraction({"model": model, "features": features, "seconds": seconds, "n_computed": result.n_computed,
+                       "n_images": len(result.keys)})
+
+
+def _score_rows(entries, loaded, sets, results, notes, head_names, *, options, cv, repeats, random_state, n_jobs,
+                report, bar, n_rows, several_models, source, finetune_from, finetune, on_extraction) -> list[dict]:
+    """The rows of :func:`compare_layers`, scored in order, each named on ``bar`` while it runs."""
     rows = []
     for entry in entries:
         model = "+".join(loaded[name].name for name in entry)
@@ -230,7 +325,8 @@ def compare_layers(
                                     [loaded[name].name for name in entry for _ in pairs])
             else:
                 features = set_name(pairs)
-            for head in split_names(heads):
+            for head in head_names:
+                bar.describe(f"cv {model + ' ' if several_models else ''}{features} {head} [{len(rows) + 1}/{n_rows}]")
                 evaluation = cached_evaluate(
                     X,
                     y,
@@ -240,6 +336,7 @@ def compare_layers(
                     repeats=repeats,
                     random_state=random_state,
                     n_jobs=n_jobs,
+                    progress=bar,
                     **({"blocks": widths} if len(widths) > 1 else {}),
                 )
                 row = {
@@ -258,11 +355,11 @@ def compare_layers(
                     "chosen_params": evaluation["chosen_params"],
                     "n_images": int(len(y)),
                     "n_classes": evaluation["n_classes"],
+                    "chance": majority_rate(y),
                     "cv": evaluation["cv"],
-                    "extraction_time": sum(extraction_times[name] for name in entry),
                     "fit_time": evaluation["fit_time"],
                     "from_cache": evaluation.get("from_cache", False),
-                    "notes": evaluation["notes"],
+                    "notes": [*evaluation["notes"], *(notes[layer] for layer, _ in pairs if layer in notes)],
                 }
                 rows.append(row)
                 if report is not None:
@@ -270,8 +367,10 @@ def compare_layers(
         if len(entry) > 1:  # fine-tuning trains the top of one network: no row for concatenated backbones
             continue
         for layer in split_names(finetune_from or []):
+            bar.describe(f"cv {model + ' ' if several_models else ''}{layer}/map finetune [{len(rows) + 1}/{n_rows}]")
             row = _finetune_row(source, loaded[entry[0]], layer, options, finetune, depth=depths.get(layer, len(depths)),
-                                cv=cv, repeats=repeats, random_state=random_state)
+                                cv=cv, repeats=repeats, random_state=random_state, progress=bar,
+                                on_extraction=on_extraction)
             rows.append(row)
             if report is not None:
                 report(row)
@@ -279,7 +378,7 @@ def compare_layers(
 
 
 def _finetune_row(source, backbone, layer, options: ExtractOptions, finetune: FinetuneOptions, *, depth, cv,
-                  repeats, random_state) -> dict:
+                  repeats, random_state, progress=None, on_extraction=None) -> dict:
     """A comparison row for fine-tuning from ``layer``, cross-validated on the frozen rows' folds."""
     from featx.finetuning import read_maps, split_tap  # torch: only for a fine-tuned row
 
@@ -288,13 +387,13 @@ def _finetune_row(source, backbone, layer, options: ExtractOptions, finetune: Fi
         raise FeatxError("A fine-tuned comparison row needs a feature store for the maps: pass store=True or a folder.")
     start = time.perf_counter()
     result = extract(source, options.for_maps(backbone, layer))
-    extraction_time = time.perf_counter() - start if result.n_computed else 0.0
+    _extracted(on_extraction, backbone.name, f"{layer}/map", result, time.perf_counter() - start)
     y = kept_labels(result)
     X = read_maps(result, layer)
     settings = finetune.changes()
     evaluation = cached_evaluate(X, y, folder=reports_folder(result.store), method="finetune", cv=cv, repeats=repeats,
                                  random_state=random_state, backbone=backbone.name, weights=backbone.weights_arg,
-                                 layer=layer, device=str(options.device), **settings)
+                                 layer=layer, device=str(options.device), progress=progress, **settings)
     return {
         "model": backbone.name,
         "layer": layer,
@@ -311,8 +410,8 @@ def _finetune_row(source, backbone, layer, options: ExtractOptions, finetune: Fi
         "chosen_params": {"best_epochs": evaluation["best_epochs"], **settings},
         "n_images": int(len(y)),
         "n_classes": evaluation["n_classes"],
+        "chance": majority_rate(y),
         "cv": evaluation["cv"],
-        "extraction_time": extraction_time,
         "fit_time": evaluation["fit_time"],
         "from_cache": evaluation["from_cache"],
         "notes": [f"fine-tuned after {layer}: the blocks after it and a new head trained in each outer fold on its "
@@ -321,14 +420,17 @@ def _finetune_row(source, backbone, layer, options: ExtractOptions, finetune: Fi
     }
 
 
-def plot_comparison(rows: Sequence[dict], path, *, title: str | None = None) -> None:
-    """Draw accuracy against layer depth, one line per (backbone, pooling, head), with error bars.
+def comparison_figure(rows: Sequence[dict], *, title: str | None = None):
+    """The figure of :func:`plot_comparison`: a bare matplotlib Figure (no pyplot state), not saved.
 
-    ``title`` names the data set in the plot's title.
-
-    The x axis lists the layer aliases in depth order; error bars are ± one standard deviation
-    over the outer folds. Drawn on a bare matplotlib Figure (Agg rendering, no display and no
-    pyplot state).
+    Examples
+    --------
+    >>> rows = [{"model": "m", "layer": layer, "depth": d, "pooling": p, "head": "logreg", "accuracy_mean": acc,
+    ...          "accuracy_std": 0.02, "n_images": 30, "cv": 3, "chance": 0.4}
+    ...         for d, layer in enumerate(["stage1", "pre_logits"]) for p, acc in (("avg", 0.6 + d / 5), ("spp", 0.7))]
+    >>> axes = comparison_figure(rows).axes[0]
+    >>> sorted(text.get_text() for text in axes.texts)
+    ['best 0.800', 'chance 0.400 (majority class)']
     """
     from matplotlib.figure import Figure
 
@@ -342,26 +444,56 @@ def plot_comparison(rows: Sequence[dict], path, *, title: str | None = None) -> 
     for row in rows:
         groups.setdefault((row["model"], row["pooling"], row["head"]), []).append(row)
     several_heads = len({key[2] for key in groups}) > 1
-    for (model, pooling, head), group in groups.items():
-        group = sorted(group, key=lambda r: layers.index(r["layer"]))
-        x = [layers.index(r["layer"]) for r in group]
-        label = f"{model} · {pooling}" + (f" · {head}" if several_heads else "")
-        axes.errorbar(x, [r["accuracy_mean"] for r in group], yerr=[r["accuracy_std"] for r in group],
-                      marker="o", capsize=3, label=label)
+    # Lines side by side around each layer (a dodge), so that error bars at one layer do not overlap.
+    step = min(0.12, 0.6 / len(groups))
     best = best_row(rows)
-    axes.annotate(f"best {best['accuracy_mean']:.3f}",
-                  (layers.index(best["layer"]), best["accuracy_mean"] + best["accuracy_std"]),
-                  textcoords="offset points", xytext=(0, 6), ha="center", fontsize=9)
+    for i, ((model, pooling, head), group) in enumerate(groups.items()):
+        group = sorted(group, key=lambda r: layers.index(r["layer"]))
+        offset = (i - (len(groups) - 1) / 2) * step
+        x = [layers.index(r["layer"]) + offset for r in group]
+        label = f"{model} · {pooling}" + (f" · {head}" if several_heads else "")
+        drawn = axes.errorbar(x, [r["accuracy_mean"] for r in group], yerr=[r["accuracy_std"] for r in group],
+                              marker="o", markersize=4, capsize=3, label=label)
+        if any(r is best for r in group):
+            colour = drawn.lines[0].get_color()
+            best_x = layers.index(best["layer"]) + offset
+            axes.plot([best_x], [best["accuracy_mean"]], marker="*", markersize=15, color=colour,
+                      markeredgecolor="black", linestyle="none", zorder=5)
+            axes.annotate(f"best {best['accuracy_mean']:.3f}", (best_x, best["accuracy_mean"] + best["accuracy_std"]),
+                          textcoords="offset points", xytext=(0, 6), ha="center", fontsize=9, color=colour,
+                          fontweight="bold")
+    chances = [row["chance"] for row in rows if row.get("chance") is not None]
+    if chances:
+        chance = max(chances)
+        axes.axhline(chance, color="grey", linestyle="--", linewidth=1, zorder=0)
+        axes.annotate(f"chance {chance:.3f} (majority class)", (0.0, chance), xycoords=("axes fraction", "data"),
+                      textcoords="offset points", xytext=(4, 3), ha="left", va="bottom", fontsize=8, color="grey")
     axes.set_xticks(range(len(layers)), layers)
+    axes.set_xlim(-0.5, len(layers) - 0.5)
     axes.set_xlabel("layer (early → late)")
     axes.set_ylabel("cross-validated accuracy")
     n = rows[0]["n_images"]
-    subject = f"{title}: " if title else ""
-    axes.set_title(f"{subject}accuracy by layer depth ({n} images, {rows[0]['cv']}-fold CV, ± 1 std)")
+    subject = f"{title}\n" if title else ""
+    axes.set_title(f"{subject}accuracy by layer depth ({n} images, {rows[0]['cv']}-fold CV, ± 1 std)", fontsize=10)
+    axes.margins(y=0.12)  # room for the best point's label
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
-    figure.savefig(path)
+    return figure
+
+
+def plot_comparison(rows: Sequence[dict], path, *, title: str | None = None) -> None:
+    """Draw accuracy against layer depth, one line per (backbone, pooling, head), with error bars.
+
+    ``title`` names the data set in the plot's title.
+
+    The x axis lists the layer aliases in depth order; the lines are set side by side around each
+    layer so that their error bars (± one standard deviation over the outer folds) do not overlap.
+    The best row is a star on its own line, labelled in that line's colour; a dashed line is the
+    chance level (the share of the largest class, the rows' ``chance``). Drawn on a bare
+    matplotlib Figure (Agg rendering, no display and no pyplot state).
+    """
+    comparison_figure(rows, title=title).savefig(path)
 
 
 def write_comparison(rows: Sequence[dict], folder, *, title: str | None = None) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from featx.devices import check_resolved, resolve
 from featx.exceptions import FeatxError, RayUnavailableError
 from featx.loop import Batch, iter_batches, prepare
 from featx.options import ExtractOptions
+from featx.progress import show_progress
 
 __all__ = ["RayEngine", "joblib_on_ray", "require_ray", "ray_session"]
 
@@ -266,7 +266,7 @@ class RayEngine:
             shared = ray.put(backbone)
             actors = [actor.remote(shared, requests, remote) for _ in range(n_workers)]
             bar = None
-            if sys.stderr.isatty() if options.progress is None else options.progress:
+            if show_progress(options.progress):
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name} on {n_workers} Ray workers",

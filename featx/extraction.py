@@ -50,6 +50,7 @@ __all__ = [
     "resolve_device",
     "resolve_engine",
     "resolve_precision",
+    "require_kept",
     "skipped_lines",
     "store_config",
     "store_exists",
@@ -266,6 +267,39 @@ def skipped_lines(skipped, n_images: int | None = None, *, limit: int | None = N
     if len(shown) < len(pairs):
         lines.append(f"  ... and {len(pairs) - len(shown)} more" + (f": {see_all}" if see_all else ""))
     return lines
+
+
+def require_kept(results, what: str) -> None:
+    """Raise when the extractions ``results`` (one, or one per backbone) kept no image in common.
+
+    Every image may have been skipped (unreadable or missing files, ``on_error="skip"``): the
+    error then says so, with the count and the first skipped image, instead of reading an empty
+    store. ``what`` names the work that needs the images (``"fit a head on"``).
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace
+    >>> result = SimpleNamespace(kept=np.array([], dtype=int), keys=[None, None],
+    ...                          skipped=[("a.png", "not found"), ("b.png", "not found")])
+    >>> require_kept(result, "fit a head on")
+    Traceback (most recent call last):
+    ...
+    featx.exceptions.FeatxError: all 2 images were skipped (unreadable or missing, e.g. a.png), so there is nothing to fit a head on; fix or remove those files (each is listed with its reason in the extraction's 'skipped').
+    """
+    results = [results] if isinstance(results, ExtractionResult) or not isinstance(results, (list, tuple)) else results
+    kept = results[0].kept
+    for result in results[1:]:
+        kept = np.intersect1d(kept, result.kept)
+    if len(kept):
+        return
+    n = len(results[0].keys)
+    skipped = {name: reason for result in results for name, reason in result.skipped}
+    if not skipped:
+        raise FeatxError(f"no image to {what}: the source holds {n} images, and no image was kept by every extraction.")
+    every = f"all {n} images were" if len(skipped) == n else f"{len(skipped)} of {n} images were"
+    raise FeatxError(f"{every} skipped (unreadable or missing, e.g. {next(iter(skipped))}), so there is nothing to "
+                     f"{what}; fix or remove those files (each is listed with its reason in the extraction's "
+                     "'skipped').")
 
 
 def kept_labels(result: ExtractionResult, positions=None) -> np.ndarray:

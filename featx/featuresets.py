@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from featx.exceptions import FeatxError
 from featx.paths import split_names
 
-__all__ = ["parse_blocks", "parse_feature_sets", "set_name", "split_names"]
+__all__ = ["VECTOR_POOLING", "collapse_vector_poolings", "parse_blocks", "parse_feature_sets", "set_name", "split_names"]
 
 Pair = tuple[str, str]
 
@@ -77,6 +77,52 @@ def parse_feature_sets(layers, poolings, *, all_layers: Sequence[str] = ()) -> l
     if not unique:
         raise FeatxError("No layer given: expected one or more layer names, 'all', or layers joined by '+'.")
     return unique
+
+
+#: The pooling a feature set names for a layer that is already a vector (``pre_logits``, ``logits``):
+#: every pooling passes such a layer through unchanged (:mod:`featx.pooling`).
+VECTOR_POOLING = "avg"
+
+
+def collapse_vector_poolings(sets: Sequence[tuple[Pair, ...]],
+                             vectors: Sequence[str]) -> tuple[list[tuple[Pair, ...]], dict[str, list[str]]]:
+    """Give the layers that are already vectors one pooling, and drop the feature sets that became equal.
+
+    Pooling does not apply to a vector (``pre_logits``: every pooling returns it unchanged), so
+    ``pre_logits/spp`` holds the very features of ``pre_logits/avg``; comparing both would score
+    one feature set twice. Their blocks are named with :data:`VECTOR_POOLING`.
+
+    Parameters
+    ----------
+    sets : sequence of tuple of (layer, pooling)
+        Feature sets, as :func:`parse_feature_sets` returns them.
+    vectors : sequence of str
+        The layers whose output is a vector.
+
+    Returns
+    -------
+    sets : list of tuple of (layer, pooling)
+        In the order given, duplicates dropped.
+    replaced : dict of str to list of str
+        Per vector layer, the poolings given for it other than :data:`VECTOR_POOLING` (what a
+        note to the user names); empty when nothing was replaced.
+
+    Examples
+    --------
+    >>> sets = parse_feature_sets("stage4,pre_logits", "avg,spp")
+    >>> collapse_vector_poolings(sets, ["pre_logits"])
+    ([(('stage4', 'avg'),), (('stage4', 'spp'),), (('pre_logits', 'avg'),)], {'pre_logits': ['spp']})
+    """
+    vectors = set(vectors)
+    replaced: dict[str, list[str]] = {}
+    collapsed = []
+    for pairs in sets:
+        for layer, pooling in pairs:
+            if layer in vectors and pooling != VECTOR_POOLING and pooling not in replaced.setdefault(layer, []):
+                replaced[layer].append(pooling)
+        collapsed.append(tuple(dict.fromkeys((layer, VECTOR_POOLING if layer in vectors else pooling)
+                                             for layer, pooling in pairs)))
+    return list(dict.fromkeys(collapsed)), {layer: p for layer, p in replaced.items() if p}
 
 
 def parse_blocks(layers, poolings, *, all_layers: Sequence[str] = ()) -> list[Pair]:

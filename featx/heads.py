@@ -23,6 +23,7 @@ from collections import Counter
 from numbers import Integral, Real
 
 import numpy as np
+from joblib import effective_n_jobs
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
@@ -43,6 +44,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featx.exceptions import EvaluationError, FeatxError, UnknownHeadError, suggest
 from featx.threads import head_limits
+from featx.progress import Progress
 
 __all__ = [
     "BlockScaler",
@@ -439,10 +441,11 @@ def _default_params(head: str) -> dict:
 
 
 def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_normalize, pca,
-             calibrate, n_jobs=1, blocks=None):
+             calibrate, n_jobs=1, blocks=None, progress: Progress | None = None):
     """Tune over ``grid`` (None: defaults) and fit one head: THE fit of evaluate and fit_head.
 
-    Returns the fitted pipeline, the chosen parameters and facts for the report's notes.
+    ``progress`` (fit_head's bar) counts every grid fit and the final fit. Returns the fitted
+    pipeline, the chosen parameters and facts for the report's notes.
     """
     pipeline = make_head(
         head, l2_normalize=l2_normalize, pca=pca, class_weight=class_weight,
@@ -459,14 +462,22 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
         if folds is not None and (grid is not None or calibrate):
             n_train = min(len(train) for train, _ in folds.split(X, y))
         _check_pca_size(pca, n_train, X.shape[1], where="a training fold")
+    tuned = grid is not None and folds is not None
+    n_grid = int(np.prod([len(v) for v in grid.values()])) * k if tuned else 0
+    if progress is not None:
+        progress.expect(n_grid + 1)
+    # A fit run in this process is counted as it ends, by its scorer (plain accuracy, as "accuracy").
+    counted = progress is not None and progress.enabled and effective_n_jobs(n_jobs) == 1
     with warnings.catch_warnings(record=True) as caught, head_limits():
         warnings.simplefilter("always", ConvergenceWarning)
-        if grid is not None and folds is not None:
+        if tuned:
             search = GridSearchCV(
-                pipeline, grid, cv=folds, scoring="accuracy", n_jobs=n_jobs, refit=False,
-                error_score="raise",
+                pipeline, grid, cv=folds, scoring=_counted_accuracy(progress) if counted else "accuracy",
+                n_jobs=n_jobs, refit=False, error_score="raise",
             )
             search.fit(X, y)
+            if progress is not None and not counted:
+                progress.advance(n_grid)
             params = {key: _python(v) for key, v in search.best_params_.items()}
             pipeline.set_params(**params)
             info["inner_cv"] = k
@@ -484,12 +495,25 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
             info["n_fits"] += k
         pipeline.fit(X, y)
         info["n_fits"] += 1
+        if progress is not None:
+            progress.advance()
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
             info["n_not_converged"] += 1
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     return pipeline, params, info
+
+
+def _counted_accuracy(progress: Progress):
+    """The "accuracy" scorer of a grid search that also counts each scored fit on ``progress``."""
+
+    def score(estimator, X, y):
+        value = accuracy_score(y, estimator.predict(X))
+        progress.advance()
+        return value
+
+    return score
 
 
 def _evaluate_fold(X, y, train, test, **kwargs):
@@ -635,6 +659,7 @@ def evaluate(
     n_jobs: int | None = None,
     tune: bool = True,
     blocks=None,
+    progress: bool | None | Progress = False,
 ) -> dict:
     """Score a head on features by nested, stratified cross-validation.
 
@@ -675,6 +700,12 @@ def evaluate(
     blocks : sequence of int, optional
         Widths of concatenated feature blocks, see :func:`make_head`: each block is standardised
         and weighted inside every training fold.
+    progress : bool, None or featx.progress.Progress, default=False
+        A progress bar on stderr, one step per outer fold: ``False`` none (as scikit-learn's
+        ``verbose=0``), ``True`` always, ``None`` only on a terminal outside CI
+        (:func:`featx.progress.show_progress`), or a :class:`~featx.progress.Progress` to advance
+        (one bar over several evaluations, as :func:`featx.compare_layers` shows). It changes
+        nothing in the report.
 
     Returns
     -------
@@ -754,9 +785,21 @@ def evaluate(
         head=head, grid=grid, inner_cv=inner_cv, random_state=random_state,
         class_weight=class_weight, l2_normalize=l2_normalize, pca=pca, blocks=blocks,
     )
-    results = Parallel(n_jobs=n_jobs)(
-        delayed(_evaluate_fold)(X, y, train, test, **options) for train, test in splits
-    )
+    bar = progress if isinstance(progress, Progress) else Progress(len(splits), enabled=progress, desc=f"cv {head}")
+    bar.expect(len(splits))
+    jobs = (delayed(_evaluate_fold)(X, y, train, test, **options) for train, test in splits)
+    try:
+        if bar.enabled:  # each fold counted as it ends (joblib yields results in order)
+            results = []
+            for result in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+                results.append(result)
+                bar.advance()
+        else:
+            results = Parallel(n_jobs=n_jobs)(jobs)
+            bar.advance(len(splits))
+    finally:
+        if bar is not progress:
+            bar.close()
 
     folds, best_params = [], []
     matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
@@ -830,6 +873,7 @@ def fit_head(
     tune: bool = True,
     blocks=None,
     return_score: bool = False,
+    progress: bool | None | Progress = False,
 ) -> tuple[Pipeline, dict] | tuple[Pipeline, dict, dict]:
     """Tune a head on all of X, y by cross-validation, fit it, and return it ready to predict.
 
@@ -850,6 +894,11 @@ def fit_head(
         only when they run in this process (``n_jobs`` None or 1).
     return_score : bool, default=False
         Also return the inner cross-validation score of the chosen parameters.
+    progress : bool, None or featx.progress.Progress, default=False
+        A progress bar on stderr, one step per grid-search fit (and one for the final fit), as in
+        :func:`evaluate`; a :class:`~featx.progress.Progress` made without a total gets this
+        count as its total. Fits are counted as they end only when they run in this process
+        (``n_jobs`` None or 1), else all at once when the search ends.
 
     Returns
     -------
@@ -906,11 +955,17 @@ def fit_head(
         )
     grid = _grid_for(X, head, tune=tune, l2_normalize=l2_normalize, pca=pca,
                      random_state=random_state, blocks=blocks)
-    pipeline, params, info = _fit_one(
-        X, y, head=head, grid=grid, inner_cv=inner_cv, random_state=random_state,
-        class_weight=class_weight, l2_normalize=l2_normalize, pca=pca, calibrate=True,
-        n_jobs=n_jobs, blocks=blocks,
-    )
+    bar = progress if isinstance(progress, Progress) else Progress(None, enabled=progress, unit="fit",
+                                                                   desc=f"tune {head}")
+    try:
+        pipeline, params, info = _fit_one(
+            X, y, head=head, grid=grid, inner_cv=inner_cv, random_state=random_state,
+            class_weight=class_weight, l2_normalize=l2_normalize, pca=pca, calibrate=True,
+            n_jobs=n_jobs, blocks=blocks, progress=bar,
+        )
+    finally:
+        if bar is not progress:
+            bar.close()
     if info["n_not_converged"]:
         warnings.warn(
             _convergence_note(head, info["n_not_converged"], info["n_fits"]),

@@ -11,7 +11,6 @@ the advisor — reads batches from :func:`iter_batches`; there is no second loop
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from featx.options import ExtractOptions
 from featx.featuresets import parse_blocks
 from featx.paths import split_names
 from featx.pooling import check_pooling, pool_each
+from featx.progress import show_progress
 from featx.runners import compiled_taps, onnx_taps
 
 if TYPE_CHECKING:
@@ -139,9 +139,8 @@ def iter_batches(
     elif runtime == "onnxruntime":
         size = backbone.preprocess.crop
         runner = onnx_taps(backbone.module, taps, torch.zeros(full, 3, size, size))
-    show = sys.stderr.isatty() if progress is None else progress
     bar = None
-    if show:
+    if show_progress(progress):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name}", leave=False)

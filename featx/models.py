@@ -30,12 +30,13 @@ from sklearn.pipeline import Pipeline
 from featx import __version__
 from featx.backbones import load_backbone
 from featx.exceptions import FeatxError, ModelFileError
-from featx.extraction import extract, join_features, kept_labels
+from featx.extraction import extract, join_features, kept_labels, require_kept
 from featx.options import CACHED, DEFAULT_MAX_PIXELS, ExtractOptions
 from featx.paths import split_names
 from featx.heads import fit_head, score_predictions
 from featx.selection import select_layer
 from featx.images import ImageSource, describe, open_source
+from featx.progress import Progress
 from featx.transformers import CNNFeatures
 
 __all__ = ["FeatxModel", "evaluate_model", "fit_model", "load_model", "predict", "save_model"]
@@ -149,6 +150,14 @@ def _extract_parts(source, parts, options: list[ExtractOptions]) -> tuple[np.nda
     return X, results[0], kept
 
 
+def _check_extracted(results, source, on_skipped) -> None:
+    """Tell ``on_skipped`` of the images the extractions skipped; refuse when none is left to fit on."""
+    skipped = {name: reason for result in results for name, reason in result.skipped}
+    if skipped and on_skipped is not None:
+        on_skipped(list(skipped.items()), len(source))
+    require_kept(results, "fit a head on")
+
+
 def _model_blocks(parts) -> list[int] | None:
     """Widths of the concatenated blocks of every part, or None for a single block."""
     blocks = [b for part in parts for b in part.blocks_]
@@ -163,6 +172,7 @@ def fit_model(
     inner_cv: int = 3,
     random_state: int = 0,
     class_weight=None,
+    on_skipped=None,
     **settings,
 ) -> tuple[FeatxModel, object]:
     """Tune a head by inner cross-validation on all of ``source`` and refit it.
@@ -179,11 +189,17 @@ def fit_model(
         (:class:`~featx.heads.BlockScaler`).
     head : {"logreg", "linear-svm", "rbf-svm"}, default="logreg"
     inner_cv, random_state, class_weight
-        See :func:`featx.heads.fit_head`.
+        See :func:`featx.heads.fit_head`. The tuning shows a progress bar on stderr, over its
+        grid fits and naming what it tunes (``tune stage4/spp logreg``), when
+        ``options.progress`` says so (by default on a terminal only; never with ``progress=False``).
         ``layers="auto"`` chooses the layer and pooling (among every layer and the given poolings,
         from one extraction) by :func:`featx.selection.select_layer` with ``inner_cv`` folds:
         the simplest feature set within one standard error of the best; ``model.info["selection"]``
         keeps the table it chose from and the estimate of that choice.
+    on_skipped : callable, optional
+        Called once, after extraction and before the tuning, with the ``(image, reason)`` pairs
+        the extraction skipped and the number of images of ``source``; not called when none was
+        skipped (as in :func:`featx.compare_layers`).
     **settings
         :class:`~featx.options.ExtractOptions` fields by name, replacing those of ``options``
         (``layer=`` is accepted for ``layers``, as :class:`~featx.transformers.CNNFeatures` names it).
@@ -217,6 +233,7 @@ def fit_model(
         # Every layer from one extraction, the choice by the one-standard-error rule, then the
         # chosen block of the same extraction: nothing is extracted twice.
         result = extract(source, options.replace(layers="all"))
+        _check_extracted([result], source, on_skipped)
         candidates = {request.key: result[request.key] for request in result.requests}
         selection = select_layer(candidates, kept_labels(result), head=head, cv=inner_cv, random_state=random_state)
         layer, pooling = selection.chosen.split("/")
@@ -229,10 +246,17 @@ def fit_model(
         # transformer has no parameter for.
         run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error,
                                                  progress=options.progress) for part in parts]
-        X, result, kept = _extract_parts(source, parts, run)
+        results = [extract(source, part_options) for part_options in run]
+        _check_extracted(results, source, on_skipped)
+        X, _, kept = join_features(results, [[r.key for r in part.requests_] for part in parts])
+        result = results[0]
     y = kept_labels(result, kept)
-    fitted, params, score = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state,
-                                     class_weight=class_weight, blocks=_model_blocks(parts), return_score=True)
+    features = " + ".join((f"{part.backbone}:" if len(parts) > 1 else "") + "+".join(r.key for r in part.requests_)
+                          for part in parts)
+    with Progress(None, enabled=options.progress, unit="fit", desc=f"tune {features} {head}") as bar:
+        fitted, params, score = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state,
+                                         class_weight=class_weight, blocks=_model_blocks(parts), return_score=True,
+                                         progress=bar)
     model = FeatxModel(
         features=parts[0] if len(parts) == 1 else parts,
         head=fitted,

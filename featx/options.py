@@ -121,7 +121,9 @@ class ExtractOptions:
         take turns on the cores); on other devices one process per core for image files, none
         for arrays.
     progress : bool or None, default=None
-        Progress bar; ``None``: only on a terminal.
+        Progress bars on stderr, of the extraction and of the cross-validation and search of the
+        workflows that take these options; ``None``: only when stderr is a terminal and ``$CI`` is
+        not set (:func:`featx.progress.show_progress`); ``False``: never.
     decoder : {"auto", "pil", "torch"}, default="auto"
         Where JPEG files are decoded (see :func:`featx.extraction.resolve_decoder`).
     tta : {None, "hflip"}, default=None

@@ -6,11 +6,15 @@ This module imports neither torch nor scikit-learn.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write", "default_cache_dir", "fsync_dir", "split_names", "temporary_name"]
+__all__ = ["atomic_path", "atomic_write", "default_cache_dir", "fsync_dir", "split_names", "temporary_name",
+           "using_cache_dir"]
+
+_CACHE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar("featx_cache_dir", default=None)
 
 
 def split_names(value, *, sep: str = ",") -> list[str]:
@@ -92,10 +96,33 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, durable: bool = 
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+@contextlib.contextmanager
+def using_cache_dir(folder: str | os.PathLike) -> Iterator[Path]:
+    """Within this block, :func:`default_cache_dir` is ``folder`` (``$FEATX_CACHE`` does not count).
+
+    The ``featx`` command runs a command given ``--cache DIR`` inside it, so that what featx keeps
+    beside the stores (the layer tables of ``featx.backbones.layers``) goes under DIR too, not to
+    ``./cache``. The previous folder is restored on leaving; threads and asyncio tasks started
+    outside keep theirs (a context variable).
+
+    Examples
+    --------
+    >>> with using_cache_dir("/tmp/featx-run"):
+    ...     default_cache_dir()
+    PosixPath('/tmp/featx-run')
+    """
+    token = _CACHE_DIR.set(Path(folder).expanduser())
+    try:
+        yield _CACHE_DIR.get()
+    finally:
+        _CACHE_DIR.reset(token)
+
+
 def default_cache_dir() -> Path:
     """Return the folder where stores go: ``$FEATX_CACHE`` if set, else ``cache`` in the CWD.
 
-    The environment variable is read at every call, so it can be changed while running.
+    Inside :func:`using_cache_dir` it is that block's folder. The environment variable is read
+    at every call, so it can be changed while running.
 
     Returns
     -------
@@ -114,5 +141,8 @@ def default_cache_dir() -> Path:
     ...     default_cache_dir()
     PosixPath('cache')
     """
+    scoped = _CACHE_DIR.get()
+    if scoped is not None:
+        return scoped
     env = os.environ.get("FEATX_CACHE")
     return Path(env).expanduser() if env else Path("cache")

@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from featx.exceptions import FeatxError
+from featx.progress import Progress
 
 __all__ = ["SIMPLEST", "Selection", "bootstrap_estimate", "evaluate_auto", "layer_preference", "one_standard_error",
            "select_layer"]
@@ -275,13 +276,14 @@ def layer_preference(candidates: dict[str, np.ndarray]) -> list[str]:
 
 
 def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", cv: int = 5, inner_cv: int = 3,
-                  random_state: int = 0) -> dict:
+                  random_state: int = 0, progress: bool | None = False) -> dict:
     """Nested cross-validation of 'choose the layer, then tune and fit the head'.
 
     In every outer fold, :func:`select_layer` picks a candidate on the training part only (the
     one-standard-error rule), the head is tuned and fitted there (:func:`featx.heads.fit_head`)
     and scored on the held-out part; the accuracy therefore includes the cost of choosing the
-    layer: it is the honest estimate of the whole procedure.
+    layer: it is the honest estimate of the whole procedure. ``progress`` (as in
+    :func:`featx.heads.evaluate`) shows a bar over the outer folds.
 
     Returns
     -------
@@ -302,12 +304,15 @@ def evaluate_auto(candidates: dict[str, np.ndarray], y, *, head: str = "logreg",
     folds, chosen_per_fold = [], []
     start = time.perf_counter()
     classes = np.unique(y)
-    for train, test in outer_splits(y, n_splits, random_state=random_state):
-        chosen = select_layer({n: candidates[n][train] for n in names}, y[train], head=head, cv=inner_cv,
-                              random_state=random_state).chosen
-        model, _ = fit_head(candidates[chosen][train], y[train], head=head, inner_cv=inner_cv, random_state=random_state)
-        folds.append(score_predictions(y[test], model.predict(candidates[chosen][test]), classes=classes))
-        chosen_per_fold.append(chosen)
+    with Progress(n_splits, enabled=progress, desc=f"cv auto {head} (a layer chosen in each fold)") as bar:
+        for train, test in outer_splits(y, n_splits, random_state=random_state):
+            chosen = select_layer({n: candidates[n][train] for n in names}, y[train], head=head, cv=inner_cv,
+                                  random_state=random_state).chosen
+            model, _ = fit_head(candidates[chosen][train], y[train], head=head, inner_cv=inner_cv,
+                                random_state=random_state)
+            folds.append(score_predictions(y[test], model.predict(candidates[chosen][test]), classes=classes))
+            chosen_per_fold.append(chosen)
+            bar.advance()
     return {
         **fold_means(folds),
         "chosen_per_fold": chosen_per_fold,

@@ -36,7 +36,7 @@ from featx.images import open_source
 DATASETS = ("digits", "fashion-mnist")
 INSTALL_HINT = {"fashion-mnist": "apt-get install dataset-fashion-mnist"}
 TABLE_COLUMNS = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std",
-                 "extraction_time", "fit_time"]  # fmt: skip
+                 "fit_time"]  # fmt: skip
 
 
 def layer_depth_study(

@@ -285,3 +285,19 @@ def test_search_counts_the_store_warm_after_one_extraction(source, tmp_path):
     fresh.register(candidate)
     assert fresh.missing_images(TINY, None) == 0
     assert fresh.extraction_estimate(TINY, None) == 0.0
+
+
+def test_cli_fit_auto_reports_skipped_images_before_the_search(tmp_path, capsys):
+    """Check that 'featx fit --auto' lists the broken files once, right after extracting, before any candidate's
+    score line."""
+    arrays, labels = make_images(n_per_class=6, n_classes=2, seed=4)
+    data = _folder(tmp_path / "data", arrays, labels)
+    for i in range(2):
+        (data / labels[i] / f"broken{i}.png").write_text(f"not an image {i}")
+    assert main(["fit", str(data), "--auto", "--budget", "5m", "--auto-models", TINY, "--auto-layers",
+                 "stage1/avg,pre_logits/avg", "--auto-tta", "none", "--auto-heads", "logreg", "--cv", "3",
+                 "--device", "cpu", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "m.joblib")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines.count("featx: warning: skipped 2 of 14 images:") == 1
+    scores = [i for i, line in enumerate(lines) if "tta=none logreg: accuracy" in line]
+    assert len(scores) == 2 and lines.index("featx: warning: skipped 2 of 14 images:") < scores[0]

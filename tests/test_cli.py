@@ -520,7 +520,9 @@ def test_cli_compare_writes_table_csv_json_png(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "best: featx_tiny_cnn" in printed and "compare.png" in printed
     assert {p.name for p in out.iterdir()} == {"compare.csv", "compare.json", "compare.png"}
-    assert len(json.loads((out / "compare.json").read_text())) == 6
+    rows = json.loads((out / "compare.json").read_text())  # pre_logits is a vector: one row, not avg and spp
+    assert [(r["layer"], r["pooling"]) for r in rows] == [("stage1", "avg"), ("stage1", "spp"), ("stage2", "avg"),
+                                                          ("stage2", "spp"), ("pre_logits", "avg")]
 
 
 def test_cli_cv_and_fit_choose_the_layer_by_default(tmp_path, capsys, monkeypatch):
@@ -751,6 +753,152 @@ def test_cli_cv_class_smaller_than_folds_refused_before_extracting(tmp_path, cap
         f"featx: error: {data}: 1 class has fewer images than the 3 cross-validation folds need (--cv 3): "
         "'class0' (2); add images, lower --cv to 2, or drop that class.\n")
     assert not cache.exists()
+
+
+# --------------------------------------------------------------------------- progress bars, extraction times, caches
+
+
+@pytest.fixture
+def terminal(capsys, monkeypatch):
+    """stderr reads as a terminal (outside CI), as for a person running featx: the bars are drawn."""
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr("featx.progress.stderr_is_terminal", lambda: True)
+
+
+def _run_on_pty(args, env) -> tuple[int, str]:
+    """Run 'python -m featx ARGS' with stderr on a pseudo-terminal; return the exit code and what stderr showed."""
+    import pty
+    import select
+
+    controller, terminal_side = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "featx", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=terminal_side, stdin=subprocess.DEVNULL)
+    os.close(terminal_side)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([controller], [], [], 120)
+        if not ready:
+            proc.kill()
+            raise AssertionError("featx printed nothing for 120 s")
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(controller)
+    return proc.wait(timeout=120), b"".join(chunks).decode(errors="replace")
+
+
+def test_cli_cv_progress_bar_on_a_terminal_names_what_is_scored_and_a_pipe_gets_none(tmp_path):
+    """Check that 'featx cv' on a terminal draws a bar naming each (features, head) it scores, and that a pipe,
+    or a terminal under CI=true, gets no bar."""
+    train, _ = _split_folders(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(FEATX_CACHE=str(tmp_path / "c"), PYTHONPATH=os.pathsep.join(sys.path))
+    args = ["cv", str(train), *TINY_OPTS, "--layers", "stage1,stage2", "--head", "logreg,linear-svm", "--cv", "3"]
+    code, shown = _run_on_pty(args, env)
+    assert code == 0, shown
+    for i, name in enumerate(["stage1/avg logreg", "stage1/avg linear-svm", "stage2/avg logreg",
+                              "stage2/avg linear-svm"], 1):
+        assert f"cv {name} [{i}/4]" in shown, shown
+    assert "/12 " in shown and "\r" in shown  # 4 rows x 3 folds, redrawn in place
+    piped = subprocess.run([sys.executable, "-m", "featx", *args], env=env, capture_output=True, text=True)
+    assert piped.returncode == 0 and "best: " in piped.stdout
+    assert piped.stderr == ""
+    code, shown = _run_on_pty(args, {**env, "CI": "true"})
+    assert code == 0 and "cv stage1" not in shown and "\r" not in shown
+
+
+def test_cli_compare_fit_and_fit_auto_bars_name_what_is_scored(tmp_path, capsys, terminal):
+    """Check the bars of 'featx compare' (each row), 'featx cv --layers auto' (its outer folds), 'featx fit' (the
+    tuning of its features and head) and 'featx fit --auto' (each candidate) on a terminal."""
+    train, _ = _split_folders(tmp_path)
+    common = [str(train), *TINY_OPTS, "--cache", str(tmp_path / "c")]
+    assert main(["compare", *common, "--layers", "stage1,stage2", "--cv", "3", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "cv stage1/avg logreg [1/2]" in err and "cv stage2/avg logreg [2/2]" in err and "| 0/6 " in err
+    assert main(["cv", *common, "--layers", "auto", "--cv", "3"]) == 0
+    assert "cv auto logreg (a layer chosen in each fold)" in capsys.readouterr().err
+    assert main(["fit", *common, "--layers", "stage2", "--pool", "spp", "-o", str(tmp_path / "m.joblib")]) == 0
+    err = capsys.readouterr().err
+    assert "tune stage2/spp logreg" in err and "| 0/19 " in err  # 6 C values x 3 folds + the final fit
+    assert main(["fit", str(train), "--auto", "--budget", "5m", "--auto-models", "featx_tiny_cnn", "--auto-layers",
+                 "stage1/avg,pre_logits/avg", "--auto-tta", "none", "--auto-heads", "logreg,linear-svm", "--cv", "3",
+                 "--device", "cpu", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "a.joblib")]) == 0
+    err = capsys.readouterr().err
+    assert "auto featx_tiny_cnn stage1/avg tta=none logreg [1/2]" in err and "| 0/6 " in err
+    # the second head is tried on the best feature sets: the bar's total grows with it (2 more candidates)
+    assert "auto featx_tiny_cnn stage1/avg tta=none linear-svm [3/4]" in err and "/12 [" in err
+
+
+def test_cli_compare_and_fit_without_a_terminal_draw_no_bar(tmp_path, capsys, monkeypatch):
+    """Check that stderr that is no terminal gets no bar: only the warning lines."""
+    monkeypatch.delenv("CI", raising=False)
+    train, _ = _split_folders(tmp_path)
+    common = [str(train), *TINY_OPTS, "--cache", str(tmp_path / "c")]
+    assert main(["compare", *common, "--layers", "stage1", "--cv", "3", "--out", str(tmp_path / "o")]) == 0
+    assert main(["fit", *common, "--layers", "stage1", "-o", str(tmp_path / "m.joblib")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_compare_says_each_extraction_time_once(tmp_path, capsys):
+    """Check that 'featx compare' gives the backbone's extraction time in one line under the table (and in
+    --json beside the rows), not as a column repeated on every row."""
+    train, _ = _split_folders(tmp_path)
+    common = ["compare", str(train), *TINY_OPTS, "--cache", str(tmp_path / "c"), "--layers", "stage1,stage2",
+              "--cv", "3", "--out", str(tmp_path / "o")]
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "extraction_time" not in out
+    [line] = [line for line in out.splitlines() if line.startswith("extraction")]
+    assert re.fullmatch(r"extraction \(all layers of a backbone in one pass\): featx_tiny_cnn \d+\.\d s "
+                        r"\(18 of 18 images computed\)", line), line
+    assert main([*common, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["layer"] for r in report["rows"]] == ["stage1", "stage2"]
+    assert all("extraction_time" not in r for r in report["rows"])
+    [extraction] = report["extractions"]
+    assert extraction["model"] == "featx_tiny_cnn" and extraction["n_computed"] == 0 and extraction["n_images"] == 18
+
+
+def test_cli_cv_pre_logits_gets_one_row_for_avg_and_spp_and_says_why(tmp_path, capsys):
+    """Check that 'featx cv --pool avg,spp' scores pre_logits (a vector) once and says why in one line."""
+    train, _ = _split_folders(tmp_path)
+    assert main(["cv", str(train), *TINY_OPTS, "--cache", str(tmp_path / "c"), "--layers", "stage1,pre_logits",
+                 "--pool", "avg,spp", "--cv", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [(r["layer"], r["pooling"]) for r in rows] == [("stage1", "avg"), ("stage1", "spp"), ("pre_logits", "avg")]
+    assert captured.err == ("featx: warning: pre_logits (featx_tiny_cnn) is already a vector: pooling does not apply "
+                            "to it, so its spp features are its avg features, scored once as pre_logits/avg.\n")
+
+
+def test_cli_cache_dir_holds_the_layer_tables_too(tmp_path, capsys, monkeypatch):
+    """Check that with --cache DIR and no $FEATX_CACHE the layer table goes under DIR, not ./cache."""
+    from featx.backbones import layer_table
+
+    monkeypatch.delenv("FEATX_CACHE")
+    monkeypatch.chdir(tmp_path)
+    train, _ = _split_folders(tmp_path)
+    layer_table.cache_clear()  # measured (and written) again in this run
+    assert main(["cv", str(train), *TINY_OPTS, "--cache", str(tmp_path / "mine"), "--layers", "stage1",
+                 "--cv", "3"]) == 0
+    assert [p.name.split("-")[0] for p in (tmp_path / "mine" / "layers").iterdir()] == ["featx_tiny_cnn"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_fit_all_images_skipped_says_so_with_the_skipped_report(tmp_path, capsys):
+    """Check that 'featx fit' on a folder of broken files lists them and says all were skipped, in one error line."""
+    data = _broken_folder(tmp_path / "data", n=8, broken=8)
+    assert main(["fit", str(data), *TINY_OPTS, "--cache", str(tmp_path / "c"), "--layers", "stage1",
+                 "-o", str(tmp_path / "m.joblib")]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "featx: warning: skipped 8 of 8 images:" and len(lines) == 8
+    assert lines[-1].startswith("featx: error: all 8 images were skipped (unreadable or missing, e.g. ")
+    assert "nothing to fit a head on" in lines[-1] and "holds no features" not in lines[-1]
+    assert not (tmp_path / "m.joblib").exists()
 
 
 # --------------------------------------------------------------------------- report

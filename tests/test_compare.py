@@ -9,17 +9,89 @@ from conftest import TINY, make_images
 
 
 def test_compare_layers_one_row_per_combination(tmp_path):
-    """Check one row per (layer, pooling, head) with the documented keys and dims."""
+    """Check one row per (layer, pooling, head) with the documented keys and dims, one pooling for a vector layer."""
     arrays, labels = make_images(n_per_class=6)
-    rows = compare_layers(open_source(arrays, labels=labels), backbones=TINY, layers=["stage1", "pre_logits"],
-                          poolings=["avg", "spp"], heads=["logreg", "linear-svm"], cv=3, device="cpu", store=tmp_path)
-    assert len(rows) == 8
-    assert {(r["layer"], r["pooling"], r["head"]) for r in rows} == {
-        (l, p, h) for l in ["stage1", "pre_logits"] for p in ["avg", "spp"] for h in ["logreg", "linear-svm"]
-    }
+    with pytest.warns(FeatxWarning, match=r"pre_logits \(featx_tiny_cnn\) is already a vector: pooling does not "
+                                          r"apply to it, so its spp features are its avg features, scored once"):
+        rows = compare_layers(open_source(arrays, labels=labels), backbones=TINY, layers=["stage1", "pre_logits"],
+                              poolings=["avg", "spp"], heads=["logreg", "linear-svm"], cv=3, device="cpu",
+                              store=tmp_path)
+    assert [(r["layer"], r["pooling"], r["head"]) for r in rows] == [
+        ("stage1", "avg", "logreg"), ("stage1", "avg", "linear-svm"), ("stage1", "spp", "logreg"),
+        ("stage1", "spp", "linear-svm"), ("pre_logits", "avg", "logreg"), ("pre_logits", "avg", "linear-svm")]
     spp = next(r for r in rows if r["layer"] == "stage1" and r["pooling"] == "spp")
-    assert spp["dim"] == 80 and spp["depth"] == 0 and spp["n_images"] == 18
+    assert spp["dim"] == 80 and spp["depth"] == 0 and spp["n_images"] == 18 and spp["chance"] == pytest.approx(1 / 3)
     assert all(0 <= r["accuracy_mean"] <= 1 for r in rows)
+    assert all("extraction_time" not in r for r in rows)
+    assert ["already a vector" in " ".join(r["notes"]) for r in rows] == [False] * 4 + [True] * 2
+
+
+def test_compare_layers_vector_layer_with_one_pooling_needs_no_note(tmp_path, recwarn):
+    """Check that pre_logits with --pool avg only is one row and no warning: nothing was replaced."""
+    arrays, labels = make_images(n_per_class=6)
+    rows = compare_layers(open_source(arrays, labels=labels), backbones=TINY, layers=["pre_logits"],
+                          poolings=["avg"], cv=3, device="cpu", store=tmp_path)
+    assert [(r["layer"], r["pooling"]) for r in rows] == [("pre_logits", "avg")]
+    assert not [w for w in recwarn if issubclass(w.category, FeatxWarning)]
+
+
+def test_compare_layers_reports_each_extraction_once(tmp_path):
+    """Check that on_extraction hears once per backbone (time and computed images), none of it on the rows."""
+    arrays, labels = make_images(n_per_class=6)
+    source = open_source(arrays, labels=labels)
+    seen = []
+    rows = compare_layers(source, backbones=TINY, layers=["stage1", "stage2"], cv=3, device="cpu", store=tmp_path,
+                          on_extraction=seen.append)
+    assert len(rows) == 2 and len(seen) == 1
+    assert seen[0]["model"] == TINY and seen[0]["n_computed"] == 18 and seen[0]["n_images"] == 18
+    assert seen[0]["features"] == "pooled" and seen[0]["seconds"] > 0
+    seen.clear()
+    compare_layers(source, backbones=TINY, layers=["stage1"], cv=3, device="cpu", store=tmp_path,
+                   on_extraction=seen.append)
+    assert [e["n_computed"] for e in seen] == [0]  # all from the store
+
+
+def test_compare_layers_progress_bar_names_each_row(tmp_path, capsys):
+    """Check that progress=True shows one bar over the rows' folds, naming each row; progress=False shows none."""
+    arrays, labels = make_images(n_per_class=6)
+    source = open_source(arrays, labels=labels)
+    compare_layers(source, backbones=TINY, layers=["stage1", "stage2"], heads="logreg,linear-svm", cv=3,
+                   device="cpu", store=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    for i, name in enumerate(["stage1/avg logreg", "stage1/avg linear-svm", "stage2/avg logreg",
+                              "stage2/avg linear-svm"], 1):
+        assert f"cv {name} [{i}/4]" in err, err
+    assert "| 0/12 " in err  # one bar over 4 rows x 3 folds
+    compare_layers(source, backbones=TINY, layers=["stage1", "stage2"], heads="logreg,linear-svm", cv=3,
+                   device="cpu", store=tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_comparison_figure_dodges_lines_marks_best_and_chance():
+    """Check that the lines are side by side at each layer, the best point is starred in its line's colour, and
+    the chance level is drawn and labelled."""
+    from featx.compare import comparison_figure
+
+    rows = [{"model": "m", "layer": layer, "depth": d, "pooling": p, "head": "logreg", "accuracy_mean": acc,
+             "accuracy_std": 0.05, "n_images": 30, "cv": 3, "chance": 0.4}
+            for d, layer in enumerate(["stage1", "stage2", "pre_logits"])
+            for p, acc in (("avg", 0.6 + d / 10), ("spp", 0.9 - d / 10), ("max", 0.5))]
+    axes = comparison_figure(rows).axes[0]
+    lines = [c.lines[0] for c in axes.containers]  # the data line of each errorbar
+    xs = [list(line.get_xdata()) for line in lines]
+    assert len(xs) == 3
+    for layer in range(3):  # three distinct positions around each layer, centred on it
+        at = sorted(x[layer] for x in xs)
+        assert len(set(at)) == 3 and abs(np.mean(at) - layer) < 1e-9 and max(at) - min(at) < 0.5
+    star = [line for line in axes.lines if line.get_marker() == "*"]
+    assert len(star) == 1
+    spp = lines[1]  # best: stage1/spp, 0.9
+    assert star[0].get_xdata()[0] == spp.get_xdata()[0] and star[0].get_ydata()[0] == 0.9
+    assert star[0].get_color() == spp.get_color()
+    [best] = [t for t in axes.texts if t.get_text().startswith("best")]
+    assert best.get_text() == "best 0.900" and best.get_color() == spp.get_color()
+    assert any(list(line.get_ydata()) == [0.4, 0.4] and line.get_linestyle() == "--" for line in axes.lines)
+    assert "chance 0.400 (majority class)" in [t.get_text() for t in axes.texts]
 
 
 def test_compare_layers_second_run_reads_reports(tmp_path):
@@ -78,7 +150,7 @@ def test_write_comparison_files_and_plot(tmp_path):
     rows = [
         {"model": m, "layer": l, "depth": d, "pooling": p, "head": "logreg", "dim": 8, "accuracy_mean": 0.5 + d / 10,
          "accuracy_std": 0.02, "balanced_accuracy": 0.5, "macro_f1": 0.5, "chosen_params": {"classifier__C": 1.0},
-         "n_images": 30, "n_classes": 3, "cv": 3, "extraction_time": 1.0, "fit_time": 0.1, "notes": []}
+         "n_images": 30, "n_classes": 3, "chance": 0.34, "cv": 3, "fit_time": 0.1, "notes": []}
         for m in ["a", "b"] for p in ["avg", "spp"] for d, l in enumerate(["stem", "stage1", "pre_logits"])
     ]
     from featx.compare import write_comparison

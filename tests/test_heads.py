@@ -397,3 +397,34 @@ def test_evaluate_blocks_standardise_each_block_inside_the_folds():
     assert pipeline.named_steps["standardize"].blocks == [2, 40]
     with pytest.raises(EvaluationError, match="adding up to the 42 columns"):
         evaluate(X, y, blocks=[2, 30])
+
+
+def test_evaluate_progress_counts_outer_folds_and_changes_no_figure(capsys):
+    """Check that evaluate(progress=True) draws a bar of its outer folds, a Progress is advanced once per fold,
+    the default draws nothing, and the report is the same either way."""
+    from featx.progress import Progress
+
+    X, y = blobs()
+    quiet = evaluate(X, y, repeats=2, **FAST)
+    assert capsys.readouterr().err == ""
+    shown = evaluate(X, y, repeats=2, progress=True, **FAST)
+    err = capsys.readouterr().err
+    assert "cv logreg" in err and "| 0/6 " in err
+    bar = Progress(10, enabled=False)
+    evaluate(X, y, progress=bar, **FAST)
+    assert bar.n == 3 and bar.total == 10  # advanced by its folds; the caller's total kept
+    for report in (quiet, shown):
+        report.pop("fit_time")
+    assert shown == quiet
+
+
+def test_fit_head_progress_counts_every_grid_fit():
+    """Check that fit_head gives a bar without a total its grid fits (6 C values x 2 folds + the final fit) and
+    counts each of them, in process and with n_jobs=2."""
+    from featx.progress import Progress
+
+    X, y = blobs()
+    for enabled, n_jobs in ((True, None), (True, 2), (False, None)):  # by the scorer, after the search, no bar
+        with Progress(None, enabled=enabled, unit="fit") as bar:
+            fit_head(X, y, inner_cv=2, progress=bar, n_jobs=n_jobs)
+        assert bar.total == 6 * 2 + 1 and bar.n == 13

@@ -25,6 +25,7 @@ LAYERS = {
     "featx.exceptions": 0,
     "featx.options": 0,
     "featx.paths": 0,
+    "featx.progress": 0,
     "featx.threads": 0,
     # building blocks: what an image is, what a backbone is, where features are kept
     "featx.preprocess": 1,

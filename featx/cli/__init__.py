@@ -21,6 +21,7 @@ import select
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from featx import __version__
 from featx.cli import (audit_command, evaluation_commands, extraction_commands, finetune_command, info_commands,
@@ -28,6 +29,7 @@ from featx.cli import (audit_command, evaluation_commands, extraction_commands, 
 from featx.cli.info_commands import demo, layer_rows
 from featx.cli.output import format_table
 from featx.exceptions import FeatxError, FeatxWarning
+from featx.paths import using_cache_dir
 
 __all__ = ["build_parser", "demo", "format_table", "layer_rows", "main"]
 
@@ -141,13 +143,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stop_writing_stdout()
 
 
+def _cache_dir_of(args: argparse.Namespace):
+    """The scope in which a command given ``--cache DIR`` runs: everything featx caches goes under DIR
+    (the layer tables too, not ./cache), whatever ``$FEATX_CACHE`` says; a ``.h5`` store file: its folder."""
+    folder = getattr(args, "cache", None)
+    if not folder:
+        return contextlib.nullcontext()
+    path = Path(folder)
+    return using_cache_dir(path.parent if path.suffix == ".h5" else path)
+
+
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run its command: a FeatxError is one line on stderr, a FeatxWarning too."""
     args = parser.parse_args(argv)
     with warnings.catch_warnings():  # restores the caller's showwarning when the command ends
         warnings.showwarning = _one_line_featx_warnings(warnings.showwarning)
         try:
-            return int(args.func(args) or 0)
+            with _cache_dir_of(args):
+                return int(args.func(args) or 0)
         except FeatxError as exc:
             print(f"featx: error: {exc}", file=sys.stderr)
             return 1

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 
 from featx.cli.arguments import (
+    EXTRACTION,
     add_data_options,
     add_engine_options,
     add_extraction_options,
@@ -22,11 +23,11 @@ from featx.cli.output import format_selection, format_table, print_json, report_
 from featx.compare import best_row, compare_layers, write_comparison
 from featx.selection import evaluate_auto, select_layer
 from featx.distributed import joblib_on_ray
-from featx.extraction import extract, kept_labels
+from featx.extraction import extract, kept_labels, require_kept
 from featx.options import ExtractOptions, FinetuneOptions
 from featx.paths import split_names
 
-__all__ = ["COMMANDS", "CV_COLUMNS", "auto_candidates", "compare_rows"]
+__all__ = ["COMMANDS", "CV_COLUMNS", "auto_candidates", "compare_rows", "extraction_line"]
 
 CV_COLUMNS = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "balanced_accuracy", "fit_time"]
 
@@ -35,15 +36,35 @@ def auto_candidates(source, options: ExtractOptions, data: str | None = None):
     """Every (layer, pooling) feature set of DATA for --layers auto, from one extraction."""
     result = extract(source, options.replace(layers="all"))
     report_skipped(result.skipped, len(result.keys), data=data)
+    require_kept(result, "cross-validate")
     candidates = {r.key: result[r.key] for r in result.requests}
     return candidates, kept_labels(result), result
 
 
-def compare_rows(args, source, options: ExtractOptions, backbones, **finetune) -> list[dict]:
+def compare_rows(args, source, options: ExtractOptions, backbones, *, on_extraction=None, **finetune) -> list[dict]:
     """compare_layers with the options that 'featx cv' and 'featx compare' share."""
     return compare_layers(source, options, backbones=backbones, layers=args.layers, poolings=args.pool,
                           heads=args.head, cv=args.cv, repeats=args.repeats, random_state=args.seed, n_jobs=args.jobs,
-                          on_skipped=lambda skipped, n: report_skipped(skipped, n, data=args.data), **finetune)
+                          on_skipped=lambda skipped, n: report_skipped(skipped, n, data=args.data),
+                          on_extraction=on_extraction, **finetune)
+
+
+def extraction_line(extractions: list[dict]) -> str:
+    """What 'featx compare' says of its extractions: each backbone's time once, not on every row.
+
+    Examples
+    --------
+    >>> extraction_line([{"model": "a", "features": "pooled", "seconds": 12.3, "n_computed": 40, "n_images": 50},
+    ...                  {"model": "b", "features": "pooled", "seconds": 0.2, "n_computed": 0, "n_images": 50}])
+    'extraction (all layers of a backbone in one pass): a 12.3 s (40 of 50 images computed), b 0.2 s (all 50 from the store)'
+    """
+    parts = []
+    for e in extractions:
+        what = e["model"] + ("" if e["features"] == "pooled" else f" {e['features']}")
+        done = (f"all {e['n_images']} from the store" if not e["n_computed"]
+                else f"{e['n_computed']} of {e['n_images']} images computed")
+        parts.append(f"{what} {e['seconds']:.1f} s ({done})")
+    return "extraction (all layers of a backbone in one pass): " + ", ".join(parts)
 
 
 def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
@@ -51,7 +72,8 @@ def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
     rows, selections = [], []
     for head in split_names(args.head):
         selection = select_layer(candidates, y, head=head, cv=args.cv, random_state=args.seed)
-        report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed)
+        report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed,
+                               progress=options.progress)
         layer, pooling = selection.chosen.split("/")
         selections.append(selection)
         rows.append({"model": args.model, "layer": "auto", "chosen_layer": layer, "pooling": pooling, "head": head,
@@ -120,8 +142,9 @@ def cmd_compare(args) -> int:
     """compare layers, poolings and backbones: table, CSV, JSON and plot
 
     Cross-validate a head on every layer (and pooling, head, backbone) of DATA; each image goes
-    through each backbone once. Writes DIR/compare.csv, compare.json and compare.png (accuracy
-    against depth with error bars).
+    through each backbone once (its time is said once, under the table; with --json: the
+    "extractions" beside the "rows"). Writes DIR/compare.csv, compare.json and compare.png
+    (accuracy against depth with error bars).
 
     Example: featx compare fashion-mnist --per-class 100 --models
     efficientnet_lite0,efficientnet_lite2 --layers all --pool avg,spp --out results
@@ -130,14 +153,16 @@ def cmd_compare(args) -> int:
         check_output_file(args.report, "--report")
     source = open_data(args, cv=args.cv)
     training = FinetuneOptions(epochs=args.finetune_epochs) if args.finetune_from else None
+    extractions: list[dict] = []
     rows = compare_rows(args, source, extract_options(args), args.models, finetune_from=args.finetune_from,
-                        finetune_options=training)
+                        finetune_options=training, on_extraction=extractions.append)
     paths = write_comparison(rows, args.out, title=source.name)
-    columns = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "extraction_time", "fit_time"]
+    columns = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accuracy_std", "fit_time"]
     if args.json:
-        print_json(rows)
+        print_json({"rows": rows, "extractions": extractions})
     else:
         print(format_table(rows, columns))
+        print(extraction_line(extractions))
         best = best_row(rows)
         print(f"\nbest: {best['model']} {best['layer']} / {best['pooling']} / {best['head']}: "
               f"accuracy {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}")
@@ -154,7 +179,9 @@ def cmd_compare(args) -> int:
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
     add_data_options(p)
-    add_extraction_options(p, layers="all")
+    # --models names the backbones compared: no --model beside it, which would be ignored (argparse reads
+    # '--model X' as the abbreviation of '--models X').
+    add_extraction_options(p, [field for field in EXTRACTION if field != "backbone"], layers="all")
     p.add_argument(
         "--models",
         default=ExtractOptions.backbone,

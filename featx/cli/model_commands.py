@@ -47,8 +47,8 @@ def cmd_fit_auto(args, source) -> int:
     result = auto_fit(source, extract_options(args, leave_out=AUTO_CHOOSES), budget=args.budget,
                       backbones=args.auto_models, feature_sets=args.auto_layers, ttas=args.auto_tta,
                       heads=args.auto_heads, finetune=args.auto_finetune, finetune_epochs=args.auto_finetune_epochs,
-                      cv=args.cv or 5, random_state=args.seed, report=progress_line)
-    report_skipped(result.skipped, result.n_images, data=args.data)
+                      cv=args.cv or 5, random_state=args.seed, report=progress_line,
+                      on_skipped=lambda skipped, n: report_skipped(skipped, n, data=args.data))
     save_model(result.model, args.output)
     if args.json:
         print_json({**result.to_json(), "output": args.output})
@@ -105,8 +105,9 @@ def cmd_fit(args) -> int:
         raise FeatxError("--json goes with --auto (the leaderboard); a plain 'featx fit' prints one line.")
     inner_cv = 3 if args.cv is None else args.cv
     options = extract_options(args)
-    model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
-    report_skipped(result.skipped, len(result.keys), data=args.data)
+    # the skipped images are reported after the extraction, before the tuning
+    model, _ = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed,
+                         on_skipped=lambda skipped, n: report_skipped(skipped, n, data=args.data))
     selection = model.info["selection"]
     if selection is not None:
         print(f"--layers auto: {len(selection['table'])} feature sets scored by {args.head} with its default "
