@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from featx.exceptions import StoreInputError
 from featx.paths import default_cache_dir
+from featx.store.claims import WorkShare
 from featx.store.feature_store import FeatureSet, FeatureStore
 from featx.store.maintenance import list_stores, remove_store
 from featx.store.names import FORMAT_VERSION, canonical_json, config_hash, store_path
@@ -58,6 +59,7 @@ __all__ = [
     "FeatureSet",
     "FeatureStore",
     "StoreInputError",
+    "WorkShare",
     "canonical_json",
     "config_hash",
     "default_cache_dir",
