@@ -355,7 +355,9 @@ def extract(images, options: ExtractOptions | None = None, *, stop=None, shard: 
         ``store=`` …), replacing the value of ``options``. With ``store=None`` (the default)
         everything stays in memory; otherwise features go to the feature store of this
         extraction configuration, only images and layers it lacks are computed, and every
-        completed batch is kept even if the run is interrupted. ``engine="ray"`` runs the loop on
+        completed batch is kept even if the run is interrupted. Processes extracting into one
+        store at once divide the images (:mod:`featx.store.claims`): each computes the chunks it
+        claims and takes the others' rows from the store. ``engine="ray"`` runs the loop on
         a pool of Ray actors and writes their results here (needs a store and the ``ray`` extra).
 
     Returns
