@@ -124,10 +124,11 @@ class ThreadedLoader:
     network's own threads stall whenever one of them shares a core with a decoder).
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, threads: int):
+    def __init__(self, dataset: ImageDataset, batch_size: int, threads: int, batch_sampler=None):
         self.dataset = dataset
         self.batch_size = batch_size
         self.threads = max(1, int(threads))
+        self.batch_sampler = batch_sampler  # batches of positions, drawn as they are asked for
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
@@ -136,16 +137,19 @@ class ThreadedLoader:
         from concurrent.futures import ThreadPoolExecutor
 
         n = len(self.dataset)
+        batches = self.batch_sampler
+        if batches is None:
+            batches = (range(first, min(first + self.batch_size, n)) for first in range(0, n, self.batch_size))
         with ThreadPoolExecutor(self.threads, thread_name_prefix="featx-decode") as pool:
-            for first in range(0, n, self.batch_size):
+            for positions in batches:
                 start = time.perf_counter()
-                samples = self._decode(pool, range(first, min(first + self.batch_size, n)))
+                samples = self._decode(pool, positions)
                 decoded = time.perf_counter() - start
                 loaded = collate(samples)
                 loaded.decode_seconds = decoded
                 yield loaded
 
-    def _decode(self, pool, positions: range) -> list:
+    def _decode(self, pool, positions: Sequence[int]) -> list:
         """The batch's samples, in order: each thread takes the next image until none is left.
 
         One task per thread, not one per image: the main process wakes once per thread, not
@@ -166,7 +170,7 @@ class ThreadedLoader:
 
 
 def make_loader(source, indices: Sequence[int], preprocess: Preprocess, *, decoder: str, max_pixels: int,
-                batch_size: int, num_workers, device: torch.device):
+                batch_size: int, num_workers, device: torch.device, batch_sampler=None):
     """The batches THE loop reads: :class:`ImageDataset` items collated by :func:`collate`.
 
     On a CPU device with ``num_workers="auto"``, a :class:`ThreadedLoader` with as many threads
@@ -174,7 +178,8 @@ def make_loader(source, indices: Sequence[int], preprocess: Preprocess, *, decod
     decoding and the network take turns on the same cores. Otherwise a DataLoader with ``num_workers`` decoding processes (``"auto"``:
     :func:`auto_workers`) that decode ahead while the device runs the network; memory is pinned
     for a CUDA device only. ``featx bench`` times this same loader alone (decoding without the
-    network).
+    network). ``batch_sampler`` (batches of positions in ``indices``, drawn while the loop runs)
+    replaces the batches of ``batch_size`` in order.
     """
     import torch
     from torch.utils.data import DataLoader
@@ -184,13 +189,12 @@ def make_loader(source, indices: Sequence[int], preprocess: Preprocess, *, decod
         # Files: one thread per network thread. In-memory images stay on one thread, as before: a
         # PIL image listed twice must not be loaded by two threads at once.
         files = len(indices) > 0 and isinstance(source[indices[0]], (str, os.PathLike))
-        return ThreadedLoader(dataset, batch_size, torch.get_num_threads() if files else 1)
+        return ThreadedLoader(dataset, batch_size, torch.get_num_threads() if files else 1, batch_sampler)
     if num_workers == "auto":
         num_workers = auto_workers(source, len(indices))
     return DataLoader(
         ImageDataset(source, indices, preprocess, decoder, max_pixels),
-        batch_size=batch_size,
-        shuffle=False,
+        **({"batch_size": batch_size, "shuffle": False} if batch_sampler is None else {"batch_sampler": batch_sampler}),
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",

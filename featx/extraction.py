@@ -29,7 +29,7 @@ from featx.images import ImageSource, content_key, describe, open_source
 from featx.loop import Batch, Request, iter_batches, make_requests, prepare
 from featx.options import ExtractOptions, check_tta
 from featx.shards import check_shard, in_shard, open_shard
-from featx.store import FeatureStore, canonical_json, store_path
+from featx.store import FeatureStore, WorkShare, canonical_json, store_path
 from featx.threads import extraction_scope
 
 __all__ = [
@@ -153,6 +153,9 @@ class ExtractionResult(Mapping):
         Their positions in the source, in the same order.
     n_computed : int
         Images that went through the network in this run (the others came from the store).
+    n_shared : int
+        Images that another process extracting into the same store at the same time committed
+        while this run went on, so that this run did not compute them.
     seconds : float
         Wall time of the run.
     timings : dict of str to float
@@ -170,7 +173,7 @@ class ExtractionResult(Mapping):
     """
 
     def __init__(self, *, store, source, keys, requests, skipped_positions, skipped, n_computed, seconds,
-                 shard=None, timings=None):
+                 shard=None, timings=None, n_shared=0):
         self.shard = shard
         self.timings = dict(timings or {})
         self.store = store
@@ -182,7 +185,13 @@ class ExtractionResult(Mapping):
         self.kept = np.array([i for i, key in enumerate(keys) if key is not None and i not in bad], dtype=np.int64)
         self.skipped = skipped
         self.n_computed = n_computed
+        self.n_shared = n_shared
         self.seconds = seconds
+
+    @property
+    def n_from_store(self) -> int:
+        """Images kept whose features the store held when the run began."""
+        return max(len(self.kept) - self.n_computed - self.n_shared, 0)
 
     @property
     def kept_keys(self) -> list[str]:
@@ -215,10 +224,10 @@ class ExtractionResult(Mapping):
             timing = f"{self.seconds:.1f} s ({self.images_per_s:.1f} images/s)"
         else:
             timing = f"{'nothing to compute' if len(self.kept) else 'nothing computed'} ({self.seconds:.1f} s)"
+        shared = f"{self.n_shared} from another process writing meanwhile, " if self.n_shared else ""
         lines = [
-            f"{len(self.keys)} images: {self.n_computed} computed, "
-            f"{len(self.kept) - min(self.n_computed, len(self.kept))} from the store, {len(self.skipped)} skipped; "
-            + timing,
+            f"{len(self.keys)} images: {self.n_computed} computed, {shared}"
+            f"{self.n_from_store} from the store, {len(self.skipped)} skipped; " + timing,
             f"store: {self.store.path}",
         ]
         if self.shard is not None:
@@ -380,7 +389,9 @@ def extract(images, options: ExtractOptions | None = None, *, stop=None, shard: 
         ``store=`` …), replacing the value of ``options``. With ``store=None`` (the default)
         everything stays in memory; otherwise features go to the feature store of this
         extraction configuration, only images and layers it lacks are computed, and every
-        completed batch is kept even if the run is interrupted. ``engine="ray"`` runs the loop on
+        completed batch is kept even if the run is interrupted. Processes extracting into one
+        store at once divide the images (:mod:`featx.store.claims`): each computes the chunks it
+        claims and takes the others' rows from the store. ``engine="ray"`` runs the loop on
         a pool of Ray actors and writes their results here (needs a store and the ``ray`` extra).
 
     Returns
@@ -502,7 +513,7 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
     wanted = set().union(*need.values()) if need else set()
     indices = [first[key] for key in unique if key in wanted]
     failed: dict[str, str] = {}
-    n_computed = 0
+    n_computed = n_shared = 0
     if indices:
         if engine is None:
             if isinstance(run.device, str):  # the device type was known without torch: torch decides now
@@ -511,36 +522,32 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
                     raise _DeviceTypeChanged(device)
                 run = run.replace(device=device)
             prepare(backbone, run.device)
-            batches = iter_batches(backbone, source, todo, run, indices=indices)
+            # Other processes extracting into this store at once take chunks of their own: this
+            # run computes the chunks it claims, skips what they commit and, at the end, waits
+            # for what they claimed (computing it here if they fail or die).
+            needs = {key: frozenset((r.layer, r.pooling) for r in todo if key in need[r]) for key in wanted}
+            with extraction_scope(run.threads), WorkShare(
+                    feature_store, lookup, [keys[i] for i in indices], needs, chunk=2 * run.batch_size,
+                    timeout=feature_store.lock_timeout) as share:
+                more = True
+                while more:
+                    batches = iter_batches(backbone, source, todo, run, indices=indices,
+                                           batch_sampler=share.batches(run.batch_size))
+                    n_computed += _write_batches(batches, feature_store, keys, todo, need, failed, stop, timings,
+                                                 share)
+                    more = share.wait(stop)
+                n_shared = share.n_from_others
+                if share.close():  # the last writer to end merges the journal; the others leave it to it
+                    written = time.perf_counter()
+                    feature_store.consolidate()
+                    timings["write"] += time.perf_counter() - written
         else:
             batches = engine.batches(backbone, source, todo, run, indices=indices)
-        with extraction_scope(run.threads), feature_store.writer(), contextlib.closing(batches):
-            for batch in batches:
-                for stage, seconds in batch.seconds.items():
-                    timings[stage] = timings.get(stage, 0.0) + seconds
+            with extraction_scope(run.threads), feature_store.writer():
+                n_computed += _write_batches(batches, feature_store, keys, todo, need, failed, stop, timings)
                 written = time.perf_counter()
-                for position, message in batch.skipped:
-                    failed[keys[position]] = message
-                batch_keys = [keys[i] for i in batch.indices]
-                if not batch_keys:  # every image of the batch was skipped: nothing was computed
-                    _check_stop(stop)
-                    continue
-                groups: dict[tuple[bool, ...], dict] = {}
-                for request in todo:
-                    mask = tuple(key in need[request] for key in batch_keys)
-                    groups.setdefault(mask, {})[(request.layer, request.pooling)] = batch.features[request]
-                for mask, features in groups.items():
-                    rows = np.flatnonzero(mask)
-                    if len(rows):
-                        feature_store.write(
-                            [batch_keys[i] for i in rows], {entry: value[rows] for entry, value in features.items()}
-                        )
-                n_computed += len(batch_keys)
+                feature_store.consolidate()
                 timings["write"] += time.perf_counter() - written
-                _check_stop(stop)
-            written = time.perf_counter()
-            feature_store.consolidate()
-            timings["write"] += time.perf_counter() - written
     skipped_positions = [i for i, _ in unreadable]
     skipped = [(describe(source[i], i), message) for i, message in unreadable]
     for i, key in enumerate(keys):
@@ -555,7 +562,43 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
         skipped_positions=skipped_positions,
         skipped=skipped,
         n_computed=n_computed,
+        n_shared=n_shared,
         seconds=time.perf_counter() - start,
         shard=shard,
         timings=timings,
     )
+
+
+def _write_batches(batches, feature_store, keys, todo, need, failed, stop, timings, share=None) -> int:
+    """Write every batch to the store as it comes; return how many images were computed.
+
+    ``failed`` collects the images that could not be decoded (by key); ``timings`` adds up each
+    batch's stages and the writes; ``share``, when given, hears which claimed keys are committed
+    or failed.
+    """
+    n_computed = 0
+    with contextlib.closing(batches):
+        for batch in batches:
+            for stage, seconds in batch.seconds.items():
+                timings[stage] = timings.get(stage, 0.0) + seconds
+            written = time.perf_counter()
+            for position, message in batch.skipped:
+                failed[keys[position]] = message
+            batch_keys = [keys[i] for i in batch.indices]
+            if batch_keys:
+                groups: dict[tuple[bool, ...], dict] = {}
+                for request in todo:
+                    mask = tuple(key in need[request] for key in batch_keys)
+                    groups.setdefault(mask, {})[(request.layer, request.pooling)] = batch.features[request]
+                for mask, features in groups.items():
+                    rows = np.flatnonzero(mask)
+                    if len(rows):
+                        feature_store.write(
+                            [batch_keys[i] for i in rows], {entry: value[rows] for entry, value in features.items()}
+                        )
+                n_computed += len(batch_keys)
+            timings["write"] += time.perf_counter() - written
+            if share is not None:
+                share.finished(batch_keys + [keys[position] for position, _ in batch.skipped])
+            _check_stop(stop)
+    return n_computed

@@ -12,7 +12,7 @@ the advisor — reads batches from :func:`iter_batches`; there is no second loop
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -95,6 +95,7 @@ def iter_batches(
     options: ExtractOptions,
     *,
     indices: Sequence[int] | None = None,
+    batch_sampler: Iterable[Sequence[int]] | None = None,
 ) -> Iterator[Batch]:
     """Yield pooled features batch by batch: the single loop every consumer uses.
 
@@ -117,6 +118,11 @@ def iter_batches(
         (a short last batch is padded) and run the forward pass to the end of the network.
     indices : sequence of int, optional
         Which items of ``source`` to run (default: all), in this order.
+    batch_sampler : iterable of sequences of int, optional
+        The batches to run, as positions in ``indices`` of at most ``batch_size`` each, drawn
+        while the loop runs (default: ``indices`` in order, ``batch_size`` at a time). The
+        feature store's :class:`~featx.store.claims.WorkShare` draws them from what no other
+        process computes.
     """
     check_resolved(options, "iter_batches")
     device, precision, decoder, tta = options.device, options.precision, options.decoder, options.tta
@@ -130,7 +136,7 @@ def iter_batches(
     import torch
 
     loader = make_loader(source, indices, backbone.preprocess, decoder=decoder, max_pixels=options.max_pixels,
-                         batch_size=batch_size, num_workers=num_workers, device=device)
+                         batch_size=batch_size, num_workers=num_workers, device=device, batch_sampler=batch_sampler)
     taps = list(dict.fromkeys(r.tap for r in requests))
     full = batch_size * (2 if tta == "hflip" else 1)  # the batch the network sees
     runner = None

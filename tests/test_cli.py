@@ -178,6 +178,82 @@ def test_cli_extract_interrupted_then_resumed_equals_clean_run(tmp_path):
             np.testing.assert_array_equal(resumed[entry][key], row)
 
 
+SHARED = [*EXTRACT, "--batch-size", "8", "--json"]
+TINY_SETTINGS = dict(backbone="featx_tiny_cnn", layers=["stage2", "pre_logits"], pooling=["avg", "spp"], device="cpu",
+                     num_workers=0)  # what EXTRACT asks for, in Python
+
+
+def test_cli_extract_two_runs_at_once_share_the_work(tmp_path):
+    """Check that two simultaneous 'featx extract' of 200 images into one store compute them about once together."""
+    from featx.extraction import extract
+    from featx.images import content_key
+
+    data = _folder(tmp_path / "data", 200)
+    cache = tmp_path / "shared"
+    # The store exists already (one other image): both runs then look it up at once and, before
+    # the work was shared, both computed all 200 images (the second one waiting for the lock).
+    extract(make_images(1, 1, seed=1)[0], store=cache, **TINY_SETTINGS)
+    runs = [_featx("extract", str(data), *SHARED, "--cache", str(cache), cache=cache) for _ in range(2)]
+    reports = []
+    for proc in runs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out))
+    for report in reports:
+        assert report["n_images"] == report["n_kept"] == 200
+        assert report["n_computed"] + report["n_from_other_processes"] + report["n_from_store"] == 200, report
+    assert sum(report["n_computed"] for report in reports) <= 1.3 * 200, reports
+    store = reports[0]["store"]
+    assert reports[1]["store"] == store
+    verify = subprocess.run([sys.executable, "-m", "featx", "cache", "verify", store, "--json"], capture_output=True,
+                            text=True, timeout=300)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    checked = json.loads(verify.stdout)
+    assert checked["ok"] and checked["n_keys"] == 201 and checked["journal_segments"] == 0, checked
+    assert all(entry["n"] == 201 for entry in checked["entries"].values()), checked
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith("featx_tiny_cnn")) == [
+        Path(store).name, Path(store).name + ".lock"]  # no journal, no claims left
+    sample = sorted(data.rglob("*.png"))[::10]  # each key's row is its own image's, whichever process computed it
+    expected = extract(sample, **TINY_SETTINGS)
+    with FeatureStore(store) as written:
+        for name, rows in expected.items():
+            np.testing.assert_allclose(written.read([content_key(p) for p in sample], *name.split("/")), rows,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_cli_extract_says_another_process_is_writing(tmp_path):
+    """Check that 'featx extract' says in one line that another process (its pid) writes, and takes its rows."""
+    from featx.extraction import extract
+    from featx.images import content_key
+    from featx.store import WorkShare
+
+    data = _folder(tmp_path / "data", 40)
+    cache = tmp_path / "cache"
+    settings = TINY_SETTINGS
+    paths = sorted(data.rglob("*.png"))
+    store = extract(paths[:1], store=cache, **settings).store  # the store the command writes to
+    ours = paths[1:21]  # this test is "the other process": it claims 20 images, then commits them
+    keys = [content_key(path) for path in ours]
+    entries = frozenset((layer, pool) for layer in ("stage2", "pre_logits") for pool in ("avg", "spp"))
+    with WorkShare(store, store, keys, dict.fromkeys(keys, entries), chunk=len(keys)) as share:
+        [claimed] = list(share.batches(len(keys)))
+        assert sorted(claimed) == list(range(len(keys)))
+        proc = _featx("extract", str(data), *SHARED, "--cache", str(cache), cache=cache)
+        line = proc.stderr.readline()
+        assert line == (f"featx: warning: another process (pid {os.getpid()} on {share.me.host}, writing since "
+                        f"{share.me.since}) is writing to the store {store.path}: the images it commits are skipped "
+                        "here\n")
+        features = extract(ours, **settings)
+        store.write(keys, {tuple(name.split("/")): value for name, value in features.items()})
+        share.finished(keys)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and err == "", err
+    report = json.loads(out)
+    assert report["n_computed"] == 19  # 40 images: 1 was in the store, 20 came from "the other process"
+    assert report["n_from_store"] + report["n_from_other_processes"] == 21, report
+    assert store.verify()["ok"] and len(store.keys) == 40
+
+
 def test_cli_extract_json_and_cache_commands(tmp_path, capsys, monkeypatch):
     """Check 'featx extract --json' and 'featx cache list | info | verify | rm'."""
     data = _folder(tmp_path / "data", 6)

@@ -6,7 +6,7 @@ Each test checks one guarantee of the README's "Guarantees" section and fails if
   leaves a store that opens without repair, keeps every batch the child had committed, loses at
   most the batch in flight, and resumes to features equal to a clean run's, row for row;
 - a full disk (ENOSPC) gives a clear error and leaves the store intact;
-- two ``featx extract`` on one store wait for each other's lock; a reader during a writer reads
+- two ``featx extract`` on one store share the work and take turns at the writer lock; a reader during a writer reads
   consistent rows;
 - fuzzed image bytes give a decoded image or a reported skip, never a crash or a hang; bombs,
   symlink loops, unreadable folders and CSV paths leaving the CSV's folder are reported or

@@ -32,7 +32,8 @@ def cmd_extract(args) -> int:
 
     Extract pooled features of DATA into the feature store of this configuration. Only images and
     layers the store lacks are computed; an interrupted run keeps every completed batch and
-    resumes where it stopped.
+    resumes where it stopped. Runs at once on one store share the work: each computes the images
+    no other has claimed and takes the others' rows from the store.
 
     Examples: featx extract digits --model efficientnet_lite0 --layers stage3,pre_logits; featx
     extract data/train --shard 0/4 (then 1/4, 2/4, 3/4 anywhere, and 'featx cache merge cache -o
@@ -52,6 +53,8 @@ def cmd_extract(args) -> int:
                 "store": str(result.store.path),
                 "n_images": len(result.keys),
                 "n_computed": result.n_computed,
+                "n_from_store": result.n_from_store,
+                "n_from_other_processes": result.n_shared,
                 "n_kept": len(result.kept),
                 "shard": list(result.shard) if result.shard else None,
                 "skipped": [{"image": name, "reason": reason} for name, reason in result.skipped],

@@ -28,6 +28,10 @@ On-disk layout, for ``path = <cache_dir>/<backbone>-<hash12>.h5``:
     written to ``.tmp-<name>``, fsynced and renamed, so a batch is either fully there or absent.
     Readers see the main file and the journal merged; consolidation empties the journal, so at
     rest a store is a single ``.h5`` file.
+``<path>.claims/``
+    Only while extractions run: one ``run-*.json`` per running extraction and one
+    ``claim-*.json`` per chunk of keys it computes (:mod:`~featx.store.claims`), so that
+    concurrent runs divide the work. Advisory: no reader needs them; the last run removes them.
 ``<path>.lock``
     An empty file locked with ``fcntl.flock`` by the one process that writes (it also records
     that process's pid). Readers take no lock.
@@ -38,7 +42,8 @@ segments) holds the same features, and the earliest copy wins.
 
 The package holds one concept per module: :mod:`~featx.store.names` (configurations, file
 names, keys), :mod:`~featx.store.files` (durable replacement, leftovers, failed writes),
-:mod:`~featx.store.locks` (the writer lock), :mod:`~featx.store.journal` (segments),
+:mod:`~featx.store.locks` (the writer lock), :mod:`~featx.store.claims` (the work of concurrent
+extractions), :mod:`~featx.store.journal` (segments),
 :mod:`~featx.store.mainfile` (the HDF5 file), :mod:`~featx.store.snapshot` (the merged view
 and consolidation), :mod:`~featx.store.feature_store` (:class:`FeatureStore`) and
 :mod:`~featx.store.maintenance` (listing and removing stores). Import the public names from
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 from featx.exceptions import StoreInputError
 from featx.paths import default_cache_dir
+from featx.store.claims import WorkShare
 from featx.store.feature_store import FeatureSet, FeatureStore
 from featx.store.maintenance import list_stores, remove_store
 from featx.store.names import FORMAT_VERSION, canonical_json, config_hash, store_path
@@ -58,6 +64,7 @@ __all__ = [
     "FeatureSet",
     "FeatureStore",
     "StoreInputError",
+    "WorkShare",
     "canonical_json",
     "config_hash",
     "default_cache_dir",

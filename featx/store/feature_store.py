@@ -422,9 +422,10 @@ class FeatureStore:
     def writer(self) -> Iterator[FeatureStore]:
         """Hold the writer lock for a whole run of writes (re-entrant within a process).
 
-        Each :meth:`write` takes the lock by itself; an extraction run takes it once with this
-        context manager so that no other process can interleave. Entering it also removes the
-        temporary files that killed writers left behind.
+        Each :meth:`write` takes the lock by itself, so that extractions running at once into
+        one store take turns batch by batch (and divide the images, :mod:`featx.store.claims`);
+        a run that must not be interleaved (the Ray engine's) takes it once with this context
+        manager. Entering it also removes the temporary files that killed writers left behind.
 
         Yields
         ------

@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import time
 
 from featx.exceptions import FeatxError, StoreError
 from featx.paths import default_cache_dir, fsync_dir
 from featx.store.feature_store import FeatureStore
 from featx.store.files import temporary_files, unlink_quietly
+from featx.store.claims import live_writers
 from featx.store.locks import writer_lock
-from featx.store.names import JOURNAL_SUFFIX, STORE_NAME, journal_dir, lock_file
+from featx.store.names import JOURNAL_SUFFIX, STORE_NAME, claims_dir, journal_dir, lock_file
 
 __all__ = ["list_stores", "remove_store"]
 
@@ -81,8 +83,8 @@ def list_stores(cache_dir: str | os.PathLike | None = None) -> list[dict]:
 def remove_store(path: str | os.PathLike, *, lock_timeout: float = 60.0) -> None:
     """Remove a store: its main file, journal, temporary files and lock file.
 
-    Waits for a writer to finish (it takes the writer lock), so a running extraction is never cut
-    off mid-batch.
+    Waits for the extractions writing to it to finish (their registrations beside the store,
+    :mod:`featx.store.claims`, and the writer lock), so a running extraction is never cut off.
 
     Parameters
     ----------
@@ -94,8 +96,8 @@ def remove_store(path: str | os.PathLike, *, lock_timeout: float = 60.0) -> None
     Raises
     ------
     StoreError
-        If there is no store at ``path``, the file is not a featx store, or a writer holds the
-        lock past ``lock_timeout``.
+        If there is no store at ``path``, the file is not a featx store, or a writer still runs
+        (or holds the lock) after ``lock_timeout`` seconds.
 
     Examples
     --------
@@ -114,14 +116,32 @@ def remove_store(path: str | os.PathLike, *, lock_timeout: float = 60.0) -> None
         raise StoreError(f"no feature store at {path} (neither the file nor its journal exists); nothing removed")
     if not STORE_NAME.match(path.name):
         FeatureStore(path).close()  # refuses (StoreError) a file that is not a featx store
-    with writer_lock(path, lock_timeout):
-        try:
-            if journal.is_dir():
-                shutil.rmtree(journal)
-            for tmp in temporary_files(path):
-                unlink_quietly(tmp)
-            unlink_quietly(path)
-            unlink_quietly(lock_file(path))  # waiters notice the unlinked lock file and take a new one
-            fsync_dir(path.parent)
-        except OSError as exc:
-            raise StoreError(f"could not remove the store {path} ({exc}); check the folder's permissions") from exc
+    deadline = time.monotonic() + lock_timeout
+    while True:
+        with writer_lock(path, max(deadline - time.monotonic(), 0.0)):
+            writers = live_writers(path)
+            if not writers:
+                _remove_files(path, journal)
+                return
+        if time.monotonic() >= deadline:
+            raise StoreError(
+                f"{writers[0].describe()} is extracting into the store {path}; waited {lock_timeout:g} s for it to "
+                "end. Remove the store once that run ends (or stop it first); nothing was removed"
+            )
+        time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+
+
+def _remove_files(path: pathlib.Path, journal: pathlib.Path) -> None:
+    """Remove every file of the store (the caller holds the writer lock and no extraction runs)."""
+    try:
+        if journal.is_dir():
+            shutil.rmtree(journal)
+        if claims_dir(path).is_dir():  # only files of runs that died are left in it
+            shutil.rmtree(claims_dir(path))
+        for tmp in temporary_files(path):
+            unlink_quietly(tmp)
+        unlink_quietly(path)
+        unlink_quietly(lock_file(path))  # waiters notice the unlinked lock file and take a new one
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise StoreError(f"could not remove the store {path} ({exc}); check the folder's permissions") from exc

@@ -22,6 +22,7 @@ from featx.exceptions import StoreInputError
 from featx.paths import default_cache_dir
 
 __all__ = [
+    "CLAIMS_SUFFIX",
     "DTYPES",
     "FORMAT_VERSION",
     "JOURNAL_SUFFIX",
@@ -32,6 +33,7 @@ __all__ = [
     "canonical_json",
     "check_entry",
     "check_name",
+    "claims_dir",
     "config_diff",
     "config_hash",
     "entry_label",
@@ -55,6 +57,7 @@ KEY_LEN = 32
 STORE_NAME = re.compile(r"^(?P<backbone>.+)-(?P<hash>[0-9a-f]{12})\.h5$")
 JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
+CLAIMS_SUFFIX = ".claims"
 
 Entry = tuple[str, str]
 
@@ -280,6 +283,17 @@ def lock_file(path: pathlib.Path) -> pathlib.Path:
     'resnet18-0123456789ab.h5.lock'
     """
     return path.with_name(path.name + LOCK_SUFFIX)
+
+
+def claims_dir(path: pathlib.Path) -> pathlib.Path:
+    """The folder where concurrent extractions into the store ``path`` claim their work.
+
+    Examples
+    --------
+    >>> claims_dir(pathlib.Path("cache/resnet18-0123456789ab.h5")).name
+    'resnet18-0123456789ab.h5.claims'
+    """
+    return path.with_name(path.name + CLAIMS_SUFFIX)
 
 
 # --------------------------------------------------------------------------------------------
