@@ -225,7 +225,7 @@ def openvino_taps(module, taps: Sequence[Tap], example: torch.Tensor, *, precisi
     import torch
 
     if importlib.util.find_spec("openvino") is None:
-        raise FeatxError('runtime="openvino" needs OpenVINO: pip install openvino, or use runtime="torch".')
+        raise FeatxError('runtime="openvino" needs OpenVINO: pip install "featx[openvino]", or use runtime="torch".')
     import openvino
 
     key = ("openvino", tuple(taps), tuple(example.shape), precision, threads)

@@ -317,7 +317,7 @@ def _decide(figures: dict, n_images: int) -> tuple[str, str]:
 
 
 def choose(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int, n_images: int,
-           measure_min_seconds: float | None = None) -> Choice:
+           measure_min_seconds: float | None = None, refresh: bool = False) -> Choice:
     """What ``runtime="auto"`` runs for ``n_images`` images in batches of ``batch`` (resolved ``options``).
 
     Parameters
@@ -334,6 +334,9 @@ def choose(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int
         How many images the extraction computes (the choice weighs preparation against them).
     measure_min_seconds : float, optional
         Default :data:`MEASURE_MIN_SECONDS`.
+    refresh : bool, default=False
+        Measure every runtime again, whatever is remembered, and remember the new figures
+        (what ``featx bench`` does).
 
     Returns
     -------
@@ -348,7 +351,9 @@ def choose(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int
         return Choice("torch", f"eager torch on {device.type} (the other runtimes of auto run on the CPU)", {})
     least_seconds = MEASURE_MIN_SECONDS if measure_min_seconds is None else measure_min_seconds
     path, key = memory_path(backbone, taps, options, batch=batch)
-    figures, measured = _read(path, key), None
+    figures, measured = (None if refresh else _read(path, key)), None
+    if refresh:
+        least_seconds = 0.0
     installed = _installed()
 
     def measure(eager_only: bool) -> dict:
@@ -374,7 +379,7 @@ def choose(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int
     if set(figures) == {"torch"}:
         why = (f"{n_images} images take about {eager_seconds:.1f} s eagerly, too short for another runtime to repay "
                f"its export (measured from {least_seconds:g} s)" if installed else
-               'no other runtime is installed (pip install "featx[onnx]" or openvino)')
+               'no other runtime is installed (pip install "featx[onnx]" or "featx[openvino]")')
         return Choice("torch", f"{why}; {where}", figures, path)
     runtime, why = _decide(figures, n_images)
     return Choice(runtime, f"{why}; {where}", figures, path)
