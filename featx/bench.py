@@ -249,7 +249,7 @@ def run_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 25
             out(f"    {limit_onnx['images_per_s']:.1f} images/s")
         if runtime == "auto":
             out("(h) runtime='auto': every installed runtime on one batch, timed in turn, checked against eager fp32 …")
-            auto = _isolated("_auto", folder, plain.replace(runtime="auto", store=True), ours["n"])
+            auto = _isolated("_auto", folder, plain.replace(runtime="auto"), ours["n"])
             for name, entry in auto["figures"].items():
                 rate = f"{entry['images_per_s']:.1f} images/s" if entry["images_per_s"] else "not used"
                 check = (f"cosine {entry['cosine']:.6f}, error {entry['error']:.1e}" if entry["cosine"] is not None

@@ -5,7 +5,7 @@ preparation for speed. :func:`select_runner` is the one place where the loop get
 an explicit ``runtime`` (or ``compile=True``) is prepared as asked; ``"auto"`` (the default)
 measures, the first time, eager torch and every installed CPU runtime on a few batches of the
 extraction's shape (seeded random pixels), checks each against eager fp32 features, and keeps
-the figures in ``<cache folder>/runtimes/<backbone>-<key>.json``, keyed on the backbone, the
+the figures in ``<cache folder>/runtimes/<backbone>-<key>.json`` (beside the layer tables), keyed on the backbone, the
 layers, the batch shape, the precision and the machine (CPU model and flags, cores, torch
 threads, torch and runtime versions). Later runs read that file (milliseconds; a warm
 ``featx cv`` answered by the store never gets here) and choose from its figures.
@@ -140,23 +140,21 @@ def machine(precision: str) -> dict:
             "precision": precision}
 
 
-def memory_folder(store) -> Path:
-    """The folder the runtime memory goes in: ``runtimes`` in the store's folder, or in the cache folder.
+def memory_folder() -> Path:
+    """The folder the runtime memory and the ONNX exports go in: ``runtimes`` in the cache folder.
+
+    Like the layer tables (``<cache folder>/layers``), it belongs to the machine, not to one
+    store: ``$FEATX_CACHE/runtimes``, or ``./cache/runtimes``.
 
     Examples
     --------
-    >>> memory_folder("/data/cache/x.h5").as_posix(), memory_folder("/data/cache").as_posix()
-    ('/data/cache/runtimes', '/data/cache/runtimes')
+    >>> import os
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"FEATX_CACHE": "/data/cache"}):
+    ...     memory_folder().as_posix()
+    '/data/cache/runtimes'
     """
-    if store is None or store is True:
-        folder = default_cache_dir()
-    elif isinstance(store, (str, os.PathLike)):
-        folder = Path(store)
-        if folder.suffix == ".h5":
-            folder = folder.parent
-    else:  # a FeatureStore
-        folder = Path(store.path).parent
-    return folder / "runtimes"
+    return default_cache_dir() / "runtimes"
 
 
 def feature_agreement(outputs: Sequence, reference: Sequence) -> tuple[float, float]:
@@ -326,8 +324,8 @@ def choose(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int
         Prepared on ``options.device`` (:func:`featx.loop.prepare`).
     taps : sequence of Tap
     options : ExtractOptions
-        Resolved; its ``store`` says where the memory is kept (:func:`memory_folder`), its
-        ``precision`` what eager runs at.
+        Resolved; its ``precision`` is what eager runs at (the memory is kept in
+        :func:`memory_folder`).
     batch : int
         The batch the network sees (twice ``batch_size`` with flip averaging).
     n_images : int
@@ -391,7 +389,7 @@ def memory_path(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch
     The file is ``<memory_folder>/<backbone>-<digest of the key>.json``.
     """
     key = {**_network_key(backbone, taps, batch), **machine(options.precision)}
-    return memory_folder(options.store) / f"{_file_stem(backbone, key)}.json", key
+    return memory_folder() / f"{_file_stem(backbone, key)}.json", key
 
 
 def export_path(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int) -> Path:
@@ -400,7 +398,7 @@ def export_path(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch
     import torch
 
     key = {**_network_key(backbone, taps, batch), "torch": torch.__version__}
-    return memory_folder(options.store) / f"{_file_stem(backbone, key)}.onnx"
+    return memory_folder() / f"{_file_stem(backbone, key)}.onnx"
 
 
 def _network_key(backbone, taps: Sequence[Tap], batch: int) -> dict:

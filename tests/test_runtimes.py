@@ -1,6 +1,8 @@
 import json
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,7 +91,7 @@ def test_choose_measures_remembers_and_reuses_the_memory(tmp_path, fake_runtime,
     backbone, taps, options = _setup(tmp_path)
     fake_runtime["factory"] = _eager_runner
     first = runtimes.choose(backbone, taps, options, batch=4, n_images=40, measure_min_seconds=0)
-    assert first.path.parent == tmp_path / "runtimes" and first.path.exists()
+    assert first.path.parent == Path(os.environ["FEATX_CACHE"]) / "runtimes" and first.path.exists()
     stored = json.loads(first.path.read_text())
     assert stored["key"]["backbone"] == TINY and stored["key"]["precision"] == "fp32"
     assert stored["figures"]["onnxruntime"]["verified"] and "measured every runtime on one batch of 4" in first.reason
@@ -199,9 +201,7 @@ def test_every_runtime_matches_eager_within_the_tolerance(images, shared_cache, 
                 assert cosine >= least_cosine and error <= most_error, (setting, key, cosine, error)
 
 
-def test_memory_folder_follows_the_store(tmp_path, monkeypatch):
-    """Check that the memory sits in the store's folder, or in the cache folder for in-memory features."""
+def test_memory_folder_is_in_the_cache_folder(tmp_path, monkeypatch):
+    """Check that the memory sits in the cache folder, beside the layer tables, whatever the store."""
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
-    assert runtimes.memory_folder(None) == tmp_path / "cache" / "runtimes"
-    assert runtimes.memory_folder(True) == tmp_path / "cache" / "runtimes"
-    assert runtimes.memory_folder(tmp_path / "s" / "x.h5") == tmp_path / "s" / "runtimes"
+    assert runtimes.memory_folder() == tmp_path / "cache" / "runtimes"
