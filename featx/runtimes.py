@@ -57,17 +57,12 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from featx.backbones import Tap, run_taps
 from featx.devices import autocast
 from featx.exceptions import FeatxError, FeatxWarning
 from featx.options import ExtractOptions
 from featx.paths import atomic_write, default_cache_dir
 from featx.runners import compiled_taps, onnx_model, onnx_taps, openvino_taps
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "MARGIN",
@@ -77,9 +72,9 @@ __all__ = [
     "choose",
     "feature_agreement",
     "machine",
+    "export_path",
     "memory_folder",
     "memory_path",
-    "export_path",
     "select_runner",
 ]
 
@@ -342,8 +337,6 @@ def choose(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int
     """
     import torch
 
-    import torch
-
     device, precision = options.device, options.precision
     if device.type != "cpu":
         return Choice("torch", f"eager torch on {device.type} (the other runtimes of auto run on the CPU)", {})
@@ -424,15 +417,25 @@ def select_runner(backbone, taps: Sequence[Tap], options: ExtractOptions, *, bat
     device, runtime = options.device, options.runtime
     if options.compile:
         return compiled_taps(backbone.module, taps, device)
+    size = backbone.preprocess.crop
+    example = torch.zeros(batch, 3, size, size)
     if runtime == "auto":
         choice = choose(backbone, taps, options, batch=batch, n_images=n_images)
         announce = f"{backbone.name}:{choice.runtime}:{choice.path}"
         if announce not in _ANNOUNCED:
             _ANNOUNCED.add(announce)
             logger.info("runtime auto: %s for %s: %s", choice.runtime, backbone.name, choice.reason)
-        runtime = choice.runtime
+        if choice.runtime == "torch":
+            return None
+        try:
+            return _prepare(choice.runtime, backbone.module, taps, example, options.precision,
+                            export_path(backbone, taps, options, batch=batch))
+        except Exception as exc:  # what was verified once cannot be set up now: eager, said in one line
+            warnings.warn(f"runtime auto: {choice.runtime} could not be set up ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}): eager torch runs; delete "
+                          f"{str(choice.path)!r} to measure again.", FeatxWarning, stacklevel=2)
+            return None
     if runtime == "torch":
         return None
-    size = backbone.preprocess.crop
-    return _prepare(runtime, backbone.module, taps, torch.zeros(batch, 3, size, size), options.precision,
+    return _prepare(runtime, backbone.module, taps, example, options.precision,
                     export_path(backbone, taps, options, batch=batch))

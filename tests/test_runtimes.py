@@ -205,3 +205,19 @@ def test_memory_folder_is_in_the_cache_folder(tmp_path, monkeypatch):
     """Check that the memory sits in the cache folder, beside the layer tables, whatever the store."""
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
     assert runtimes.memory_folder() == tmp_path / "cache" / "runtimes"
+
+
+def test_select_runner_runs_eager_when_a_remembered_runtime_cannot_be_set_up(tmp_path, fake_runtime, monkeypatch):
+    """Check that a remembered choice whose runtime now fails to prepare gives eager torch and one warning line."""
+    backbone, taps, options = _setup(tmp_path)
+    options = options.replace(runtime="auto")
+    fake_runtime["factory"] = _fast_runner
+    assert runtimes.choose(backbone, taps, options, batch=4, n_images=400, measure_min_seconds=0).runtime == "onnxruntime"
+
+    def broken(*args, **kwargs):
+        raise OSError("the export file is truncated")
+
+    monkeypatch.setattr(runtimes, "_prepare", broken)
+    with pytest.warns(FeatxWarning, match=r"onnxruntime could not be set up \(OSError: the export file is truncated\): "
+                                          r"eager torch runs; delete .* to measure again"):
+        assert runtimes.select_runner(backbone, taps, options, batch=4, n_images=400) is None
