@@ -37,9 +37,11 @@ Tolerance
     value (the feature scale). At fp32 the runtime must agree up to float rounding (cosine
     >= 0.9999, error <= 1e-3; measured on efficientnet_lite0: ONNX Runtime and OpenVINO 1 - 1e-7
     and 2e-6). At bf16 it must pass the bf16 guard eager bf16 passes (cosine >= 0.99, error <=
-    0.05; measured: eager bf16 0.9997 and 0.021, OpenVINO bf16 0.9997 and 0.018). The runtime is
-    then no part of a store's configuration: it changes features no more than the precision,
-    which is.
+    0.1). Measured on efficientnet_lite0 against eager fp32: at pre_logits eager bf16 0.99969 and
+    0.018, OpenVINO bf16 0.99974 and 0.018; over every layer (the stem's raw maps are the worst)
+    eager bf16 0.9992 and 0.066, OpenVINO bf16 0.9994 and 0.068 (a first bound of 0.05 refused
+    OpenVINO there while eager bf16 itself missed it). The runtime is then no part of a store's
+    configuration: it changes features no more than the precision, which is.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ MEASURE_MIN_SECONDS = 10.0
 #: Timed calls per runtime in a measurement (after one warm-up call), in turn with the others; the fastest counts.
 TIMED_CALLS = 3
 #: Per precision: (least cosine similarity per row, largest absolute error relative to the feature scale).
-TOLERANCES = {"fp32": (0.9999, 1e-3), "bf16": (0.99, 0.05), "fp16": (0.99, 0.05)}
+TOLERANCES = {"fp32": (0.9999, 1e-3), "bf16": (0.99, 0.1), "fp16": (0.99, 0.1)}
 #: The runtimes ``auto`` measures on the CPU, where installed (the module each needs).
 CPU_CANDIDATES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 _VERSION = 1
@@ -381,7 +383,8 @@ def memory_path(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch
 
     The file is ``<memory_folder>/<backbone>-<digest of the key>.json``.
     """
-    key = {**_network_key(backbone, taps, batch), **machine(options.precision)}
+    key = {**_network_key(backbone, taps, batch), **machine(options.precision),
+           "tolerance": list(TOLERANCES.get(options.precision, TOLERANCES["fp32"]))}  # another bound: verify again
     return memory_folder() / f"{_file_stem(backbone, key)}.json", key
 
 
