@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import importlib
 
+from featx.threads import set_wait_policy
+
 __version__ = "0.1.0"
+
+# Before torch (lazy below) loads its OpenMP runtime: waiting threads sleep instead of spinning
+# (featx.threads says why and how to opt out).
+set_wait_policy()
 
 _PUBLIC = {
     "CNNFeatures": "featx.transformers",

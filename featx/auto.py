@@ -50,6 +50,7 @@ from featx.featuresets import parse_feature_sets, set_name
 from featx.images import ImageSource, content_key, open_source
 from featx.options import CACHED, ExtractOptions, FinetuneOptions, check_tta
 from featx.paths import split_names
+from featx.selection import Selection, one_standard_error
 from featx.store import FeatureStore
 
 __all__ = ["AutoResult", "Candidate", "FinetuneCandidate", "FrozenCandidate", "Search", "auto_fit", "parse_budget"]
@@ -481,7 +482,12 @@ class AutoResult:
         ``accuracy_std``, ``cv``, ``seconds`` (extraction it triggered + evaluation),
         ``extraction_seconds``, ``estimated_seconds``, ``status`` (``scored`` or why not).
     best : dict
-        The winner's row.
+        The chosen row: the cheapest candidate (the first the search ran) whose cross-validated
+        accuracy is within one standard error of the highest (:func:`featx.selection.one_standard_error`);
+        it is not always ``leaderboard[0]``, whose mean is highest but mostly luck on small data.
+    selection : Selection
+        The choice: ``chosen``, ``best`` (by mean), the table it chose from, and ``estimate``,
+        the score of the whole search (a bootstrap over the folds), not of its winner.
     model : FeatxModel
         The winner, refitted on all the data.
     seconds : float
@@ -502,6 +508,7 @@ class AutoResult:
 
     leaderboard: list[dict]
     best: dict
+    selection: Selection
     model: object
     seconds: float
     budget: float
@@ -515,6 +522,9 @@ class AutoResult:
         return {"leaderboard": self.leaderboard, "best": self.best, "seconds": self.seconds, "budget": self.budget,
                 "extractions": self.extractions, "advice": self.advice, "model": self.model.describe(),
                 "n_images": self.n_images,
+                "selection": {"rule": self.selection.rule, "chosen": self.selection.chosen,
+                              "best_by_mean": self.selection.best, "estimate": self.selection.estimate,
+                              "table": self.selection.table},
                 "skipped": [{"image": name, "reason": reason} for name, reason in self.skipped]}
 
 
@@ -727,7 +737,8 @@ def auto_fit(
             search.record_finetune(candidate, report_, seconds - extraction_seconds)
         row = {**row_of(candidate, estimates[candidate.name]), "dim": report_.get("n_features"),
                "accuracy_mean": float(report_["accuracy_mean"]), "accuracy_std": float(report_["accuracy_std"]),
-               "cv": report_.get("cv"), "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
+               "cv": report_.get("cv"), "fold_accuracy": [float(a) for a in report_.get("fold_accuracy", ())],
+               "seconds": round(seconds, 1), "extraction_seconds": round(extraction_seconds, 1),
                "status": "scored" + (" (report from the store)" if report_.get("from_cache") else "")
                + (f" (started over budget: {estimates[candidate.name]:.0f} s estimated; the cheapest candidate "
                   f"always runs)" if over else "")}
@@ -744,19 +755,28 @@ def auto_fit(
                     other = held_back.pop(candidate.with_head(head).name, None)
                     if other is not None:
                         pending.append(other)
+    # The winner's curse: choose the cheapest candidate within one standard error of the best, in
+    # the order the search ran them (cheapest estimate first), and estimate the rule itself.
+    ran = [r for r in rows.values() if r["accuracy_mean"] is not None]
+    selection = one_standard_error({r["configuration"]: r["fold_accuracy"] or [r["accuracy_mean"]] for r in ran},
+                                   [r["configuration"] for r in ran], random_state=random_state)
+    best = rows[selection.chosen]
     winner = next(c for c in [*frozen, *tuned, *extra_candidates] if c.name == best["configuration"])
     model = winner.refit(search)
     model.info["auto"] = {"configuration": best["config"], "accuracy_mean": best["accuracy_mean"],
-                          "accuracy_std": best["accuracy_std"], "cv": best["cv"]}
-    scored = sorted((r for r in rows.values() if r["accuracy_mean"] is not None),
-                    key=lambda r: (-r["accuracy_mean"], list(rows).index(r["configuration"])))
+                          "accuracy_std": best["accuracy_std"], "cv": best["cv"], "estimate": selection.estimate,
+                          "best_by_mean": selection.best, "rule": selection.rule}
+    scored = sorted(ran, key=lambda r: (-r["accuracy_mean"], list(rows).index(r["configuration"])))
+    within = {row["name"]: row for row in selection.table}
     for rank, row in enumerate(scored, 1):
         row["rank"] = rank
+        row["within_1se"] = within[row["configuration"]]["within"]
+        row["chosen"] = row["configuration"] == selection.chosen
     leaderboard = scored + [r for r in rows.values() if r["accuracy_mean"] is None]
     extractions = [{"backbone": b, "tta": "none" if t in (None, MAPS) else t, "maps": t == MAPS,
                     "seconds": round(search.extraction_seconds[(b, t)], 1), "n_computed": search.results[(b, t)].n_computed}
                    for b, t in search.results]
     skipped = {name: reason for result in search.results.values() for name, reason in result.skipped}
-    return AutoResult(leaderboard=leaderboard, best=scored[0], model=model, seconds=time.perf_counter() - start,
+    return AutoResult(leaderboard=leaderboard, best=best, selection=selection, model=model, seconds=time.perf_counter() - start,
                       budget=seconds_budget, extractions=extractions, advice=advice, skipped=list(skipped.items()),
                       n_images=len(source))

@@ -30,6 +30,7 @@ from featx.loop import Batch, Request, iter_batches, make_requests, prepare
 from featx.options import ExtractOptions, check_tta
 from featx.shards import check_shard, in_shard, open_shard
 from featx.store import FeatureStore, canonical_json, store_path
+from featx.threads import extraction_scope
 
 __all__ = [
     "Batch",
@@ -153,6 +154,14 @@ class ExtractionResult(Mapping):
         Images that went through the network in this run (the others came from the store).
     seconds : float
         Wall time of the run.
+    timings : dict of str to float
+        Where the run's time went, in seconds of this process's wall time (all within
+        :attr:`seconds`): ``"hash"`` (content keys), ``"decode"`` (reading and decoding images in
+        this process), ``"handover"`` (waiting for decoded batches beyond that, collating them,
+        moving them to the device), ``"network"`` (normalising, forward pass, pooling),
+        ``"write"`` (the store's writes and consolidation). Images decoded by DataLoader worker
+        processes add ``"decode_workers"``: their decoding time summed over images, overlapped
+        with the rest. Batches an engine computed elsewhere report only ``hash`` and ``write``.
     shard : (int, int) or None
         ``(I, N)`` for a shard run: then :attr:`keys` is ``None`` for the images of other parts,
         :attr:`store` reads this shard's store, the main store and the sibling shards as one, and
@@ -160,8 +169,9 @@ class ExtractionResult(Mapping):
     """
 
     def __init__(self, *, store, source, keys, requests, skipped_positions, skipped, n_computed, seconds,
-                 shard=None):
+                 shard=None, timings=None):
         self.shard = shard
+        self.timings = dict(timings or {})
         self.store = store
         self.source = source
         self.keys = keys
@@ -394,10 +404,11 @@ def extract(images, options: ExtractOptions | None = None, *, stop=None, shard: 
     if run.store is None:
         prepare(backbone, run.device)
         chunks: dict[Request, list[np.ndarray]] = {r: [] for r in requests}
-        for batch in iter_batches(backbone, source, requests, run.replace(on_error="raise")):
-            for request in requests:
-                chunks[request].append(batch.features[request])
-            _check_stop(stop)
+        with extraction_scope(run.threads):
+            for batch in iter_batches(backbone, source, requests, run.replace(on_error="raise")):
+                for request in requests:
+                    chunks[request].append(batch.features[request])
+                _check_stop(stop)
         return {
             r.key: np.concatenate(chunks[r]) if chunks[r] else np.empty((0, 0), dtype=np.float32) for r in requests
         }
@@ -438,6 +449,8 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
     start = time.perf_counter()
     config = store_config(backbone, options=run, kind=kind)
     keys, unreadable = _content_keys(source, run.on_error)
+    timings = dict.fromkeys(("hash", "decode", "handover", "network", "write"), 0.0)
+    timings["hash"] = time.perf_counter() - start
     if shard is None:
         feature_store = lookup = open_store(run.store, config, dtype=run.dtype)
     else:
@@ -469,8 +482,11 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
             batches = iter_batches(backbone, source, todo, run, indices=indices)
         else:
             batches = engine.batches(backbone, source, todo, run, indices=indices)
-        with feature_store.writer(), contextlib.closing(batches):
+        with extraction_scope(run.threads), feature_store.writer(), contextlib.closing(batches):
             for batch in batches:
+                for stage, seconds in batch.seconds.items():
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+                written = time.perf_counter()
                 for position, message in batch.skipped:
                     failed[keys[position]] = message
                 batch_keys = [keys[i] for i in batch.indices]
@@ -488,8 +504,11 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
                             [batch_keys[i] for i in rows], {entry: value[rows] for entry, value in features.items()}
                         )
                 n_computed += len(batch_keys)
+                timings["write"] += time.perf_counter() - written
                 _check_stop(stop)
+            written = time.perf_counter()
             feature_store.consolidate()
+            timings["write"] += time.perf_counter() - written
     skipped_positions = [i for i, _ in unreadable]
     skipped = [(describe(source[i], i), message) for i, message in unreadable]
     for i, key in enumerate(keys):
@@ -506,4 +525,5 @@ def _extract_to_store(backbone, source, requests, run: ExtractOptions, *, kind, 
         n_computed=n_computed,
         seconds=time.perf_counter() - start,
         shard=shard,
+        timings=timings,
     )

@@ -40,9 +40,9 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.parallel import Parallel, delayed
 from sklearn.utils.validation import check_is_fitted, validate_data
-from threadpoolctl import threadpool_limits
 
 from featx.exceptions import EvaluationError, FeatxError, UnknownHeadError, suggest
+from featx.threads import head_limits
 
 __all__ = [
     "BlockScaler",
@@ -408,7 +408,7 @@ def _grid_reference(X, *, l2_normalize, pca, random_state, blocks=None) -> float
     if not l2_normalize and pca is None:
         return float(X.shape[1])
     steps = make_head("logreg", l2_normalize=l2_normalize, pca=pca, random_state=random_state, blocks=blocks)
-    with threadpool_limits(1):
+    with head_limits():
         Xt = steps[:-1].fit_transform(X)
     # Rounded so that it reads well in reports and does not vary in the last digits.
     return float(f"{Xt.shape[1] * Xt.var():.3g}")
@@ -459,7 +459,7 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
         if folds is not None and (grid is not None or calibrate):
             n_train = min(len(train) for train, _ in folds.split(X, y))
         _check_pca_size(pca, n_train, X.shape[1], where="a training fold")
-    with warnings.catch_warnings(record=True) as caught, threadpool_limits(1):
+    with warnings.catch_warnings(record=True) as caught, head_limits():
         warnings.simplefilter("always", ConvergenceWarning)
         if grid is not None and folds is not None:
             search = GridSearchCV(
@@ -495,7 +495,7 @@ def _fit_one(X, y, *, head, grid, inner_cv, random_state, class_weight, l2_norma
 def _evaluate_fold(X, y, train, test, **kwargs):
     """Fit on one outer training part, predict its test fold."""
     pipeline, params, info = _fit_one(X[train], y[train], calibrate=False, **kwargs)
-    with threadpool_limits(1):
+    with head_limits():
         y_pred = pipeline.predict(X[test])
     return y_pred, params, info
 
@@ -586,7 +586,7 @@ def outer_splits(y, n_splits: int, *, repeats: int = 1, random_state: int = 0) -
 
     Stratified and shuffled (:class:`~sklearn.model_selection.RepeatedStratifiedKFold` when
     ``repeats`` is above 1). They depend on ``y`` and the arguments only, so :func:`evaluate`,
-    :func:`featx.compare.evaluate_auto` and fine-tuned comparison rows score the same folds.
+    :func:`featx.selection.evaluate_auto` and fine-tuned comparison rows score the same folds.
 
     Examples
     --------

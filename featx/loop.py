@@ -1,6 +1,7 @@
 """THE batched extraction loop.
 
-DataLoader workers decode and crop images to ``uint8`` tensors (:mod:`featx.decoding`); the main
+The loader of :mod:`featx.decoding` decodes and crops images to ``uint8`` tensors (on a CPU in
+threads of this process, between forward passes; elsewhere in DataLoader workers); the main
 process moves each batch to the device, normalises it, runs the frozen backbone once under
 ``torch.inference_mode()`` (and autocast where the precision asks for it), and pools every
 requested layer from that one forward pass. Every consumer — the in-memory
@@ -11,6 +12,7 @@ the advisor — reads batches from :func:`iter_batches`; there is no second loop
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,13 +20,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from featx.backbones import Backbone, Tap, resolve_layers, run_taps
-from featx.decoding import ImageDataset, auto_workers, collate, decode_on_device, worker_init
+from featx.decoding import decode_on_device, make_loader
 from featx.devices import autocast, check_resolved, check_runtime
 from featx.exceptions import ImageDecodeError
 from featx.options import ExtractOptions
 from featx.featuresets import parse_blocks
 from featx.paths import split_names
-from featx.pooling import check_pooling, pool
+from featx.pooling import check_pooling, pool_each
 from featx.runtimes import select_runner
 
 if TYPE_CHECKING:
@@ -48,11 +50,20 @@ class Request:
 
 @dataclass
 class Batch:
-    """What one forward pass produced: source indices, pooled features per request, and skips."""
+    """What one forward pass produced: source indices, pooled features per request, and skips.
+
+    ``seconds`` says where the batch's time went: ``"decode"`` (reading and decoding its images
+    in this process, wall time) or ``"decode_workers"`` (the same, summed over images, in
+    DataLoader worker processes, overlapped with the main process), ``"handover"`` (the main
+    process waiting for the decoded batch beyond that, collating it and moving it to the device;
+    the first batch's includes starting the decoding) and ``"network"`` (normalising, the
+    forward pass, pooling, back to NumPy).
+    """
 
     indices: np.ndarray
     features: dict[Request, np.ndarray]
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def make_requests(backbone: str, layers, pooling) -> list[Request]:
@@ -116,22 +127,10 @@ def iter_batches(
     indices = list(range(len(source))) if indices is None else list(indices)
     if not indices:
         return
-    if num_workers == "auto":
-        num_workers = auto_workers(source, len(indices))
     import torch
-    from torch.utils.data import DataLoader
 
-    loader = DataLoader(
-        ImageDataset(source, indices, backbone.preprocess, decoder, options.max_pixels),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=worker_init if num_workers else None,
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
-    )
+    loader = make_loader(source, indices, backbone.preprocess, decoder=decoder, max_pixels=options.max_pixels,
+                         batch_size=batch_size, num_workers=num_workers, device=device)
     taps = list(dict.fromkeys(r.tap for r in requests))
     full = batch_size * (2 if tta == "hflip" else 1)  # the batch the network sees
     runner = select_runner(backbone, taps, options, batch=full, n_images=len(indices) * (full // batch_size))
@@ -142,7 +141,12 @@ def iter_batches(
 
         bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name}", leave=False)
     try:
-        for loaded in loader:
+        start = time.perf_counter()  # the first hand-over includes starting the decoding processes
+        loaded_batches = iter(loader)
+        while True:
+            loaded = next(loaded_batches, None)
+            if loaded is None:
+                break
             skipped = [(int(i), message) for i, message in loaded.errors]
             if skipped and on_error == "raise":
                 raise ImageDecodeError(skipped[0][1])
@@ -155,6 +159,7 @@ def iter_batches(
                 if refused and on_error == "raise":
                     raise ImageDecodeError(refused[0][1])
                 skipped += refused
+            handed_over = time.perf_counter()
             if len(batch_indices):
                 with torch.inference_mode():
                     x = backbone.preprocess.normalize(pixels)
@@ -173,14 +178,25 @@ def iter_batches(
                         else:
                             width = 2 * n if tta == "hflip" else n
                             outputs = {tap: out[:width] for tap, out in zip(taps, runner(x))}
+                    poolings: dict = {}
                     for request in requests:
-                        pooled = pool(outputs[request.tap].float(), request.pooling)
+                        poolings.setdefault(request.tap, []).append(request.pooling)
+                    pooled_at = {tap: pool_each(outputs[tap], names) for tap, names in poolings.items()}
+                    for request in requests:
+                        pooled = pooled_at[request.tap][request.pooling]
                         if tta == "hflip":
                             pooled = (pooled[:n] + pooled[n:]) / 2
                         features[request] = pooled.cpu().numpy().astype(np.float32, copy=False)
+            waited = handed_over - start
+            if loaded.in_workers:
+                seconds = {"decode_workers": loaded.decode_seconds, "handover": waited}
+            else:
+                seconds = {"decode": loaded.decode_seconds, "handover": max(0.0, waited - loaded.decode_seconds)}
+            seconds["network"] = time.perf_counter() - handed_over
             if bar is not None:
                 bar.update(len(batch_indices) + len(skipped))
-            yield Batch(indices=batch_indices.numpy(), features=features, skipped=skipped)
+            yield Batch(indices=batch_indices.numpy(), features=features, skipped=skipped, seconds=seconds)
+            start = time.perf_counter()
     finally:
         if bar is not None:
             bar.close()

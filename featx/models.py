@@ -34,6 +34,7 @@ from featx.extraction import extract, join_features, kept_labels
 from featx.options import CACHED, DEFAULT_MAX_PIXELS, ExtractOptions
 from featx.paths import split_names
 from featx.heads import fit_head, score_predictions
+from featx.selection import select_layer
 from featx.images import ImageSource, describe, open_source
 from featx.transformers import CNNFeatures
 
@@ -179,6 +180,10 @@ def fit_model(
     head : {"logreg", "linear-svm", "rbf-svm"}, default="logreg"
     inner_cv, random_state, class_weight
         See :func:`featx.heads.fit_head`.
+        ``layers="auto"`` chooses the layer and pooling (among every layer and the given poolings,
+        from one extraction) by :func:`featx.selection.select_layer` with ``inner_cv`` folds:
+        the simplest feature set within one standard error of the best; ``model.info["selection"]``
+        keeps the table it chose from and the estimate of that choice.
     **settings
         :class:`~featx.options.ExtractOptions` fields by name, replacing those of ``options``
         (``layer=`` is accepted for ``layers``, as :class:`~featx.transformers.CNNFeatures` names it).
@@ -204,12 +209,27 @@ def fit_model(
     source = source if isinstance(source, ImageSource) else open_source(source)
     source.require_classes("fit_model needs labelled images")
     names = split_names(options.backbone, sep="+") if isinstance(options.backbone, str) else list(options.backbone)
-    parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
-    # Each part was built from ``options`` (backbone, blocks, store, max_pixels …); the run adds what a
-    # transformer has no parameter for.
-    run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error, progress=options.progress)
-           for part in parts]
-    X, result, kept = _extract_parts(source, parts, run)
+    selection = None
+    if options.layers == "auto":
+        if len(names) > 1:
+            raise FeatxError(f"layers='auto' chooses a layer of one backbone, got {len(names)} ({options.backbone!r}): "
+                             "pass layers= for several backbones, or fit one backbone at a time.")
+        # Every layer from one extraction, the choice by the one-standard-error rule, then the
+        # chosen block of the same extraction: nothing is extracted twice.
+        result = extract(source, options.replace(layers="all"))
+        candidates = {request.key: result[request.key] for request in result.requests}
+        selection = select_layer(candidates, kept_labels(result), head=head, cv=inner_cv, random_state=random_state)
+        layer, pooling = selection.chosen.split("/")
+        options = options.replace(layers=layer, pooling=pooling)
+        parts = [CNNFeatures.from_options(options).fit()]
+        X, _, kept = join_features([result], [[selection.chosen]])
+    else:
+        parts = [CNNFeatures.from_options(options.replace(backbone=name)).fit() for name in names]
+        # Each part was built from ``options`` (backbone, blocks, store, max_pixels …); the run adds what a
+        # transformer has no parameter for.
+        run = [part.extraction_options().replace(dtype=options.dtype, on_error=options.on_error,
+                                                 progress=options.progress) for part in parts]
+        X, result, kept = _extract_parts(source, parts, run)
     y = kept_labels(result, kept)
     fitted, params, score = fit_head(X, y, head=head, inner_cv=inner_cv, random_state=random_state,
                                      class_weight=class_weight, blocks=_model_blocks(parts), return_score=True)
@@ -230,6 +250,9 @@ def fit_model(
             "weights": "+".join(part.weights_ for part in parts),
             "dtype": options.dtype,
             "tta": options.tta,
+            "selection": None if selection is None else {
+                "rule": selection.rule, "chosen": selection.chosen, "best": selection.best,
+                "estimate": selection.estimate, "bias": selection.bias, "table": selection.table},
         },
     )
     return model, result
@@ -445,10 +468,12 @@ def predict(model: FeatxModel, images, *, on_error: str = "skip", progress: bool
 
 
 def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progress: bool | None = None,
-                   store=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                   store=None, max_pixels: int = DEFAULT_MAX_PIXELS, predictions: bool = False) -> dict:
     """Score a model on labelled images: held-out ones, unless ``n_training_images`` says otherwise.
 
-    ``store`` and ``max_pixels`` are as in :func:`predict`.
+    ``store`` and ``max_pixels`` are as in :func:`predict`. ``predictions=True`` adds each
+    scored image's prediction and class probabilities (what :func:`featx.report.model_report`
+    shows of the images the model gets wrong).
 
     Returns
     -------
@@ -456,7 +481,10 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``per_class``, ``confusion_matrix``,
         ``classes``, ``n_images``, ``n_training_images`` (how many of the scored images trained
         the model, by content; None for a model file that does not record its training images)
-        and ``skipped``.
+        and ``skipped``. With ``predictions=True`` also ``predictions``: one dict per scored
+        image, in source order, with ``position`` (its index in `source`), ``image`` (its
+        description), ``label`` (the true one), ``predicted`` and ``proba`` (the probability
+        of every class, in the order of ``classes``).
     """
     source = source if isinstance(source, ImageSource) else open_source(source)
     X, result, kept = _extract_parts(source, model.parts, _run_options(model, on_error=on_error, progress=progress,
@@ -467,7 +495,15 @@ def evaluate_model(model: FeatxModel, source, *, on_error: str = "skip", progres
         raise FeatxError(
             f"{source.name} holds classes the model was not trained on: {unknown}; the model knows {model.classes}."
         )
-    report = score_predictions(y, model.head.predict(X), classes=model.classes)
+    predicted = model.head.predict(X)
+    report = score_predictions(y, predicted, classes=model.classes)
+    if predictions:
+        proba = model.head.predict_proba(X) if len(kept) else np.zeros((0, len(model.classes)))
+        report["predictions"] = [
+            {"position": int(i), "image": describe(source[i], i), "label": str(label), "predicted": str(guess),
+             "proba": [float(v) for v in p]}
+            for i, label, guess, p in zip(kept, y, predicted, proba)
+        ]
     report.update(
         n_images=int(len(y)),
         n_training_images=count_training_images(model, [result.keys[i] for i in kept]),

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from featx.exceptions import FeatxError, suggest
+from featx.threads import check_threads
 
 __all__ = [
     "CACHED",
@@ -115,7 +116,10 @@ class ExtractOptions:
     precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
         See :func:`featx.extraction.resolve_precision`.
     num_workers : int or "auto", default="auto"
-        Decoding processes; ``"auto"`` uses the cores for image files, none for arrays.
+        Decoding processes. ``"auto"``: on a CPU device none, the images are decoded by threads
+        of this process, one batch at a time between forward passes (decoding and the network
+        take turns on the cores); on other devices one process per core for image files, none
+        for arrays.
     progress : bool or None, default=None
         Progress bar; ``None``: only on a terminal.
     decoder : {"auto", "pil", "torch"}, default="auto"
@@ -135,6 +139,12 @@ class ExtractOptions:
         checked from the header); a larger one is a bad image (``on_error``). It decides which
         images are accepted, not their features, so it is no part of a store's configuration:
         an image whose features a store already holds is not decoded again, nor checked.
+    threads : "auto", int or None, default="auto"
+        The thread plan (:mod:`featx.threads`): ``"auto"`` runs the forward pass on torch's
+        threads capped by the cores this process may use (one when OpenMP threads spin and the
+        machine is busy) and gives the caller's count back after; N runs it on N torch
+        threads; ``None`` changes no thread setting. It does not change the features beyond
+        float rounding, so it is no part of a store's configuration.
 
     Examples
     --------
@@ -167,6 +177,7 @@ class ExtractOptions:
     compile: bool = False
     engine: object = "local"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    threads: int | str | None = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "layers", _as_names(self.layers))
@@ -186,6 +197,7 @@ class ExtractOptions:
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise FeatxError(f"max_pixels must be a positive integer (width × height; default {DEFAULT_MAX_PIXELS}), "
                              f"got {self.max_pixels!r}.")
+        check_threads(self.threads)
         if self.runtime in ("onnxruntime", "openvino") and self.compile:
             raise FeatxError(f"compile=True compiles the torch runtime; it does not go with runtime={self.runtime!r}. "
                              "Leave one of them out.")

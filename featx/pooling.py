@@ -31,7 +31,7 @@ from featx.exceptions import FeatxError, UnknownPoolingError, suggest
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["POOLINGS", "check_pooling", "pool", "pooled_dim", "feature_names"]
+__all__ = ["POOLINGS", "check_pooling", "pool", "pool_each", "pooled_dim", "feature_names"]
 
 POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax", "spp")
 
@@ -147,6 +147,51 @@ def pool(output: torch.Tensor, pooling: str) -> torch.Tensor:
         return output.reshape(output.shape[0], -1)  # logical (C, H, W) order, also for channels-last
     grid = F.adaptive_avg_pool2d(output, 2).flatten(1)  # (n, C*4), channel-major
     return torch.cat([output.mean(dim=(2, 3)), grid], dim=1)
+
+
+def pool_each(output: torch.Tensor, poolings: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Several poolings of one layer output, in float32, sharing their work.
+
+    The same values as ``pool(output.float(), p)`` for each ``p``, with the output converted to
+    float once and its mean and max computed once for ``avg``, ``max``, ``avgmax`` and ``spp``:
+    a ``CNNFeatures`` cache pools every layer four ways on the first transform, and the
+    conversions and reductions repeated per pooling cost a quarter of the forward pass.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = torch.arange(16.0).reshape(1, 1, 4, 4).bfloat16()
+    >>> pooled = pool_each(x, ["avg", "avgmax", "spp"])
+    >>> pooled["avgmax"].tolist(), pooled["spp"].dtype
+    ([[7.5, 15.0]], torch.float32)
+    """
+    import torch
+    import torch.nn.functional as F
+
+    output = output.float()
+    if output.ndim == 2:
+        for p in poolings:
+            pooled_dim(tuple(output.shape[1:]), p)  # validates pooling and rank
+        return {p: output for p in poolings}
+    shared: dict[str, torch.Tensor] = {}
+
+    def reduced(name):
+        if name not in shared:
+            shared[name] = output.mean(dim=(2, 3)) if name == "avg" else output.amax(dim=(2, 3))
+        return shared[name]
+
+    result = {}
+    for p in poolings:
+        if p in ("avg", "max"):
+            pooled_dim(tuple(output.shape[1:]), p)
+            result[p] = reduced(p)
+        elif p == "avgmax":
+            result[p] = torch.cat([reduced("avg"), reduced("max")], dim=1)
+        elif p == "spp":
+            result[p] = torch.cat([reduced("avg"), F.adaptive_avg_pool2d(output, 2).flatten(1)], dim=1)
+        else:
+            result[p] = pool(output, p)
+    return result
 
 
 def feature_names(layer: str, pooling: str, dim: int) -> list[str]:

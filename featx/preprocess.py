@@ -126,4 +126,5 @@ class Preprocess:
             dtype = torch.float32
         mean = torch.tensor(self.mean, device=batch.device, dtype=dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=batch.device, dtype=dtype).view(1, -1, 1, 1)
-        return (batch.to(dtype) / 255.0 - mean) / std
+        # the same three operations in place on one new tensor (no buffer per step): the same values
+        return batch.to(dtype, copy=True).div_(255.0).sub_(mean).div_(std)

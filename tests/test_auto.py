@@ -59,7 +59,11 @@ def test_auto_fit_leaderboard_best_first_and_model_predicts(source, tmp_path):
     scored = [row for row in result.leaderboard if row["rank"] is not None]
     assert [row["rank"] for row in scored] == list(range(1, len(scored) + 1))
     assert [row["accuracy_mean"] for row in scored] == sorted((row["accuracy_mean"] for row in scored), reverse=True)
-    assert result.best is scored[0] and result.best["status"].startswith("scored")
+    assert result.best["status"].startswith("scored") and result.best["within_1se"] and result.best["chosen"]
+    assert result.best["configuration"] == result.selection.chosen and scored[0]["configuration"] == result.selection.best
+    # the table is in the search's order (cheapest estimate first): the chosen is its first row within 1 SE
+    assert next(row["name"] for row in result.selection.table if row["within"]) == result.selection.chosen
+    assert {row["name"] for row in result.selection.table} == {row["configuration"] for row in scored}
     first_head = {row["configuration"] for row in scored if row["head"] == "logreg"}
     assert len(first_head) == 4  # every feature set and tta with the first head
     assert {"linear-svm"} == {row["head"] for row in scored} - {"logreg"}  # the others on the best ones only
@@ -157,7 +161,8 @@ def test_cli_fit_auto_never_reads_the_evaluation_folder(tmp_path, capsys):
         recording[0] = False
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["best"]["rank"] == 1 and len(report["leaderboard"]) == 4
+    assert report["best"]["chosen"] and len(report["leaderboard"]) == 4
+    assert report["selection"]["chosen"] == report["best"]["configuration"] and 0 <= report["selection"]["estimate"] <= 1
     assert any(path.startswith(str(train)) for path in opened)
     assert not [path for path in opened if path.startswith(str(val))]
     assert main(["evaluate", str(model), str(val), "--json"]) == 0
@@ -172,7 +177,8 @@ def test_cli_fit_auto_prints_the_leaderboard(tmp_path, capsys, image_folder):
                  "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "m.joblib")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "configuration" in out and "accuracy_mean" in out and "best: featx_tiny_cnn pre_logits/avg" in out
+    assert "configuration" in out and "accuracy_mean" in out and "chosen: featx_tiny_cnn pre_logits/avg" in out
+    assert "estimate of the whole search:" in out
     assert "of a 300 s budget" in out and (tmp_path / "m.joblib").is_file()
     assert main(["fit", str(image_folder), "--json", "-o", str(tmp_path / "x.joblib")]) == 1
 

@@ -4,7 +4,7 @@ import pytest
 
 from PIL import Image
 
-from featx.bench import make_jpegs, run_bench
+from featx.bench import STAGES, breakdown, loop_limit, make_jpegs, run_bench, run_busy_bench
 from featx.cli import main
 
 
@@ -27,6 +27,23 @@ def test_run_bench_reports_documented_keys(tmp_path):
         assert report[key] > 0, key
     assert report["n_images"] == 8
     assert report["speedup_vs_naive"] == report["featx_images_per_s"] / report["naive_images_per_s"]
+    assert report["decode_only_images_per_s"] > 0
+    assert report["loop_limit_images_per_s"] == pytest.approx(
+        1 / (1 / report["model_only_images_per_s"] + 1 / report["decode_only_images_per_s"]))
+    assert report["fraction_of_loop_limit"] == report["featx_images_per_s"] / report["loop_limit_images_per_s"]
+    stages = report["breakdown_ms_per_image"]
+    assert list(stages) == list(STAGES) and all(ms >= 0 for ms in stages.values())
+    assert stages["decode"] > 0 and stages["network"] > 0 and stages["hash"] > 0 and stages["write"] > 0
+    # decoded in this process's threads (the CPU default): the stages are the whole time per image
+    assert sum(stages.values()) == pytest.approx(1000 / report["featx_images_per_s"], rel=1e-3, abs=0.01)
+
+
+def test_breakdown_counts_decoding_in_workers_as_overlapped():
+    """Check that decoding in worker processes is reported but not taken out of the main process's time."""
+    timings = {"hash": 0.1, "decode": 0.0, "decode_workers": 0.8, "handover": 0.2, "network": 0.5, "write": 0.1}
+    stages = breakdown(timings, 1.0, 100)
+    assert stages == {"decode": 8.0, "hash": 1.0, "handover": 2.0, "network": 5.0, "write": 1.0, "other": 1.0}
+    assert loop_limit(60.0, 120.0) == pytest.approx(40.0)
 
 
 def test_cli_bench_json(tmp_path, capsys):
@@ -72,3 +89,27 @@ def test_run_bench_auto_reports_the_choice_and_its_figures(tmp_path):
     assert report["auto_runtime"] in figures and report["auto_images_per_s"] > 0
     assert any(line.startswith(f"    auto chose {report['auto_runtime']}: ") for line in lines)
     assert "measured every runtime on one batch of 2" in report["auto_reason"]
+
+
+def test_run_busy_bench_reports_default_against_best(tmp_path):
+    """Check that bench --busy measures each thread setting beside a neighbour and reports best over default."""
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    report = run_busy_bench(folder, model="featx_tiny_cnn", batch_size=2, device="cpu", n=4, settings=("auto", 1, None),
+                            settle_s=0.5, out=lambda line: None)
+    assert [row["threads"] for row in report["results"]] == ["auto", 1, None]
+    assert report["default_threads"] == "auto" and report["n_images"] == 4
+    best = max(row["images_per_s"] for row in report["results"])
+    assert report["best_images_per_s"] == best
+    assert report["best_over_default"] == best / report["default_images_per_s"] >= 1.0
+
+
+def test_cli_bench_busy_prints_each_setting(tmp_path, capsys, monkeypatch):
+    """Check that 'featx bench --busy' prints one line per thread setting and the best / default ratio."""
+    import featx.bench
+
+    monkeypatch.setattr(featx.bench, "available_cores", lambda: 1)
+    folder = make_jpegs(tmp_path / "imgs", 2)
+    assert main(["bench", str(folder), "--busy", "--model", "featx_tiny_cnn", "--batch-size", "2", "--device", "cpu",
+                 "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "threads=auto" in out and "threads=None" in out and "best / default (threads=auto)" in out

@@ -538,18 +538,23 @@ def test_cli_compare_writes_table_csv_json_png(tmp_path, capsys, monkeypatch):
     assert len(json.loads((out / "compare.json").read_text())) == 6
 
 
-def test_cli_cv_and_fit_with_layers_auto(tmp_path, capsys, monkeypatch):
-    """Check that --layers auto chooses a layer by inner CV in cv (nested) and in fit."""
+def test_cli_cv_and_fit_choose_the_layer_by_default(tmp_path, capsys, monkeypatch):
+    """Check that cv and fit without --layers choose the feature set by the one-standard-error rule and show its table."""
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
     train, _ = _split_folders(tmp_path)
-    assert main(["cv", str(train), *TINY_OPTS, "--layers", "auto", "--cv", "3", "--json"]) == 0
+    assert main(["cv", str(train), *TINY_OPTS, "--cv", "3", "--json"]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["layer"] == "auto" and len(row["chosen_per_fold"]) == 3
     assert row["chosen_layer"] in {"stem", "stage1", "stage2", "stage3", "pre_logits"}
+    selection = row["selection"]
+    assert f"{row['chosen_layer']}/{row['pooling']}" == selection["chosen"]
+    assert [r["chosen"] for r in selection["table"]].count(True) == 1 and selection["bias"] >= 0
+    assert "one standard error" in selection["rule"]
     model = tmp_path / "auto.joblib"
-    assert main(["fit", str(train), *TINY_OPTS, "--layers", "auto", "--cv", "3", "-o", str(model)]) == 0
+    assert main(["fit", str(train), *TINY_OPTS, "--cv", "3", "-o", str(model)]) == 0
     out = capsys.readouterr().out
-    assert "--layers auto: chose" in out and model.is_file()
+    assert "--layers auto: 5 feature sets scored" in out and "within 1 se" in out and model.is_file()
+    assert re.search(r"chose \S+/avg: the (best by mean|simplest candidate within one standard error)", out)
 
 
 def test_cli_advise_json_keys(tmp_path, capsys, monkeypatch):
@@ -761,3 +766,95 @@ def test_cli_cv_class_smaller_than_folds_refused_before_extracting(tmp_path, cap
         f"featx: error: {data}: 1 class has fewer images than the 3 cross-validation folds need (--cv 3): "
         "'class0' (2); add images, lower --cv to 2, or drop that class.\n")
     assert not cache.exists()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _model_and_mislabelled_val(tmp_path) -> tuple[Path, Path]:
+    """A tiny model file, and its validation folder with one image moved into a wrong class folder."""
+    train, val = _split_folders(tmp_path)
+    model = tmp_path / "m.joblib"
+    assert main(["fit", str(train), *TINY_OPTS, "--layers", "stage2", "-o", str(model)]) == 0
+    moved = sorted((val / "class0").glob("*.png"))[0]
+    moved.rename(val / "class1" / moved.name)
+    return model, val
+
+
+def test_cli_report_writes_the_page_and_prints_the_confusions(tmp_path, capsys, monkeypatch):
+    """Check that 'featx report MODEL DATA -o' writes one page with the mistake's thumbnail and prints
+    the scores, the confusion and what it wrote."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    model, val = _model_and_mislabelled_val(tmp_path)
+    capsys.readouterr()
+    page = tmp_path / "out" / "report.html"
+    page.parent.mkdir()
+    assert main(["report", str(model), str(val), "-o", str(page), "--thumbnail-size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and re.search(r"^class1\s+class0\s+1\s+0\.3333$", out, re.MULTILINE)
+    assert re.search(rf"^wrote {re.escape(str(page))} \(1 misclassified images in 1 confusions; \d+ KiB\)$", out,
+                     re.MULTILINE)
+    text = page.read_text(encoding="utf-8")
+    assert text.count("data:image/jpeg;base64,") == 1 and "class1 → class0: 1 image" in text
+    assert 'width="48" height="48"' in text and list(page.parent.iterdir()) == [page]
+
+
+def test_cli_report_outputs_are_checked_before_any_work(tmp_path, capsys):
+    """Check that report -o, evaluate --report and compare --report in a missing folder, or naming a folder,
+    fail in one line before the model or the data are read."""
+    missing = tmp_path / "nowhere" / "r.html"
+    for argv in (["report", "no-model.joblib", "no-data", "-o", str(missing)],
+                 ["evaluate", "no-model.joblib", "no-data", "--report", str(missing)],
+                 ["compare", "no-data", "--report", str(missing)]):
+        assert main(argv) == 1
+        assert f"the folder '{missing.parent}' does not exist" in capsys.readouterr().err
+    assert main(["report", "no-model.joblib", "no-data", "-o", str(tmp_path)]) == 1
+    assert "is a folder: give a file name in it" in capsys.readouterr().err
+
+
+def test_cli_report_refuses_a_bad_thumbnail_size(tmp_path, capsys):
+    """Check that --thumbnail-size 0 is refused by the parser with the expected value."""
+    with pytest.raises(SystemExit):
+        main(["report", "m.joblib", str(tmp_path), "--thumbnail-size", "0"])
+    assert "expected a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_cli_evaluate_report_writes_the_page_and_keeps_its_json(tmp_path, capsys, monkeypatch):
+    """Check that 'featx evaluate --report' writes the report page and prints the same JSON as without it."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    model, val = _model_and_mislabelled_val(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", str(model), str(val), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    page = tmp_path / "evaluate.html"
+    assert main(["evaluate", str(model), str(val), "--json", "--report", str(page)]) == 0
+    assert json.loads(capsys.readouterr().out) == plain
+    assert "Misclassified images" in page.read_text(encoding="utf-8")
+
+
+def test_cli_compare_report_writes_plot_and_table(tmp_path, capsys, monkeypatch):
+    """Check that 'featx compare --report' writes a page with the comparison's plot and one row per result."""
+    monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "c"))
+    train, _ = _split_folders(tmp_path)
+    page = tmp_path / "compare.html"
+    assert main(["compare", str(train), "--models", "featx_tiny_cnn", "--device", "cpu", "--workers", "0",
+                 "--layers", "stage1,stage2", "--pool", "avg", "--cv", "3", "--out", str(tmp_path / "results"),
+                 "--report", str(page)]) == 0
+    assert f"wrote {page}" in capsys.readouterr().out
+    text = page.read_text(encoding="utf-8")
+    assert text.count("data:image/png;base64,") == 1 and f"<h2>Layer comparison: {train}</h2>" in text
+    assert len(re.findall(r"<tr><td>featx_tiny_cnn</td>", text)) == 2
+def test_cli_threads_option_builds_the_plan_and_refuses_a_bad_value(tmp_path, capsys):
+    """Check that --threads none/N/auto reach ExtractOptions.threads and a bad value is one line, exit 1."""
+    import argparse
+
+    from featx.cli.arguments import add_extraction_options, extract_options
+
+    parser = argparse.ArgumentParser()
+    add_extraction_options(parser, ("threads",))
+    assert [extract_options(parser.parse_args(argv)).threads
+            for argv in ([], ["--threads", "none"], ["--threads", "3"])] == ["auto", None, 3]
+    data = _large_images(tmp_path / "data", 1)
+    assert main(["extract", str(data), *EXTRACT, "--threads", "lots"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--threads must be auto, none or a whole number" in err

@@ -94,14 +94,15 @@ def test_write_comparison_files_and_plot(tmp_path):
 
 def test_select_layer_and_evaluate_auto_choose_informative_features():
     """Check that the informative feature set is chosen, inside every outer fold."""
-    from featx.compare import evaluate_auto, select_layer
+    from featx.selection import evaluate_auto, select_layer
 
     rng = np.random.default_rng(0)
     y = np.repeat(["a", "b", "c"], 12)
     informative = rng.normal(size=(36, 5)) + 3 * (y[:, None] == np.array(["a", "b", "c", "a", "b"]))
     candidates = {"stem/avg": rng.normal(size=(36, 5)), "stage2/avg": informative}
-    chosen, scores = select_layer(candidates, y, cv=3)
-    assert chosen == "stage2/avg" and scores["stage2/avg"] > scores["stem/avg"]
+    choice = select_layer(candidates, y, cv=3)
+    means = {row["name"]: row["mean"] for row in choice.table}
+    assert choice.chosen == "stage2/avg" and means["stage2/avg"] > means["stem/avg"]
     report = evaluate_auto(candidates, y, cv=3)
     assert report["chosen_per_fold"] == ["stage2/avg"] * 3 and report["accuracy_mean"] > 0.9
 

@@ -504,3 +504,22 @@ def test_extract_max_pixels_is_not_part_of_the_store(tmp_path):
                        max_pixels=100_000)
     assert len(refused.skipped) == 1 and "--max-pixels 90000" in refused.skipped[0][1]
     assert not accepted.skipped and accepted.n_computed == 1 and accepted.store.path == refused.store.path
+
+
+def test_extract_to_store_timings_sum_within_the_run_and_decoding_changes_no_feature(tmp_path, image_folder):
+    """Check that a store run reports where its time went, and that threads or worker processes store the same rows."""
+    from featx.images import open_source
+
+    source = open_source(str(image_folder))
+    runs = {}
+    for workers in ("auto", 1):
+        runs[workers] = extract(source, backbone=TINY, layers=["stage2", "pre_logits"], batch_size=5,
+                                store=tmp_path / f"cache-{workers}", device="cpu", num_workers=workers)
+    threaded, processes = runs["auto"], runs[1]
+    assert set(threaded.timings) == {"hash", "decode", "handover", "network", "write"}
+    assert all(seconds > 0 for seconds in threaded.timings.values())
+    assert sum(threaded.timings.values()) <= threaded.seconds
+    assert processes.timings["decode_workers"] > 0 and processes.timings["decode"] == 0
+    for name in threaded:
+        np.testing.assert_array_equal(threaded[name], processes[name])
+    assert threaded.kept_keys == processes.kept_keys

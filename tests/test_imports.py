@@ -25,6 +25,7 @@ LAYERS = {
     "featx.exceptions": 0,
     "featx.options": 0,
     "featx.paths": 0,
+    "featx.threads": 0,
     # building blocks: what an image is, what a backbone is, where features are kept
     "featx.preprocess": 1,
     "featx.pooling": 1,
@@ -34,6 +35,7 @@ LAYERS = {
     "featx.store": 1,
     "featx.shards": 1,
     "featx.backbones": 1,
+    "featx.html": 1,
     # the loop and the runtimes it runs the network with
     "featx.runners": 2,
     "featx.runtimes": 2,
@@ -45,12 +47,15 @@ LAYERS = {
     "featx.extraction": 4,
     "featx.transformers": 5,
     "featx.heads": 5,
+    "featx.selection": 5,
     "featx.compare": 5,
     "featx.models": 5,
     "featx.finetuning": 5,
     "featx.auto": 5,
     "featx.advise": 5,
     "featx.bench": 5,
+    "featx.report": 5,
+    "featx.audit": 5,
     # the command line
     "featx.cli": 6,
     "featx.__main__": 6,

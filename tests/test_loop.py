@@ -36,3 +36,25 @@ def test_iter_batches_needs_resolved_options_and_keeps_order(images):
     assert [len(b.indices) for b in batches] == [5, 2]
     assert np.concatenate([b.indices for b in batches]).tolist() == [3, 1, 2, 0, 4, 5, 6]
     assert batches[0].features[requests[0]].shape == (5, 32)
+
+
+def test_iter_batches_says_where_each_batch_time_went(image_folder):
+    """Check that every batch reports decode, hand-over and network seconds, and that threads change no feature."""
+    from featx.images import open_source
+
+    source = open_source(str(image_folder))
+    backbone = load_backbone(TINY)
+    requests = make_requests(TINY, "stage2,pre_logits", "avg")
+    features = {}
+    for workers in ("auto", 0):
+        options = resolve(ExtractOptions(device="cpu", precision="fp32", batch_size=5, num_workers=workers,
+                                         progress=False))
+        prepare(backbone, options.device)
+        batches = list(iter_batches(backbone, source, requests, options))
+        for batch in batches:
+            assert set(batch.seconds) == {"decode", "handover", "network"}
+            assert all(seconds >= 0 for seconds in batch.seconds.values()) and batch.seconds["network"] > 0
+            assert batch.seconds["decode"] > 0
+        features[workers] = {r: np.concatenate([b.features[r] for b in batches]) for r in requests}
+    for request in requests:
+        np.testing.assert_array_equal(features["auto"][request], features[0][request])

@@ -116,6 +116,24 @@ def test_load_model_checks_the_weights_still_resolve(folders, tmp_path):
         load_model(tmp_path / "m.joblib")
 
 
+def test_fit_model_layers_auto_chooses_from_one_extraction(folders, tmp_path):
+    """Check that layers='auto' extracts every layer once, keeps the table it chose from, and predicts."""
+    train, val = str(folders["train"]), str(folders["val"])
+    model, result = fit_model(train, backbone=TINY, layers="auto", pooling="avg,spp", device="cpu", store=tmp_path / "c")
+    selection = model.info["selection"]
+    names = [row["name"] for row in selection["table"]]
+    assert names[0] == "pre_logits/avg" and len(names) == len(set(names)) > 4 and "stage1/spp" in names
+    assert selection["chosen"] in names and [row["chosen"] for row in selection["table"]].count(True) == 1
+    assert f"{model.features.layer}/{model.features.pooling}" == selection["chosen"]
+    assert result.n_computed == len(result.keys) and "stage1/spp" in {r.key for r in result.requests}  # one pass
+    again, second = fit_model(train, backbone=TINY, layers="auto", pooling="avg,spp", device="cpu",
+                              store=tmp_path / "c")
+    assert second.n_computed == 0 and again.info["selection"] == selection
+    assert all(row["label"] in model.classes for row in predict(model, val))
+    with pytest.raises(FeatxError, match="layers='auto' chooses a layer of one backbone"):
+        fit_model(train, backbone=f"{TINY}+{TINY}", layers="auto", device="cpu", store=tmp_path / "c")
+
+
 def test_fit_model_concatenated_backbones_and_hflip_round_trip(folders, tmp_path):
     """Check that a model over two backbones' concatenated, flip-averaged features saves, loads and predicts as fitted."""
     train, test = str(folders["train"]), str(folders["val"])
@@ -130,3 +148,19 @@ def test_fit_model_concatenated_backbones_and_hflip_round_trip(folders, tmp_path
     in_memory = model.pipeline.predict(open_source(test))
     assert [r["label"] for r in rows] == list(in_memory)
     assert "hflip" in loaded.describe() and evaluate_model(loaded, test)["n_images"] == len(rows)
+
+
+def test_evaluate_model_predictions_are_those_of_predict(folders):
+    """Check that predictions=True lists every scored image with predict's label and probabilities, and that
+    the scores stay those without it."""
+    model, _ = fit_model(str(folders["train"]), backbone=TINY, layer="stage1", device="cpu")
+    val = open_source(str(folders["val"]))
+    plain = evaluate_model(model, val)
+    report = evaluate_model(model, val, predictions=True)
+    assert "predictions" not in plain and {k: v for k, v in report.items() if k != "predictions"} == plain
+    rows = predict(model, val)
+    assert [p["position"] for p in report["predictions"]] == list(range(len(val)))
+    for p, row in zip(report["predictions"], rows):
+        assert p["image"] == row["image"] and p["predicted"] == row["label"]
+        assert p["label"] == val.labels[p["position"]]
+        assert p["proba"] == pytest.approx([row[f"p_{c}"] for c in model.classes])

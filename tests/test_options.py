@@ -25,6 +25,8 @@ def test_extract_options_defaults_and_normalised_fields():
     ("batch_size", 0, "batch_size must be a positive integer, got 0"),
     ("batch_size", True, "batch_size must be a positive integer"),
     ("num_workers", -1, "num_workers must be 'auto' or a whole number"),
+    ("threads", 0, "threads must be 'auto', None"),
+    ("threads", "many", "threads must be 'auto', None"),
 ])
 def test_extract_options_refuse_bad_values_when_made(field, value, match):
     """Check that every setting is checked once, when the object is made (or replaced)."""

@@ -113,3 +113,18 @@ def test_ray_scaling_rates_hash_decode_merge(tmp_path):
     rates = script.per_core_rates(make_jpegs(tmp_path / "jpegs", 4), model=TINY, merge_rows=100, dim=8)
     assert rates["files"] == 4 and rates["merge_rows"] == 100
     assert min(rates["hash_files_per_s"], rates["decode_images_per_s"], rates["merge_rows_per_s"]) > 0
+
+
+def test_grid_search_ratio_prints_each_figure_and_ratio(capsys):
+    """Check that the acceptance script times extraction and grid alone and beside a neighbour, one line each."""
+    spec = importlib.util.spec_from_file_location("grid_search_ratio", GRID_SEARCH.with_name("grid_search_ratio.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--n", "30", "--model", TINY, "--layers", "stage1,stage2,pre_logits", "--busy-images", "4",
+                        "--json"]) == 0
+    out = capsys.readouterr().out
+    for condition in ("alone", "busy"):
+        assert f"[{condition}] GridSearchCV" in out and f"[{condition}] ratio grid / extraction:" in out
+    report = json.loads(out[out.index("{"):])
+    assert report["alone"]["ratio"] == report["alone"]["grid_s"] / report["alone"]["extract_s"] > 0
+    assert report["busy"]["best_params"]["cnnfeatures__layer"] in ("stage1", "stage2", "pre_logits")

@@ -64,3 +64,20 @@ def test_pool_map_flattens_in_chw_order_whatever_the_memory_format():
     assert torch.equal(pool(x, "map"), expected)
     assert torch.equal(pool(x.contiguous(memory_format=torch.channels_last), "map"), expected)
     assert pooled_dim((3, 4, 5), "map") == 60 and pooled_dim((7,), "map") == 7
+
+
+def test_pool_each_equals_pool_of_the_float_output():
+    """Check that pooling several ways at once gives exactly pool(output.float(), p) for each pooling."""
+    import torch
+
+    from featx.pooling import pool_each
+
+    maps = torch.randn(3, 5, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    vectors = torch.randn(3, 7).bfloat16()
+    for output in (maps, vectors):
+        pooled = pool_each(output, ["avg", "max", "avgmax", "spp", "map"])
+        for name, value in pooled.items():
+            assert value.dtype == torch.float32
+            assert torch.equal(value, pool(output.float(), name)), name
+    with pytest.raises(FeatxError, match="Unknown pooling"):
+        pool_each(maps, ["mean_of_it"])

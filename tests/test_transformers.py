@@ -81,6 +81,12 @@ def test_cnnfeatures_unknown_layer_at_fit():
         CNNFeatures(TINY, layer="stage33", device="cpu").fit()
 
 
+def test_cnnfeatures_layer_auto_says_where_the_choice_is_made():
+    """Check that layer='auto' fails at fit naming GridSearchCV and fit_model, not as an unknown layer."""
+    with pytest.raises(FeatxError, match=r"cannot choose its layer without labels.*fit_model\(data, layers='auto'\)"):
+        CNNFeatures(TINY, layer="auto", device="cpu").fit()
+
+
 def test_cnnfeatures_grid_search_runs_network_once_per_image(tmp_path, count_images):
     """Check that 6 layers x 3 C x 5 folds through the store run the network once per image."""
     arrays, labels = make_images(n_per_class=10, n_classes=3)

@@ -24,7 +24,8 @@ import warnings
 from collections.abc import Sequence
 
 from featx import __version__
-from featx.cli import evaluation_commands, extraction_commands, finetune_command, info_commands, model_commands
+from featx.cli import (audit_command, evaluation_commands, extraction_commands, finetune_command, info_commands,
+                       model_commands)
 from featx.cli.info_commands import demo, layer_rows
 from featx.cli.output import format_table
 from featx.exceptions import FeatxError, FeatxWarning
@@ -33,7 +34,7 @@ __all__ = ["build_parser", "demo", "format_table", "layer_rows", "main"]
 
 #: The commands in the order ``featx --help`` lists them.
 ORDER = ("demo", "models", "layers", "extract", "cv", "compare", "advise", "fit", "finetune", "predict", "evaluate",
-         "bench", "cache")
+         "report", "audit", "bench", "cache")
 
 _COMMANDS = {
     **info_commands.COMMANDS,
@@ -41,6 +42,7 @@ _COMMANDS = {
     **evaluation_commands.COMMANDS,
     **model_commands.COMMANDS,
     **finetune_command.COMMANDS,
+    **audit_command.COMMANDS,
 }
 
 

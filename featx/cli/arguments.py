@@ -13,6 +13,7 @@ This module imports neither torch nor scikit-learn.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Mapping, Sequence
 
 from featx.cli.output import warn_problems
@@ -33,6 +34,7 @@ __all__ = [
     "add_json",
     "add_model_output",
     "add_per_class",
+    "check_output_file",
     "engine",
     "extract_options",
     "open_data",
@@ -63,7 +65,8 @@ OPTIONS: dict[str, tuple[str, dict]] = {
                                   "help": "auto, fp32, bf16 or fp16 (default: %(default)s)"}),
     "num_workers": ("--workers", {
         "type": int, "default": None,
-        "help": "decoding processes (default: one per core); with --engine ray: Ray actors",
+        "help": "decoding processes (default: on a CPU, threads of the main process taking turns with the "
+                "network; on a GPU, one process per core); with --engine ray: Ray actors",
     }),
     "on_error": ("--on-error", {"choices": ("skip", "raise"), "default": CACHED.on_error,
                                 "help": "bad images: skip and report, or stop"}),
@@ -98,17 +101,36 @@ OPTIONS: dict[str, tuple[str, dict]] = {
         "help": "largest width x height of an image file that is decoded; a larger one is a bad image "
         "(decompression-bomb guard). Raise it for files you trust (default: %(default)s)",
     }),
+    "threads": ("--threads", {
+        "default": "auto", "metavar": "auto|none|N",
+        "help": "the thread plan: auto (torch threads capped by the cores, OpenMP threads that sleep when they wait, "
+        "BLAS on one thread in featx's heads), N torch threads for the forward pass, or none (featx changes no thread "
+        "setting) (default: %(default)s)",
+    }),
 }
 
 #: The group of options 'featx extract', 'cv', 'compare' and 'fit' have.
 EXTRACTION = ("backbone", "weights", "layers", "pooling", "batch_size", "device", "precision", "num_workers",
-              "on_error", "store", "dtype", "tta", "max_pixels")
+              "on_error", "store", "dtype", "tta", "max_pixels", "threads")
+
+
+def _threads(value):
+    """``--threads``: "auto", "none" (None) or a whole number, checked by ExtractOptions."""
+    if value.lower() == "none":
+        return None
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise FeatxError(f"--threads must be auto, none or a whole number >= 1, got {value!r}.") from None
 
 # How a parsed value becomes its field's: what the CLI writes for "no value" differs from the field's own.
 _VALUES = {
     "weights": lambda value: None if value.lower() == "none" else value,
     "num_workers": lambda value: "auto" if value is None else value,
     "store": lambda folder: folder or True,
+    "threads": _threads,
 }
 
 _DECLARED = "extraction_options"  # the args attribute that maps each declared field to its args attribute
@@ -287,3 +309,21 @@ def add_json(parser, help: str) -> None:
 
 def add_model_output(parser) -> None:
     parser.add_argument("-o", "--output", required=True, help="model file to write")
+
+
+def check_output_file(path: str, option: str) -> None:
+    """Refuse an output file that cannot be written, before any work: a folder, or in a missing folder.
+
+    Examples
+    --------
+    >>> check_output_file(".", "-o")
+    Traceback (most recent call last):
+    ...
+    featx.exceptions.FeatxError: -o '.' is a folder: give a file name in it, e.g. 'report.html'
+    """
+    if os.path.isdir(path):
+        raise FeatxError(f"{option} {path!r} is a folder: give a file name in it, e.g. "
+                         f"{os.path.join(path, 'report.html') if path != '.' else 'report.html'!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FeatxError(f"{option} {path!r}: the folder {folder!r} does not exist; create it or write elsewhere")

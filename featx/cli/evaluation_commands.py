@@ -14,11 +14,13 @@ from featx.cli.arguments import (
     add_extraction_options,
     add_head_options,
     add_json,
+    check_output_file,
     extract_options,
     open_data,
 )
-from featx.cli.output import format_table, print_json, report_skipped
-from featx.compare import best_row, compare_layers, evaluate_auto, write_comparison
+from featx.cli.output import format_selection, format_table, print_json, report_skipped
+from featx.compare import best_row, compare_layers, write_comparison
+from featx.selection import evaluate_auto, select_layer
 from featx.distributed import joblib_on_ray
 from featx.extraction import extract, kept_labels
 from featx.options import ExtractOptions, FinetuneOptions
@@ -46,21 +48,31 @@ def compare_rows(args, source, options: ExtractOptions, backbones, **finetune) -
 
 def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
     candidates, y, result = auto_candidates(source, options, args.data)
-    rows = []
+    rows, selections = [], []
     for head in split_names(args.head):
+        selection = select_layer(candidates, y, head=head, cv=args.cv, random_state=args.seed)
         report = evaluate_auto(candidates, y, head=head, cv=args.cv, random_state=args.seed)
-        layer, pooling = report["chosen"].split("/")
+        layer, pooling = selection.chosen.split("/")
+        selections.append(selection)
         rows.append({"model": args.model, "layer": "auto", "chosen_layer": layer, "pooling": pooling, "head": head,
                      "accuracy_mean": report["accuracy_mean"], "accuracy_std": report["accuracy_std"],
                      "balanced_accuracy": report["balanced_accuracy"], "chosen_per_fold": report["chosen_per_fold"],
-                     "n_images": report["n_samples"], "cv": report["cv"], "fit_time": report["fit_time"]})
+                     "n_images": report["n_samples"], "cv": report["cv"], "fit_time": report["fit_time"],
+                     "selection": {"rule": selection.rule, "chosen": selection.chosen, "best": selection.best,
+                                   "estimate": selection.estimate, "bias": selection.bias, "table": selection.table}})
     if args.json:
         print_json(rows)
         return 0
+    for row, selection in zip(rows, selections):
+        print(f"{row['head']}: {len(candidates)} feature sets scored with default parameters on "
+              f"{selection.table[0]['n_folds']} stratified folds of all {row['n_images']} images:")
+        print(format_selection(selection))
+        print()
     print(format_table(rows, ["model", "layer", "chosen_layer", "pooling", "head", "accuracy_mean", "accuracy_std"]))
     for row in rows:
-        print(f"{row['head']}: layer chosen by inner cross-validation in each outer fold: "
-              f"{', '.join(row['chosen_per_fold'])} (accuracy includes that choice)")
+        print(f"{row['head']}: accuracy_mean is the nested {row['cv']}-fold estimate of the whole procedure (choose "
+              f"the feature set by the same rule on each training part, tune and fit the head, score the held-out "
+              f"part); chosen per fold: {', '.join(row['chosen_per_fold'])}. --layers all shows every layer's own row.")
     return 0
 
 
@@ -98,7 +110,7 @@ def cmd_cv(args) -> int:
 
 def cv_arguments(p: argparse.ArgumentParser) -> None:
     add_data_options(p)
-    add_extraction_options(p, layers="all")
+    add_extraction_options(p, layers="auto")
     add_engine_options(p)
     add_head_options(p, several=True)
     add_json(p, "print a JSON list of rows")
@@ -114,6 +126,8 @@ def cmd_compare(args) -> int:
     Example: featx compare fashion-mnist --per-class 100 --models
     efficientnet_lite0,efficientnet_lite2 --layers all --pool avg,spp --out results
     """
+    if args.report:
+        check_output_file(args.report, "--report")
     source = open_data(args, cv=args.cv)
     training = FinetuneOptions(epochs=args.finetune_epochs) if args.finetune_from else None
     rows = compare_rows(args, source, extract_options(args), args.models, finetune_from=args.finetune_from,
@@ -128,6 +142,13 @@ def cmd_compare(args) -> int:
         print(f"\nbest: {best['model']} {best['layer']} / {best['pooling']} / {best['head']}: "
               f"accuracy {best['accuracy_mean']:.3f} ± {best['accuracy_std']:.3f}")
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.report:
+        from featx.html import Page
+        from featx.report import comparison_section  # scikit-learn: imported by the comparison already
+
+        comparison_section(Page(f"featx compare: {source.name}"), rows, title=source.name).write(args.report)
+        if not args.json:
+            print(f"wrote {args.report}")
     return 0
 
 
@@ -148,6 +169,8 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-epochs", type=int, default=FinetuneOptions.epochs,
                    help="at most this many epochs per fold (default: %(default)s)")
     p.add_argument("--out", default="compare", metavar="DIR", help="folder for the CSV, JSON and PNG (default: %(default)s)")
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write the plot and the table as one self-contained HTML page")
     add_json(p, "print the rows as JSON")
 
 

@@ -32,7 +32,7 @@ TRAINING = FinetuneOptions()
 FROZEN_PART = {
     "batch_size": {"flag": "--extract-batch-size", "help": "images per frozen forward pass (default: %(default)s)"},
     "precision": {"help": "of the frozen part: auto, fp32, bf16 or fp16 (default: %(default)s)"},
-    "num_workers": {"help": "decoding processes (default: one per core)"},
+    "num_workers": {"help": "decoding processes (default: on a CPU, threads of the main process; on a GPU, one per core)"},
 }
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from featx.backbones import list_backbones, list_layers
-from featx.bench import run_bench
+from featx.bench import run_bench, run_busy_bench
 from featx.cli.arguments import (
     add_data_options,
     add_extraction_options,
@@ -170,11 +170,17 @@ def cmd_bench(args) -> int:
     """benchmark extraction against the naive loop and the model-only limit
 
     On the same images (DIR, or N generated 500x375 JPEGs), measure in one run the naive tutorial
-    loop, featx's extraction into a fresh store, and the model's forward pass alone; print
-    images/s, the ratios and peak memory.
+    loop, featx's extraction into a fresh store, the model's forward pass alone and featx's
+    decoding alone; print images/s, the ratios, the loop's own limit (network and decoding
+    sharing the cores), where an image's time goes, and peak memory.
+
+    With --busy: featx's extraction at each thread setting while a second 'featx extract' of
+    other images shares the cores; featx's default against its best setting.
 
     Example: featx bench --n 512 --json
     """
+    if args.busy:
+        return _bench_busy(args)
     report = run_bench(args.folder, extract_options(args), n=args.n,
                        out=(lambda line: print(line, file=sys.stderr)) if args.json else print)
     if args.json:
@@ -186,6 +192,10 @@ def cmd_bench(args) -> int:
         f"  naive loop   {report['naive_images_per_s']:8.1f} images/s  (peak RSS {report['naive_peak_rss_mb']:.0f} MB)\n"
         f"  featx        {report['featx_images_per_s']:8.1f} images/s  (peak RSS {report['peak_rss_mb']:.0f} MB)\n"
         f"  model only   {report['model_only_images_per_s']:8.1f} images/s\n"
+        f"  decode only  {report['decode_only_images_per_s']:8.1f} images/s\n"
+        f"  loop limit   {report['loop_limit_images_per_s']:8.1f} images/s  (1 / (1/model only + 1/decode only))\n"
+        f"  per image    " + ", ".join(f"{stage} {ms:.1f}" for stage, ms in report["breakdown_ms_per_image"].items())
+        + " ms\n"
         + (
             f"  compiled     {report['model_only_compiled_images_per_s']:8.1f} images/s model only "
             f"(torch.compile took {report['compile_seconds']:.0f} s)\n"
@@ -210,7 +220,8 @@ def cmd_bench(args) -> int:
         )
         + f"  decoder {report['decoder']}; "
         f"speedup vs naive {report['speedup_vs_naive']:.2f}x, "
-        f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit"
+        f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit, "
+        f"{100 * report['fraction_of_loop_limit']:.0f}% of the loop's own limit"
         + (
             f"; compiled: {report['compiled_speedup_vs_naive']:.2f}x, "
             f"{100 * report['compiled_fraction_of_compiled_limit']:.0f}% of the compiled limit"
@@ -227,11 +238,29 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_busy(args) -> int:
+    """``featx bench --busy``: the thread settings side by side, under a neighbouring extraction."""
+    report = run_busy_bench(args.folder, extract_options(args), n=args.n, repeat=args.repeat,
+                            out=lambda line: print(line, file=sys.stderr if args.json else sys.stdout))
+    if args.json:
+        print_json(report)
+        return 0
+    print(f"\n{report['n_images']} images, {report['model']}, {report['cpu_count']} cores, beside a second "
+          f"'featx extract' (load average {report['load_before']:.1f} before, {report['load_after']:.1f} after):")
+    for row in report["results"]:
+        print(f"  threads={str(row['threads']):5} {row['images_per_s']:8.1f} images/s")
+    print(f"  best: threads={report['best_threads']}; best / default (threads={report['default_threads']}): "
+          f"{report['best_over_default']:.2f}x")
+    return 0
+
+
 def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", nargs="?", default=None, metavar="DIR", help="a folder of class sub-folders of images")
     add_extraction_options(p, ("backbone",), title=None)
     p.add_argument("--n", type=int, default=256, help="images to generate without DIR (default: %(default)s)")
-    add_extraction_options(p, ("batch_size", "device", "compile", "runtime"), title=None, changes={
+    add_extraction_options(p, ("batch_size", "device", "num_workers", "compile", "runtime"), title=None, changes={
+        "num_workers": {"help": "decoding processes for featx and its decode-only run (default: on a CPU, threads of "
+                                "the main process; on a GPU, one per core)"},
         "compile": {"help": "also measure featx and the model-only limit under torch.compile (compile time reported "
                             "apart)"},
         "runtime": {"help": "auto: also measure what runtime='auto' chooses by (every installed runtime on one "
@@ -239,6 +268,10 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                             "onnxruntime: also measure featx and the model-only limit with ONNX Runtime (default: "
                             "%(default)s)"},
     })
+    p.add_argument("--busy", action="store_true",
+                   help="instead: featx's extraction at each thread setting (auto, 1 … the cores, none) while a second "
+                        "'featx extract' of other images shares the cores; default against best")
+    p.add_argument("--repeat", type=int, default=1, help="with --busy: rounds over the settings (default: %(default)s)")
     add_json(p, "print JSON")
 
 

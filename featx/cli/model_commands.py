@@ -1,4 +1,4 @@
-"""``featx fit``, ``featx predict`` and ``featx evaluate``: a model file, written, used and scored.
+"""``featx fit``, ``featx predict``, ``featx evaluate`` and ``featx report``: a model file, written, used and scored.
 
 A command's docstring is its ``--help``: the one-line summary, the description, the example.
 featx.models imports scikit-learn: it is imported only when one of these commands runs.
@@ -19,19 +19,19 @@ from featx.cli.arguments import (
     add_head_options,
     add_json,
     add_model_output,
+    check_output_file,
     extract_options,
     open_data,
 )
-from featx.cli.evaluation_commands import auto_candidates
-from featx.cli.output import format_table, print_json, report_skipped, warn_problems
-from featx.compare import select_layer
+from featx.cli.output import format_selection, format_table, print_json, report_skipped, warn_problems
+from featx.selection import Selection
 from featx.exceptions import FeatxError, ModelFileError
 from featx.images import IMAGE_EXTENSIONS, open_source
 
 __all__ = ["AUTO_COLUMNS", "COMMANDS"]
 
-AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "seconds", "extraction_seconds",
-                "status"]
+AUTO_COLUMNS = ["rank", "configuration", "dim", "accuracy_mean", "accuracy_std", "within_1se", "seconds",
+                "extraction_seconds", "status"]
 
 #: What the --auto search chooses itself: the options of these fields are ignored with --auto.
 AUTO_CHOOSES = ("backbone", "layers", "pooling", "tta")
@@ -59,6 +59,8 @@ def cmd_fit_auto(args, source) -> int:
 
     rows = [{**row, "rank": shown(row["rank"], "d"), "dim": shown(row["dim"], "d"),
              "accuracy_mean": shown(row["accuracy_mean"], ".4f"), "accuracy_std": shown(row["accuracy_std"], ".4f"),
+             "within_1se": ("yes, chosen" if row.get("chosen") else "yes") if row.get("within_1se") else
+                           ("no" if row["rank"] is not None else "-"),
              "seconds": shown(row["seconds"], ".1f"), "extraction_seconds": shown(row["extraction_seconds"], ".1f")}
             for row in result.leaderboard]
     print(format_table(rows, AUTO_COLUMNS))
@@ -68,9 +70,15 @@ def cmd_fit_auto(args, source) -> int:
               f"{advice['similarity_score']:.2f}): fine-tuning candidates "
               + (f"from {', '.join(advice['finetune_from'])}" if advice["finetune_from"] else
                  "none (small data: heads on frozen features); --auto-finetune stage5 adds one"))
-    best = result.best
-    print(f"\nbest: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
-          f"({best['cv']}-fold CV on {source.name} only)")
+    best, selection = result.best, result.selection
+    top = result.leaderboard[0]
+    why = ("the highest mean" if best is top else
+           f"the cheapest candidate within one standard error of the highest mean ({top['configuration']} "
+           f"{top['accuracy_mean']:.4f}), since a small lead among {len(selection.table)} candidates is mostly luck")
+    print(f"\nchosen: {best['configuration']}: accuracy {best['accuracy_mean']:.4f} ± {best['accuracy_std']:.4f} "
+          f"({best['cv']}-fold CV on {source.name} only): {why}")
+    print(f"estimate of the whole search: {selection.estimate:.4f} (the rule scored by a bootstrap over the folds; "
+          f"the chosen candidate's own score is optimistic by about {selection.bias:+.4f})")
     print("extractions: " + ", ".join(f"{e['backbone']} {'maps' if e['maps'] else 'tta=' + e['tta']} {e['seconds']:.0f} s "
                                       f"({e['n_computed']} computed)" for e in result.extractions))
     print(f"search and refit: {result.seconds:.0f} s of a {result.budget:.0f} s budget")
@@ -97,16 +105,14 @@ def cmd_fit(args) -> int:
         raise FeatxError("--json goes with --auto (the leaderboard); a plain 'featx fit' prints one line.")
     inner_cv = 3 if args.cv is None else args.cv
     options = extract_options(args)
-    if args.layers == "auto":
-        candidates, y, _ = auto_candidates(source, options, args.data)
-        chosen, scores = select_layer(candidates, y, head=args.head, cv=inner_cv, random_state=args.seed)
-        print(f"--layers auto: chose {chosen} by {inner_cv}-fold cross-validation "
-              f"({', '.join(f'{k} {v:.3f}' for k, v in scores.items())})")
-        layer, pooling = chosen.split("/")
-        options = options.replace(layers=layer, pooling=pooling)
     model, result = fit_model(source, options, head=args.head, inner_cv=inner_cv, random_state=args.seed)
-    if args.layers != "auto":  # --layers auto reported them after its extraction
-        report_skipped(result.skipped, len(result.keys), data=args.data)
+    report_skipped(result.skipped, len(result.keys), data=args.data)
+    selection = model.info["selection"]
+    if selection is not None:
+        print(f"--layers auto: {len(selection['table'])} feature sets scored by {args.head} with its default "
+              f"parameters, {selection['table'][0]['n_folds']} stratified folds ({inner_cv}-fold CV, repeated "
+              f"below 500 images):")
+        print(format_selection(Selection(**selection)))
     save_model(model, args.output)
     print(f"{model.describe()}; chosen {model.info['chosen_params']}")
     print(_cv_score_line(model.info))
@@ -123,7 +129,7 @@ def _cv_score_line(info: dict) -> str:
 
 def fit_arguments(p: argparse.ArgumentParser) -> None:
     add_data_options(p)
-    add_extraction_options(p)
+    add_extraction_options(p, layers="auto")
     add_head_options(p, several=False)
     g = p.add_argument_group(
         "auto", "--auto searches backbones, feature sets, flip averaging, heads and (where the advisor says so) "
@@ -240,34 +246,90 @@ def cmd_evaluate(args) -> int:
     Example: featx fit data/train -o m.joblib && featx evaluate m.joblib data/val
     """
     from featx.models import evaluate_model  # scikit-learn: only when the command runs
+    from featx.report import accuracy_line, model_report
 
+    if args.report:
+        check_output_file(args.report, "--report")
     model = _load_model_argument(args.model_file, "evaluate", "DATA", [args.data])
     source = open_data(args, labelled=True)
-    report = evaluate_model(model, source, store=args.cache, max_pixels=args.max_pixels)
+    if args.report:
+        written = model_report(model, source, store=args.cache, max_pixels=args.max_pixels)
+        report = written.evaluation
+        written.write(args.report)
+    else:
+        report = evaluate_model(model, source, store=args.cache, max_pixels=args.max_pixels)
     report_skipped(report["skipped"], report["n_images"] + len(report["skipped"]), data=args.data)
     if args.json:
-        print_json(report)
+        print_json({k: v for k, v in report.items() if k != "predictions"})
         return 0
     print(report["model"])
-    print(_accuracy_line(report))
+    print(accuracy_line(report))
     print(format_table([{"class": c, **v} for c, v in report["per_class"].items()]))
+    if args.report:
+        print(f"wrote {args.report}")
     return 0
 
 
-def _accuracy_line(report: dict) -> str:
-    """The scores of 'featx evaluate', called held-out only when none of the images trained the model."""
-    n, trained = report["n_images"], report["n_training_images"]
-    scores = (f"accuracy {report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
-              f"macro-F1 {report['macro_f1']:.4f} on {n} images")
-    if trained is None:
-        return (f"{scores} (this model file does not record its training images, so whether this is a held-out "
-                "score is unknown)")
-    if trained == 0:
-        return f"held-out {scores}"
-    if trained == n:
-        return f"{scores.replace('accuracy', 'accuracy on the training images', 1)}: all {n} were used to train " \
-               "this model, not a held-out score"
-    return f"{scores}: {trained} of {n} images were used to train this model, not a held-out score"
+def cmd_report(args) -> int:
+    """an HTML report of a saved model on labelled data: scores and the images it gets wrong
+
+    Score a saved model on a labelled folder, CSV or built-in dataset and write one self-contained
+    HTML file (images embedded as thumbnails; no network, no server): accuracy figures, the
+    confusion matrix, precision and recall per class, and for each confusion (true -> predicted)
+    the misclassified images with their true and predicted labels and probabilities.
+
+    Example: featx fit data/train -o m.joblib && featx report m.joblib data/val -o report.html
+    """
+    from featx.report import accuracy_line, model_report  # scikit-learn: only when the command runs
+
+    check_output_file(args.output, "-o")
+    model = _load_model_argument(args.model_file, "report", "DATA", [args.data])
+    source = open_data(args, labelled=True)
+    report = model_report(model, source, store=args.cache, max_pixels=args.max_pixels,
+                          per_confusion=args.per_confusion, max_confusions=args.max_confusions,
+                          thumbnail_size=args.thumbnail_size)
+    evaluation = report.evaluation
+    report_skipped(evaluation["skipped"], evaluation["n_images"] + len(evaluation["skipped"]), data=args.data)
+    report.write(args.output)
+    print(evaluation["model"])
+    print(accuracy_line(evaluation))
+    print(format_table(report.confusions[:10], ["true", "predicted", "count", "share"]) if report.confusions
+          else "no misclassified images")
+    if len(report.confusions) > 10:
+        print(f"... and {len(report.confusions) - 10} more confusions in the report")
+    size = os.path.getsize(args.output)
+    print(f"wrote {args.output} ({len(report.misclassified)} misclassified images in {len(report.confusions)} "
+          f"confusions; {size / 1024:.0f} KiB)")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def report_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_file(p)
+    add_data_options(p)
+    add_extraction_options(p, ("max_pixels",), title=None)
+    _add_cache(p)
+    g = p.add_argument_group("page")
+    g.add_argument("-o", "--output", default="report.html", metavar="HTML",
+                   help="HTML file to write (default: %(default)s)")
+    g.add_argument("--per-confusion", type=_positive_int, default=48, metavar="N",
+                   help="most thumbnails per confusion, the most confident mistakes first (default: %(default)s)")
+    g.add_argument("--max-confusions", type=_positive_int, default=50, metavar="N",
+                   help="most confusions shown with their images, the most frequent first; the table lists all "
+                   "(default: %(default)s)")
+    g.add_argument("--thumbnail-size", type=_positive_int, default=96, metavar="PX",
+                   help="side of a thumbnail in pixels (default: %(default)s)")
+
+
 
 
 def evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -276,6 +338,8 @@ def evaluate_arguments(p: argparse.ArgumentParser) -> None:
     add_extraction_options(p, ("max_pixels",), title=None)
     add_json(p, "print JSON")
     _add_cache(p)
+    p.add_argument("--report", default=None, metavar="HTML",
+                   help="also write the HTML report of 'featx report' (scores and the misclassified images) here")
 
 
 #: Each command: what runs it, and what adds its arguments.
@@ -283,4 +347,5 @@ COMMANDS = {
     "fit": (cmd_fit, fit_arguments),
     "predict": (cmd_predict, predict_arguments),
     "evaluate": (cmd_evaluate, evaluate_arguments),
+    "report": (cmd_report, report_arguments),
 }

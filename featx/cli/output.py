@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from featx.extraction import skipped_lines
 
-__all__ = ["format_size", "format_table", "print_json", "report_skipped", "warn_problems"]
+__all__ = ["format_selection", "format_size", "format_table", "print_json", "report_skipped", "warn_problems"]
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
@@ -98,3 +98,28 @@ def report_skipped(skipped, n_images: int | None = None, *, data: str | None = N
         print(f"featx: warning: {lines[0]}", file=sys.stderr)
         for line in lines[1:]:
             print(line, file=sys.stderr)
+
+
+def format_selection(selection, *, what: str = "feature set") -> str:
+    """The table a choice was made from (:class:`featx.selection.Selection`) and one line on why.
+
+    Examples
+    --------
+    >>> from featx.selection import one_standard_error
+    >>> print(format_selection(one_standard_error({"pre_logits/avg": [0.8, 0.9], "stage4/avg": [0.9, 0.85]})))
+    feature set     accuracy  std     gap     se      within 1 se  chosen
+    --------------  --------  ------  ------  ------  -----------  ------
+    pre_logits/avg  0.8500    0.0500  0.0250  0.0750  yes          *
+    stage4/avg      0.8750    0.0250  0.0000  0.0000  yes
+    chose pre_logits/avg: the simplest candidate within one standard error of the best (stage4/avg 0.875)
+    estimate of choosing by this rule: 0.850 (a bootstrap over the folds; the chosen one's own mean 0.850)
+    """
+    rows = [{what: row["name"], "accuracy": row["mean"], "std": row["std"], "gap": row["gap"], "se": row["se"],
+             "within 1 se": "yes" if row["within"] else "no", "chosen": "*" if row["chosen"] else ""}
+            for row in selection.table]
+    chosen = next(row for row in selection.table if row["chosen"])
+    best = next(row for row in selection.table if row["name"] == selection.best)
+    why = ("the best by mean" if selection.chosen == selection.best else
+           f"the simplest candidate within one standard error of the best ({best['name']} {best['mean']:.3f})")
+    return (format_table(rows) + f"\nchose {selection.chosen}: {why}\nestimate of choosing by this rule: "
+            f"{selection.estimate:.3f} (a bootstrap over the folds; the chosen one's own mean {chosen['mean']:.3f})")
