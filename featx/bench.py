@@ -22,7 +22,11 @@ Three measurements on the same images, each in a fresh process (so that peak mem
     exceeds featx_compile_seconds;
 (f) with ``runtime="onnxruntime"``, featx's extraction with the network exported to ONNX and run
     by ONNX Runtime (export timed apart, on one batch first), and (g) ONNX Runtime's own
-    model-only limit on random tensors.
+    model-only limit on random tensors;
+(h) with ``runtime="auto"`` (the default), what ``auto`` measures (:mod:`featx.runtimes`, measured
+    again and remembered in the cache folder): each runtime's model-only rate on one batch,
+    timed in turn, and its agreement with eager fp32; then (i), when auto chose another runtime
+    than eager torch, featx's extraction with that runtime.
 
 :func:`run_busy_bench` (``featx bench --busy``) measures (b) at each thread setting
 (:mod:`featx.threads`) while a second ``featx extract`` of other images shares the cores, and
@@ -55,6 +59,7 @@ from featx.images import open_source
 from featx.loop import prepare
 from featx.options import ExtractOptions
 from featx.runners import onnx_taps
+from featx.runtimes import choose
 from featx.threads import available_cores
 
 __all__ = ["STAGES", "breakdown", "busy_neighbour", "loop_limit", "make_jpegs", "run_bench", "run_busy_bench"]
@@ -179,9 +184,19 @@ def _model_only(folder: str, options: ExtractOptions, n: int) -> dict:
             "warm_up_s": start - warm_up}
 
 
+def _auto(folder: str, options: ExtractOptions, n: int) -> dict:
+    backbone = load_backbone(options.backbone)
+    run = resolve(options)
+    prepare(backbone, run.device)
+    taps = [tap for _, tap in resolve_layers(backbone.name, ["pre_logits"])]
+    choice = choose(backbone, taps, run, batch=run.batch_size, n_images=n, refresh=True)
+    return {"runtime": choice.runtime, "reason": choice.reason, "figures": choice.figures}
+
+
 def _child(kind: str, args: tuple, queue) -> None:
     try:
-        result = {"_naive": _naive, "_featx": _featx, "_model_only": _model_only, "_decode_only": _decode_only}[kind](*args)
+        result = {"_naive": _naive, "_featx": _featx, "_model_only": _model_only, "_decode_only": _decode_only,
+                  "_auto": _auto}[kind](*args)
         result["peak_rss_mb"] = _peak_rss_mb()
         queue.put(result)
     except BaseException as exc:  # reported to the parent, which raises it
@@ -268,7 +283,10 @@ def run_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 25
         other); with ``compile``, also ``model_only_compiled_images_per_s``,
         ``compile_seconds`` (model only), ``featx_compiled_images_per_s``,
         ``featx_compile_seconds`` (the warm-up extraction of one batch), ``compiled_speedup_vs_naive``
-        and ``compiled_fraction_of_compiled_limit``.
+        and ``compiled_fraction_of_compiled_limit``; with ``runtime="auto"``, ``auto_runtime``,
+        ``auto_reason``, ``auto_figures`` (per runtime: ``images_per_s``, ``cosine``, ``error``,
+        ``prepare_seconds``, ``verified``, ``problem``) and ``auto_images_per_s`` (featx's extraction
+        with auto's choice).
     """
     options = ExtractOptions.merge(options, settings, aliases={"model": "backbone"}, where="run_bench")
     resolved = resolve(options)
@@ -310,9 +328,27 @@ def run_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 25
             out("(g) model-only forward pass with ONNX Runtime …")
             limit_onnx = _isolated("_model_only", folder, plain.replace(runtime=runtime), ours["n"])
             out(f"    {limit_onnx['images_per_s']:.1f} images/s")
+        if runtime == "auto":
+            out("(h) runtime='auto': every installed runtime on one batch, timed in turn, checked against eager fp32 …")
+            auto = _isolated("_auto", folder, plain.replace(runtime="auto"), ours["n"])
+            for name, entry in auto["figures"].items():
+                rate = f"{entry['images_per_s']:.1f} images/s" if entry["images_per_s"] else "not used"
+                check = (f"cosine {entry['cosine']:.6f}, error {entry['error']:.1e}" if entry["cosine"] is not None
+                         else entry["problem"])
+                setup = f", prepare {entry['prepare_seconds']:.1f} s" if entry["prepare_seconds"] else ""
+                setup += f", export {entry['export_seconds']:.0f} s" if entry.get("export_seconds") else ""
+                out(f"    {name:12s} {rate} ({check}{setup})")
+            out(f"    auto chose {auto['runtime']}: {auto['reason']}")
+            if auto["runtime"] != "torch":
+                out(f"(i) featx extraction with auto's choice, runtime={auto['runtime']!r}, into a fresh store …")
+                ours_auto = _isolated("_featx", folder, plain.replace(runtime=auto["runtime"]))
+                out(f"    {ours_auto['images_per_s']:.1f} images/s")
     extra = {}
+    if runtime == "auto":
+        extra = {"auto_runtime": auto["runtime"], "auto_reason": auto["reason"], "auto_figures": auto["figures"],
+                 "auto_images_per_s": ours_auto["images_per_s"] if auto["runtime"] != "torch" else ours["images_per_s"]}
     if runtime == "onnxruntime":
-        extra = {"onnx_images_per_s": ours_onnx["images_per_s"], "onnx_export_seconds": ours_onnx["prepare_seconds"],
+        extra |= {"onnx_images_per_s": ours_onnx["images_per_s"], "onnx_export_seconds": ours_onnx["prepare_seconds"],
                  "onnx_peak_rss_mb": ours_onnx["peak_rss_mb"], "model_only_onnx_images_per_s": limit_onnx["images_per_s"],
                  "onnx_speedup_vs_naive": ours_onnx["images_per_s"] / naive["images_per_s"],
                  "onnx_fraction_of_onnx_limit": ours_onnx["images_per_s"] / limit_onnx["images_per_s"]}

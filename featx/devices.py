@@ -180,16 +180,21 @@ def resolve_decoder(decoder: str, device: str | torch.device) -> str:
         return "torch" if kind == "cuda" else "pil"
     return decoder
 def check_runtime(runtime: str, device=None, compile: bool = False) -> str:
-    """Validate ``runtime`` (``"torch"`` or ``"onnxruntime"``) against ``compile`` and, when given, the device."""
+    """Validate ``runtime`` (``"auto"``, ``"torch"``, ``"onnxruntime"`` or ``"openvino"``) against ``compile``
+    and, when given, the device.
+
+    ``"auto"`` goes with every device (off the CPU it is eager torch) and with ``compile=True``
+    (which then compiles eager torch); the CPU runtimes refuse other devices and ``compile``.
+    """
     if runtime not in RUNTIMES:
         raise FeatxError(f"Unknown runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}.")
-    if runtime == "onnxruntime":
+    if runtime in ("onnxruntime", "openvino"):
         kind = None if device is None else device_kind(device)
         if kind not in (None, "cpu"):
-            raise FeatxError(f"runtime='onnxruntime' runs on the CPU, not on {kind!r}: use device='cpu', or the "
-                             f"default runtime='torch' on {kind!r}.")
+            raise FeatxError(f"runtime={runtime!r} runs on the CPU, not on {kind!r}: use device='cpu', or "
+                             f"runtime='auto' or 'torch' on {kind!r}.")
         if compile:
-            raise FeatxError("compile=True compiles the torch runtime; it does not go with runtime='onnxruntime'. "
+            raise FeatxError(f"compile=True compiles the torch runtime; it does not go with runtime={runtime!r}. "
                              "Leave one of them out.")
     return runtime
 

@@ -427,6 +427,8 @@ def extract(images, options: ExtractOptions | None = None, *, stop=None, shard: 
             f"{'shard=' if shard is not None else 'engine='}{shard if shard is not None else 'ray'!r} writes to a "
             "feature store, but store=None was given: pass store=True (the cache folder), a folder or a .h5 path"
         )
+    if engine is not None and options.runtime == "auto":  # the actors run eager torch
+        options = options.replace(runtime="torch")
     if (options.compile or options.runtime != "torch") and engine is not None:
         raise FeatxError(f"{'compile=True' if options.compile else f'runtime={options.runtime!r}'} prepares the "
                          "network in this process; it does not go with engine='ray'. Leave one of them out.")

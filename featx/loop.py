@@ -27,7 +27,7 @@ from featx.featuresets import parse_blocks
 from featx.paths import split_names
 from featx.pooling import check_pooling, pool_each
 from featx.progress import show_progress
-from featx.runners import compiled_taps, onnx_taps
+from featx.runtimes import select_runner
 
 if TYPE_CHECKING:
     import torch
@@ -113,9 +113,10 @@ def iter_batches(
         :attr:`Batch.skipped`, or with ``"raise"`` stops the loop with
         :class:`~featx.exceptions.ImageDecodeError` naming the file; batches already yielded
         are the caller's and are never lost. ``tta="hflip"``: every batch and its mirror go
-        through the network together and their pooled features are averaged. ``compile`` and
-        ``runtime="onnxruntime"`` (:mod:`featx.runners`) give every batch ``batch_size`` images
-        (a short last batch is padded) and run the forward pass to the end of the network.
+        through the network together and their pooled features are averaged. The runner
+        comes from :func:`featx.runtimes.select_runner` (``runtime="auto"``: measured once and
+        remembered); any runner but eager torch gives every batch ``batch_size`` images (a short
+        last batch is padded) and runs the forward pass to the end of the network.
     indices : sequence of int, optional
         Which items of ``source`` to run (default: all), in this order.
     batch_sampler : iterable of sequences of int, optional
@@ -129,7 +130,6 @@ def iter_batches(
     batch_size, num_workers, progress, compile = options.batch_size, options.num_workers, options.progress, options.compile
     on_error = options.on_error or "skip"
     check_runtime(options.runtime, device, compile)
-    runtime = options.runtime
     indices = list(range(len(source))) if indices is None else list(indices)
     if not indices:
         return
@@ -139,12 +139,7 @@ def iter_batches(
                          batch_size=batch_size, num_workers=num_workers, device=device, batch_sampler=batch_sampler)
     taps = list(dict.fromkeys(r.tap for r in requests))
     full = batch_size * (2 if tta == "hflip" else 1)  # the batch the network sees
-    runner = None
-    if compile:
-        runner = compiled_taps(backbone.module, taps, device)
-    elif runtime == "onnxruntime":
-        size = backbone.preprocess.crop
-        runner = onnx_taps(backbone.module, taps, torch.zeros(full, 3, size, size))
+    runner = select_runner(backbone, taps, options, batch=full, n_images=len(indices) * (full // batch_size))
     bar = None
     if show_progress(progress):
         from tqdm.auto import tqdm

@@ -37,7 +37,7 @@ __all__ = [
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODERS = ("auto", "pil", "torch")
 TTAS = ("none", "hflip")
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 STORE_DTYPES = ("float32", "float16")
 ON_ERROR = ("raise", "skip")
 
@@ -128,8 +128,10 @@ class ExtractOptions:
         Where JPEG files are decoded (see :func:`featx.extraction.resolve_decoder`).
     tta : {None, "hflip"}, default=None
         ``"hflip"`` averages features over the image and its mirror (``"none"`` reads as None).
-    runtime : {"torch", "onnxruntime"}, default="torch"
-        What runs the network (see :mod:`featx.runners`).
+    runtime : {"auto", "torch", "onnxruntime", "openvino"}, default="auto"
+        What runs the network (see :mod:`featx.runners`); ``"auto"``: the fastest runtime
+        installed and verified against eager features for this backbone on this machine,
+        measured once and remembered in the cache folder (see :mod:`featx.runtimes`).
     compile : bool, default=False
         Run the network under ``torch.compile``.
     engine : "local", "ray" or RayEngine, default="local"
@@ -173,7 +175,7 @@ class ExtractOptions:
     progress: bool | None = None
     decoder: str = "auto"
     tta: str | None = None
-    runtime: str = "torch"
+    runtime: str = "auto"
     compile: bool = False
     engine: object = "local"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -198,8 +200,8 @@ class ExtractOptions:
             raise FeatxError(f"max_pixels must be a positive integer (width × height; default {DEFAULT_MAX_PIXELS}), "
                              f"got {self.max_pixels!r}.")
         check_threads(self.threads)
-        if self.runtime == "onnxruntime" and self.compile:
-            raise FeatxError("compile=True compiles the torch runtime; it does not go with runtime='onnxruntime'. "
+        if self.runtime in ("onnxruntime", "openvino") and self.compile:
+            raise FeatxError(f"compile=True compiles the torch runtime; it does not go with runtime={self.runtime!r}. "
                              "Leave one of them out.")
 
     @property

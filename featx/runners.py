@@ -7,10 +7,13 @@ changes no real row: the networks are in eval mode, where every row is computed 
 
 - :func:`compiled_taps`: ``torch.compile`` (CPU or CUDA);
 - :func:`onnx_taps`: the network exported to ONNX and run by ONNX Runtime on the CPU
-  (``pip install "featx[onnx]"``).
+  (``pip install "featx[onnx]"``);
+- :func:`openvino_taps`: the same export run by OpenVINO on the CPU (``pip install openvino``).
 
-Both give the eager features up to float rounding (measured on ``efficientnet_lite0``: about
-1e-6 relative), so neither is part of a feature store's configuration, like the batch size.
+Each gives the eager features within the tolerance of the precision (:mod:`featx.runtimes`:
+at fp32 float rounding, measured on ``efficientnet_lite0`` about 2e-6 relative), so none is
+part of a feature store's configuration, like the batch size. Which one runs by default is
+chosen and remembered by :mod:`featx.runtimes`.
 The taps are persistent forward hooks that record their tensors while the wrapper runs (the
 eager path stops the pass by raising, which neither compiled nor exported code can); the whole
 network then runs, even when the taps are early.
@@ -18,20 +21,25 @@ network then runs, even when the taps are early.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import os
+import warnings
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from featx.backbones import Tap
-from featx.exceptions import FeatxError
+from featx.exceptions import FeatxError, FeatxWarning
 from featx.options import RUNTIMES
+from featx.paths import atomic_write
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RUNTIMES", "compiled_taps", "onnx_taps"]
+__all__ = ["RUNTIMES", "compiled_taps", "onnx_model", "onnx_taps", "openvino_taps", "state_digest"]
 
 
 # Prepared runners, per module (weakly: they go with the backbone) and (taps, device or batch shape).
@@ -94,12 +102,69 @@ def compiled_taps(module, taps: Sequence[Tap], device: torch.device):
     return prepared[key]
 
 
-def onnx_taps(module, taps: Sequence[Tap], example: torch.Tensor, *, threads: int | None = None):
+def state_digest(module) -> str:
+    """A short digest of ``module``'s parameters and buffers: what an exported file on disk is checked against."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def onnx_model(module, taps: Sequence[Tap], example: torch.Tensor, *, onnx_file: str | os.PathLike | None = None) -> bytes:
+    """``module`` exported to ONNX (``torch.onnx.export(..., dynamo=True)``), returning the taps' tensors.
+
+    With ``onnx_file``, the export is kept on disk as ``<onnx_file stem>-<state digest>.onnx``
+    (written atomically) and read from there by later processes: exporting costs seconds to
+    tens of seconds, reading milliseconds. The digest of the module's weights in the name keeps
+    a file from serving other weights.
+
+    Raises
+    ------
+    FeatxError
+        When the exporter's ``onnx``/``onnxscript`` is not installed, naming the extra to install.
+    """
+    import torch
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:  # torch.onnx's exporter needs them
+        raise FeatxError(f"exporting to ONNX needs {', '.join(missing)}: pip install \"featx[onnx]\", or use "
+                         f"runtime=\"torch\".")
+    path = None
+    if onnx_file is not None:
+        onnx_file = Path(onnx_file)
+        path = onnx_file.with_name(f"{onnx_file.stem}-{state_digest(module)}.onnx")
+        if path.exists():
+            return path.read_bytes()
+    buffer = io.BytesIO()
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(_tap_module(module, taps), (example.contiguous(),), dynamo=True,
+                                        input_names=["x"], verbose=False, optimize=True)
+        program.save(buffer)
+    finally:
+        module.train(was_training)
+    data = buffer.getvalue()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+        except OSError as exc:
+            warnings.warn(f"cannot keep the ONNX export in {str(path)!r} ({exc.strerror or exc}): the next process "
+                          f"exports again.", FeatxWarning, stacklevel=2)
+    return data
+
+
+def onnx_taps(module, taps: Sequence[Tap], example: torch.Tensor, *, threads: int | None = None,
+              onnx_file: str | os.PathLike | None = None):
     """``module`` exported to ONNX and run by ONNX Runtime on the CPU: a callable from a batch to the taps' tensors.
 
-    The export (``torch.onnx.export(..., dynamo=True)``, a few seconds) is done once per module,
+    The export (:func:`onnx_model`, kept on disk with ``onnx_file``) is done once per module,
     layer set and input shape in a process; batches must have ``example``'s shape. ONNX Runtime
-    uses ``threads`` intra-op threads (default: torch's thread count).
+    uses ``threads`` intra-op threads (default: torch's thread count) and computes in fp32
+    whatever the precision (more exact than bf16 asks).
 
     Raises
     ------
@@ -124,29 +189,60 @@ def onnx_taps(module, taps: Sequence[Tap], example: torch.Tensor, *, threads: in
     if missing:  # onnxscript: torch.onnx's exporter needs it
         raise FeatxError(
             f"runtime='onnxruntime' needs ONNX Runtime and the ONNX exporter ({', '.join(missing)} missing): "
-            f'pip install "featx[onnx]", or use the default runtime="torch".'
+            f'pip install "featx[onnx]", or use runtime="torch".'
         )
     import onnxruntime
+
     key = ("onnx", tuple(taps), tuple(example.shape), threads)
     prepared = _PREPARED.setdefault(module, {})
     if key not in prepared:
-        buffer = io.BytesIO()
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                program = torch.onnx.export(_tap_module(module, taps), (example.contiguous(),), dynamo=True,
-                                            input_names=["x"], verbose=False, optimize=True)
-            program.save(buffer)
-        finally:
-            module.train(was_training)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
-        session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(onnx_model(module, taps, example, onnx_file=onnx_file), options,
+                                               providers=["CPUExecutionProvider"])
 
         def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             outputs = session.run(None, {"x": x.detach().float().contiguous().numpy()})
             return tuple(torch.from_numpy(output) for output in outputs)
+
+        prepared[key] = run
+    return prepared[key]
+
+
+def openvino_taps(module, taps: Sequence[Tap], example: torch.Tensor, *, precision: str = "fp32",
+                  threads: int | None = None, onnx_file: str | os.PathLike | None = None):
+    """``module`` exported to ONNX and run by OpenVINO on the CPU: a callable from a batch to the taps' tensors.
+
+    The same export as :func:`onnx_taps` (kept on disk with ``onnx_file``), compiled by
+    OpenVINO's CPU plugin at ``precision`` (``"bf16"``: OpenVINO's bf16 inference, native on
+    CPUs with AVX512-BF16 or AMX; otherwise f32) with ``threads`` threads (default: torch's).
+
+    Raises
+    ------
+    FeatxError
+        When ``openvino`` (or the exporter's ``onnx``/``onnxscript``) is not installed.
+    """
+    import torch
+
+    if importlib.util.find_spec("openvino") is None:
+        raise FeatxError('runtime="openvino" needs OpenVINO: pip install "featx[openvino]", or use runtime="torch".')
+    import openvino
+
+    key = ("openvino", tuple(taps), tuple(example.shape), precision, threads)
+    prepared = _PREPARED.setdefault(module, {})
+    if key not in prepared:
+        core = openvino.Core()
+        model = core.read_model(onnx_model(module, taps, example, onnx_file=onnx_file), b"")
+        compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+        })
+        request = compiled.create_infer_request()
+        outputs = compiled.outputs
+
+        def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            result = request.infer({0: x.detach().float().contiguous().numpy()})
+            return tuple(torch.from_numpy(result[output].copy()) for output in outputs)  # the request reuses its memory
 
         prepared[key] = run
     return prepared[key]

@@ -60,10 +60,12 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     tta : {None, "hflip"}, default=None
         ``"hflip"``: features averaged over each image and its horizontal mirror (one forward
         pass on both; kept in a store of their own).
-    runtime : {"torch", "onnxruntime"}, default="torch"
-        ``"onnxruntime"``: the network is exported to ONNX once per process and run by ONNX
-        Runtime on the CPU (``pip install "featx[onnx]"``): several times faster there, same
-        features up to float rounding (same store).
+    runtime : {"auto", "torch", "onnxruntime", "openvino"}, default="auto"
+        What runs the network: ``"auto"`` the fastest runtime installed and verified for this
+        backbone on this machine (measured once, remembered in the cache folder; see
+        :mod:`featx.runtimes`); ``"onnxruntime"`` (``pip install "featx[onnx]"``) and
+        ``"openvino"`` run an ONNX export on the CPU. Features within the precision's tolerance
+        of eager (same store).
     max_pixels : int, default=DEFAULT_MAX_PIXELS
         Largest width × height of an image file that is decoded (decompression-bomb guard); a
         larger one fails ``transform`` with :class:`~featx.exceptions.ImageDecodeError`. Not part

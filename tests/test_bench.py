@@ -20,7 +20,8 @@ def test_make_jpegs_writes_class_folders(tmp_path):
 def test_run_bench_reports_documented_keys(tmp_path):
     """Check that the benchmark runs the three measurements and reports every documented key."""
     folder = make_jpegs(tmp_path / "imgs", 8)
-    report = run_bench(folder, model="featx_tiny_cnn", batch_size=4, device="cpu", out=lambda line: None)
+    report = run_bench(folder, model="featx_tiny_cnn", batch_size=4, device="cpu", runtime="torch",
+                       out=lambda line: None)
     for key in ["naive_images_per_s", "featx_images_per_s", "model_only_images_per_s", "speedup_vs_naive",
                 "fraction_of_model_limit", "peak_rss_mb"]:
         assert report[key] > 0, key
@@ -48,7 +49,8 @@ def test_breakdown_counts_decoding_in_workers_as_overlapped():
 def test_cli_bench_json(tmp_path, capsys):
     """Check that 'featx bench DIR --json' prints the report as JSON."""
     folder = make_jpegs(tmp_path / "imgs", 4)
-    assert main(["bench", str(folder), "--model", "featx_tiny_cnn", "--batch-size", "2", "--device", "cpu", "--json"]) == 0
+    assert main(["bench", str(folder), "--model", "featx_tiny_cnn", "--batch-size", "2", "--device", "cpu", "--runtime",
+                 "torch", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_images"] == 4
 
 
@@ -72,6 +74,21 @@ def test_run_bench_onnxruntime_reports_its_rate_and_limit(tmp_path):
     assert report["onnx_images_per_s"] > 0 and report["model_only_onnx_images_per_s"] > 0
     assert report["onnx_export_seconds"] > 0 and report["onnx_speedup_vs_naive"] > 0
     assert "model_only_compiled_images_per_s" not in report
+
+
+@pytest.mark.slow
+def test_run_bench_auto_reports_the_choice_and_its_figures(tmp_path):
+    """Check that bench with runtime='auto' (the default) prints and reports auto's choice and every runtime's figures."""
+    pytest.importorskip("onnxruntime")
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    lines = []
+    report = run_bench(folder, model="featx_tiny_cnn", batch_size=2, device="cpu", out=lines.append)
+    figures = report["auto_figures"]
+    assert {"torch", "onnxruntime"} <= set(figures) and figures["onnxruntime"]["verified"]
+    assert figures["torch"]["images_per_s"] > 0 and figures["onnxruntime"]["cosine"] >= 0.9999
+    assert report["auto_runtime"] in figures and report["auto_images_per_s"] > 0
+    assert any(line.startswith(f"    auto chose {report['auto_runtime']}: ") for line in lines)
+    assert "measured every runtime on one batch of 2" in report["auto_reason"]
 
 
 def test_run_busy_bench_reports_default_against_best(tmp_path):

@@ -39,6 +39,7 @@ LAYERS = {
     "featx.html": 1,
     # the loop and the runtimes it runs the network with
     "featx.runners": 2,
+    "featx.runtimes": 2,
     "featx.decoding": 2,
     "featx.loop": 2,
     # the engines that run the loop elsewhere

@@ -37,9 +37,11 @@ def test_extract_options_refuse_bad_values_when_made(field, value, match):
 
 
 def test_extract_options_compile_with_onnxruntime_is_refused():
-    """Check that compile=True with runtime='onnxruntime' fails and says to leave one out."""
-    with pytest.raises(FeatxError, match="Leave one of them out"):
-        ExtractOptions(runtime="onnxruntime", compile=True)
+    """Check that compile=True with runtime='onnxruntime' or 'openvino' fails and says to leave one out; with auto it goes."""
+    for runtime in ("onnxruntime", "openvino"):
+        with pytest.raises(FeatxError, match=f"does not go with runtime='{runtime}'. Leave one of them out"):
+            ExtractOptions(runtime=runtime, compile=True)
+    assert ExtractOptions(compile=True).runtime == "auto"
 
 
 def test_extract_options_merge_keywords_aliases_and_unknown_names():

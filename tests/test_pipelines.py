@@ -58,7 +58,8 @@ def test_grid_search_prints_ratio_and_best_params(png_folder, tmp_path):
     rows = [line.split()[:2] for line in out.splitlines() if line.startswith(("stage1 ", "stage2 ", "pre_logits "))]
     grid = [[layer, c] for layer in ("stage1", "stage2", "pre_logits") for c in ("0.1000", "1.0000")]
     assert sorted(rows) == sorted(grid)  # one table row per grid point
-    assert [p.name for p in cache.iterdir()] == ["layers"]  # the two fresh stores are removed; layer tables stay
+    # the two fresh stores are removed; the layer tables and the runtime memory stay
+    assert sorted(p.name for p in cache.iterdir()) == ["layers", "runtimes"]
 
 
 def test_grid_search_json(png_folder, tmp_path, capsys):

@@ -27,7 +27,7 @@ def test_onnxruntime_equals_torch_with_a_padded_last_batch(images, tmp_path):
 def test_runtime_errors_name_the_fix(images, tmp_path, monkeypatch):
     """Check that an unknown runtime, a GPU device, compile, Ray, and a missing onnxruntime each say what to do."""
     arrays, _ = images
-    with pytest.raises(FeatxError, match="Unknown runtime 'tensorrt': expected one of torch, onnxruntime"):
+    with pytest.raises(FeatxError, match="Unknown runtime 'tensorrt': expected one of auto, torch, onnxruntime, openvino"):
         extract(arrays, backbone=TINY, device="cpu", runtime="tensorrt")
     with pytest.raises(FeatxError, match="does not go with runtime='onnxruntime'"):
         extract(arrays, backbone=TINY, device="cpu", runtime="onnxruntime", compile=True)
@@ -49,7 +49,10 @@ def test_check_runtime_refuses_gpu_devices():
     from featx.extraction import check_runtime
 
     assert check_runtime("onnxruntime", "cpu") == "onnxruntime" and check_runtime("torch", "cuda") == "torch"
-    with pytest.raises(FeatxError, match="runs on the CPU, not on 'cuda'.*runtime='torch'"):
+    assert check_runtime("auto", "cuda", compile=True) == "auto"
+    with pytest.raises(FeatxError, match="runtime='openvino' runs on the CPU, not on 'mps'"):
+        check_runtime("openvino", "mps")
+    with pytest.raises(FeatxError, match="runs on the CPU, not on 'cuda'.*runtime='auto' or 'torch'"):
         check_runtime("onnxruntime", "cuda")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import logging
 import os
 import select
 import sys
@@ -87,6 +88,27 @@ def _one_line_featx_warnings(show):
     return showwarning
 
 
+class _OneLineNotes(logging.Handler):
+    """Prints featx's INFO log records (e.g. which runtime ``auto`` chose) as one ``featx:`` line on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"featx: {record.getMessage()}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _featx_notes():
+    """Show featx's notes (logger ``featx``, INFO) on stderr while a command runs; restore the logger after."""
+    logger, handler = logging.getLogger("featx"), _OneLineNotes(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 #: The exit code when stdout's reader goes early (``featx cv --json | head -1``): 128 + SIGPIPE, what
 #: a shell reports for ``cat``, ``grep`` or ``seq`` stopped the same way.
 EXIT_BROKEN_PIPE = 128 + 13
@@ -156,7 +178,7 @@ def _cache_dir_of(args: argparse.Namespace):
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run its command: a FeatxError is one line on stderr, a FeatxWarning too."""
     args = parser.parse_args(argv)
-    with warnings.catch_warnings():  # restores the caller's showwarning when the command ends
+    with warnings.catch_warnings(), _featx_notes():  # restores the caller's showwarning when the command ends
         warnings.showwarning = _one_line_featx_warnings(warnings.showwarning)
         try:
             with _cache_dir_of(args):

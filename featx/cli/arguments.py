@@ -91,8 +91,10 @@ OPTIONS: dict[str, tuple[str, dict]] = {
     }),
     "runtime": ("--runtime", {
         "choices": RUNTIMES, "default": DEFAULTS.runtime,
-        "help": "onnxruntime: export the network to ONNX once and run it with ONNX Runtime on the CPU "
-        '(pip install "featx[onnx]"); same features up to rounding (default: %(default)s)',
+        "help": "what runs the network: auto (the fastest runtime installed and verified against eager features "
+        "for this backbone on this machine, measured once on a few batches and remembered in the cache folder), "
+        'torch (eager), onnxruntime (pip install "featx[onnx]") or openvino (pip install openvino), both on the '
+        "CPU; features within the precision's tolerance of eager (default: %(default)s)",
     }),
     "max_pixels": ("--max-pixels", {
         "type": int, "default": DEFAULTS.max_pixels, "metavar": "N",

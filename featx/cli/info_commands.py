@@ -212,6 +212,12 @@ def cmd_bench(args) -> int:
             if "onnx_images_per_s" in report
             else ""
         )
+        + (
+            f"  featx, auto  {report['auto_images_per_s']:8.1f} images/s with {report['auto_runtime']} "
+            f"(auto chose it: {report['auto_reason']})\n"
+            if "auto_runtime" in report
+            else ""
+        )
         + f"  decoder {report['decoder']}; "
         f"speedup vs naive {report['speedup_vs_naive']:.2f}x, "
         f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit, "
@@ -257,7 +263,9 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                                 "the main process; on a GPU, one per core)"},
         "compile": {"help": "also measure featx and the model-only limit under torch.compile (compile time reported "
                             "apart)"},
-        "runtime": {"help": "onnxruntime: also measure featx and the model-only limit with ONNX Runtime (default: "
+        "runtime": {"help": "auto: also measure what runtime='auto' chooses by (every installed runtime on one "
+                            "batch, checked against eager; remembered in the cache folder) and featx with its choice; "
+                            "onnxruntime: also measure featx and the model-only limit with ONNX Runtime (default: "
                             "%(default)s)"},
     })
     p.add_argument("--busy", action="store_true",
