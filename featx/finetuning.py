@@ -346,10 +346,17 @@ class _Float32WhileTraining(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type)):
+        if not (torch.is_grad_enabled() and _autocast_enabled(x.device.type)):
             return self.conv(x)
         with torch.autocast(x.device.type, enabled=False):
             return self.conv(x.float())
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 asks per device type under another name
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _is_depthwise(module: nn.Module) -> bool:
@@ -565,7 +572,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
 
     def _precision_on(self, device: torch.device) -> str:
         """The precision of passes on ``device``: the training's there, the device's own choice elsewhere."""
-        precision = self.__dict__.get("precision_", "fp32")  # models saved before train_precision ran in fp32
+        precision = self.precision_
         if precision == "fp32" or device.type == self.device_.type:
             return precision
         return resolve_precision("auto", device)
@@ -791,6 +798,11 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self) -> dict:
         # on_epoch may be a closure (a printer): it is for the fitting run only, not for the model file.
         return {**self.__dict__, "on_epoch": None}
+
+    def __setstate__(self, state):
+        # A model saved before train_precision existed trained and predicted in float32 (on the CPU).
+        fitted = {"precision_": "fp32"} if "net_" in state else {}
+        super().__setstate__({"train_precision": "fp32", **fitted, **state})
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

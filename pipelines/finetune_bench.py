@@ -25,9 +25,9 @@ BatchNorm recomputation and the held-out pass of one epoch). Accuracy: featx's h
 the training images (``val_split``, the early-stopping score) and, with ``--val``, the accuracy
 of the saved model on that folder (``featx evaluate``).
 
-Example (the figures in ``docs/finetuning.md``)::
+Example (the figures in ``docs/benchmarks.md``, "Fine-tuning at the machine's speed")::
 
-    git -C /work/main archive main | tar -x -C /tmp/featx_main     # the code before
+    mkdir /tmp/featx_main && git archive main | tar -x -C /tmp/featx_main     # the code before
     python pipelines/finetune_bench.py /work/shared/data/clothing_small/train --per-class 100 \\
         --val /work/shared/data/clothing_small/val --from stage3 --epochs 3 \\
         --old /tmp/featx_main --cache /tmp/ft_cache

@@ -227,6 +227,20 @@ def test_float32_depthwise_matches_fp32_gradients():
     assert isinstance(fast[0], torch.nn.Conv2d) and list(fast.state_dict()) == list(net.state_dict())
 
 
+def test_tailclassifier_unpickles_a_model_saved_before_train_precision(maps):
+    """Check that a classifier pickled before train_precision existed loads as fp32 and predicts as saved."""
+    import pickle
+
+    X, y = maps
+    clf = _fit(X, y, epochs=1, train_precision="fp32")
+    state = {k: v for k, v in clf.__getstate__().items() if k not in ("train_precision", "precision_")}
+    old = TailClassifier.__new__(TailClassifier)
+    old.__setstate__(state)
+    old = pickle.loads(pickle.dumps(old))
+    assert old.train_precision == "fp32" and old.precision_ == "fp32"
+    np.testing.assert_array_equal(old.predict_proba(X), clf.predict_proba(X))
+
+
 @pytest.mark.parametrize(("options", "match"), [(dict(train_precision="fp16"), "train_precision='fp16' needs CUDA"),
                                                 (dict(train_precision="int8"), "train_precision must be one of")])
 def test_tailclassifier_bad_train_precision_raises(maps, options, match):
