@@ -56,9 +56,14 @@ class CommandFailed(RuntimeError):
     """A variant's command exited with an error (its last stderr lines are the message)."""
 
 
-def _run(command: list[str], *, pythonpath: Path) -> str:
+def _run(command: list[str], *, pythonpath: Path, threads: int | None = None) -> str:
+    """Run ``command`` with ``pythonpath``'s featx, from an empty folder: ``python -m`` puts the working
+    folder first on ``sys.path``, so run from a checkout it would import that checkout's featx instead."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if threads:  # torch's intra-op threads and the BLAS's, the same for every variant
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    with tempfile.TemporaryDirectory(prefix="featx-finetune-bench-cwd-") as empty:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=empty)
     if done.returncode != 0:
         raise CommandFailed(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return done.stdout
@@ -78,7 +83,7 @@ def run_featx(checkout: Path, args, out: Path, *, extra=()) -> dict:
                "--val-split", str(args.val_split),
                "--cache", str(args.cache), "--device", args.device, "-o", str(model), "--json", *extra]
     start = time.perf_counter()
-    report = _json_of(_run(command, pythonpath=checkout))
+    report = _json_of(_run(command, pythonpath=checkout, threads=args.threads))
     row = {
         "epoch_seconds": [record["seconds"] for record in report["history"]],
         "held_out_accuracy": report["val_accuracy"],
@@ -88,7 +93,7 @@ def run_featx(checkout: Path, args, out: Path, *, extra=()) -> dict:
     }
     if args.val:
         evaluation = _json_of(_run([sys.executable, "-m", "featx", "evaluate", str(model), args.val, "--cache",
-                                    str(args.cache), "--json"], pythonpath=checkout))
+                                    str(args.cache), "--json"], pythonpath=checkout, threads=args.threads))
         row["val_accuracy"] = evaluation["accuracy"]
     return row
 
@@ -161,11 +166,16 @@ def bench(args) -> dict:
             elif name == "featx-fp32":
                 rows[name] = run_featx(HERE, args, out, extra=("--train-precision", "fp32"))
             else:
-                command = [sys.executable, str(Path(__file__).resolve()), "--plain-worker", *args.argv]
-                rows[name] = _json_of(_run(command, pythonpath=HERE))
+                command = [sys.executable, str(Path(__file__).resolve()), "--plain-worker", args.data, "--model",
+                           args.model, "--from", args.from_layer, "--epochs", str(args.epochs), "--batch-size",
+                           str(args.batch_size), "--seed", str(args.seed), "--device", args.device, "--cache",
+                           str(args.cache), *(["--per-class", str(args.per_class)] if args.per_class else []),
+                           *(["--val", args.val] if args.val else [])]
+                rows[name] = _json_of(_run(command, pythonpath=HERE, threads=args.threads))
             rows[name]["epoch_median"] = statistics.median(rows[name]["epoch_seconds"])
-            print(f"{name}: epochs {', '.join(f'{s:.1f}' for s in rows[name]['epoch_seconds'])} s", file=sys.stderr,
-                  flush=True)
+            print(f"{name}: epochs {', '.join(f'{s:.1f}' for s in rows[name]['epoch_seconds'])} s, held-out "
+                  f"{_fmt(rows[name]['held_out_accuracy'])}, val {_fmt(rows[name].get('val_accuracy'))}, load average "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     if "old" in rows:
         for row in rows.values():
             row["speedup_vs_old"] = rows["old"]["epoch_median"] / row["epoch_median"]
@@ -195,11 +205,11 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated, run in this order (default: {','.join(VARIANTS)}; without --old: "
                              "the others)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/MKL/OpenBLAS threads of every variant's process (default: the libraries' own)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--plain-worker", action="store_true", help=argparse.SUPPRESS)
-    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.argv = argv
     if args.plain_worker:
         print(json.dumps(plain_loop(args)))
         return 0
@@ -209,6 +219,10 @@ def main(argv=None) -> int:
         parser.error(f"variants are {', '.join(VARIANTS)} ('old' needs --old PATH); got {args.variants!r}")
     args.variants = names
     args.cache = args.cache.resolve()
+    for name in ("data", "val", "old"):  # the variants run from an empty folder (see _run)
+        value = getattr(args, name)
+        if value is not None and Path(value).exists():
+            setattr(args, name, str(Path(value).resolve()))
     load = os.getloadavg()[0]
     try:
         rows = bench(args)
@@ -219,7 +233,7 @@ def main(argv=None) -> int:
         print(json.dumps({"load_average_at_start": load, "cpus": os.cpu_count(), "rows": rows}, indent=2))
         return 0
     print(f"{args.model} from {args.from_layer}, {args.epochs} epochs of batch {args.batch_size} on {args.device}; "
-          f"{os.cpu_count()} CPUs, load average {load:.1f} at start")
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, load average {load:.1f} at start")
     print(f"{'variant':<11} {'precision':<9} {'epoch s':>8} {'x old':>6} {'held-out':>8} {'val':>7}")
     for name, row in rows.items():
         print(f"{name:<11} {row['train_precision']:<9} {row['epoch_median']:>8.1f} "
