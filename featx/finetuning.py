@@ -56,6 +56,7 @@ import dataclasses
 import datetime
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -67,17 +68,17 @@ from torch import nn
 
 from featx import __version__
 from featx.backbones import Backbone, Tap, layer_shape, layer_table, load_backbone, resolve_layers, run_taps
-from featx.devices import resolve_device
+from featx.devices import autocast, device_type, resolve_device, resolve_precision
 from featx.exceptions import FinetuneError
 from featx.extraction import extract, kept_labels
 from featx.heads import fold_means, outer_splits, score_predictions
 from featx.images import ImageSource, open_source
 from featx.models import FeatxModel, training_keys
-from featx.options import CACHED, ExtractOptions, FinetuneOptions
+from featx.options import CACHED, PRECISIONS, ExtractOptions, FinetuneOptions
 from featx.transformers import CNNFeatures
 
 __all__ = ["FinetuneError", "SUPPORTED", "TailClassifier", "build_tail", "cross_validate_finetune", "finetune",
-           "read_maps", "split_tap", "train_seconds_per_image"]
+           "extract_maps", "memory_format", "read_maps", "split_tap", "train_seconds_per_image"]
 
 SUPPORTED = (
     "efficientnet_lite0/1/2, featx_tiny_cnn, resnet18/50, mobilenet_v3_large, efficientnet_b0, "
@@ -259,11 +260,13 @@ def _check_tail(backbone: Backbone, tail: _Tail, tap: Tap, pre_logits: Tap, shap
 
 
 def train_seconds_per_image(backbone: str, layer: str, *, weights: object = "DEFAULT", device: str = "auto",
-                            batch_size: int = 64, steps: int = 3) -> float:
+                            batch_size: int = 64, steps: int = 3, precision: str = "auto") -> float:
     """Seconds one training step of the tail after ``layer`` takes per map, timed on random maps.
 
     A forward pass, a backward pass and an AdamW update of the tail and a 10-class head, on
-    ``batch_size`` random maps of the layer's shape, after one untimed step; the fastest of
+    ``batch_size`` random maps of the layer's shape, in the precision and memory format
+    :class:`TailClassifier` trains in (``precision`` as its ``train_precision``), after one
+    untimed step; the fastest of
     ``steps`` timed steps, divided by ``batch_size``. :func:`featx.auto_fit` multiplies it by
     images and epochs to estimate what a fine-tuning candidate costs on this machine. The
     caller's random state is left untouched.
@@ -277,22 +280,21 @@ def train_seconds_per_image(backbone: str, layer: str, *, weights: object = "DEF
     tap, _ = split_tap(loaded.name, layer)
     shape = tuple(int(v) for v in layer_shape(loaded.name, tap))
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    layout = memory_format(device, precision)
     devices = [device.index or 0] if device.type == "cuda" else []
     timings = []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
         tail, n_features = build_tail(loaded, layer, check=False)
-        net = _Net(tail, n_features, 10, 0.2).to(device).train()
+        net = _prepare(_Net(tail, n_features, 10, 0.2), device, precision).train()
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        x = torch.randn(batch_size, *shape, device=device)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        x = torch.randn(batch_size, *shape, device=device).to(dtype=_DTYPES[precision], memory_format=layout)
         target = torch.randint(0, 10, (batch_size,), device=device)
         for step in range(steps + 1):
             start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                loss = nn.functional.cross_entropy(net(x), target)
-            loss.backward()
-            optimizer.step()
+            _train_step(net, optimizer, nn.functional.cross_entropy, x, target, device, precision, scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if step:
@@ -309,6 +311,115 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
     if schedule == "step":  # x0.1 at half and at three quarters of the steps
         return 0.1 ** ((step >= total // 2) + (step >= (3 * total) // 4))
     return 1.0
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def memory_format(device: torch.device, precision: str) -> torch.memory_format:
+    """The memory format the tail trains in on ``device`` at ``precision``.
+
+    ``channels_last`` on CPUs and CUDA (oneDNN's and cuDNN's convolutions run on NHWC without
+    reordering every tensor); ``contiguous_format`` elsewhere (MPS).
+
+    Examples
+    --------
+    >>> memory_format(torch.device("cpu"), "bf16")
+    torch.channels_last
+    """
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+
+
+class _Float32WhileTraining(nn.Module):
+    """A depthwise convolution that runs in float32 inside autocast while gradients are recorded.
+
+    oneDNN's bf16 backward of depthwise convolutions is slow on CPUs with AVX512-BF16: measured
+    on efficientnet_lite0's tail after stage3 (64 maps, 1 thread, shared machine), bf16 autocast
+    with channels-last took 14.0 s a training step, 13.7 s in float32 channels-last, and 9.0 s
+    with these convolutions in float32 and the rest in bf16 (their float32 backward: 0.75 s
+    against 1.6-1.9 s in bf16 for 64 x 672 x 14 x 14, 5 x 5). Forward passes without gradients
+    (prediction, BatchNorm recomputation) keep bf16, which is 4x faster for them.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and _autocast_enabled(x.device.type)):
+            return self.conv(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.conv(x.float())
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 asks per device type under another name
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and 1 < module.groups == module.in_channels == module.out_channels
+
+
+def _swap_depthwise(net: nn.Module, wrap: bool) -> None:
+    """Wrap every depthwise convolution of ``net`` in :class:`_Float32WhileTraining`, or unwrap them."""
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if wrap and _is_depthwise(child):
+                setattr(parent, name, _Float32WhileTraining(child))
+            elif not wrap and isinstance(child, _Float32WhileTraining):
+                setattr(parent, name, child.conv)
+
+
+def _prepare(net: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """``net`` on ``device`` in the memory format of ``precision``, its depthwise convolutions
+    trained in float32 under CPU bf16 (undone by ``_swap_depthwise(net, False)``)."""
+    net.to(device, memory_format=memory_format(device, precision))
+    if device.type == "cpu" and precision == "bf16":
+        _swap_depthwise(net, True)
+    return net
+
+
+def _feed(maps: torch.Tensor, rows: np.ndarray, shape: tuple, device: torch.device, dtype: torch.dtype,
+          layout: torch.memory_format, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """The maps ``rows`` of ``maps`` (a zero-copy tensor view of the cached array) as one batch.
+
+    One gather in the cached dtype (float16: half the bytes), the flips on it, then one conversion
+    to the compute dtype and layout (bfloat16 channels-last under CPU autocast: the first
+    convolution would cast float32 to bfloat16 anyway). On CUDA the float16 batch travels before
+    it is converted.
+    """
+    x = maps.index_select(0, torch.from_numpy(rows)).view(len(rows), *shape)
+    if flip is not None and bool(flip.any()):
+        x[flip] = x[flip].flip(3)
+    return x.to(device, non_blocking=True).to(dtype=dtype, memory_format=layout)
+
+
+def _as_tensor(X: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the memory of the cached maps ``X`` (no copy; batches are gathered from it)."""
+    if not X.flags.writeable:  # a read-only memory map: torch shares it but warns; featx only reads it
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            return torch.from_numpy(X)
+    return torch.from_numpy(X)
+
+
+def _train_step(net: nn.Module, optimizer, loss_fn, x: torch.Tensor, target: torch.Tensor, device: torch.device,
+                precision: str, scaler) -> torch.Tensor:
+    """One forward, backward and update under ``precision``'s autocast; the loss, detached."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        loss = loss_fn(net(x), target)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
 
 
 class TailClassifier(ClassifierMixin, BaseEstimator):
@@ -349,6 +460,10 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
     patience : int, default=5
         Epochs without a better validation accuracy before training stops; the best epoch's
         weights are restored.
+    train_precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+        Autocast of the training and prediction passes (the weights and the optimizer stay
+        float32): ``auto`` is bf16 on CPUs that compute it natively (AVX512-BF16 or AMX), fp16
+        with a gradient scaler on CUDA, fp32 elsewhere (as :func:`featx.devices.resolve_precision`).
     device : {"auto", "cpu", "cuda", "mps"}, default="auto"
     random_state : int, default=0
     on_epoch : callable, optional
@@ -362,6 +477,8 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
     map_shape_ : tuple of int
         (C, H, W) of one map.
     n_features_in_ : int
+    precision_ : str
+        The resolved ``train_precision``.
     history_ : list of dict
         Per epoch: ``epoch``, ``train_loss``, ``val_accuracy``, ``val_loss`` (None without a
         validation split), ``lr``, ``seconds``.
@@ -400,6 +517,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         dropout=_TRAINING.dropout,
         val_split=_TRAINING.val_split,
         patience=_TRAINING.patience,
+        train_precision=_TRAINING.train_precision,
         device=_DEVICE,
         random_state=0,
         on_epoch=None,
@@ -420,6 +538,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         self.dropout = dropout
         self.val_split = val_split
         self.patience = patience
+        self.train_precision = train_precision
         self.device = device
         self.random_state = random_state
         self.on_epoch = on_epoch
@@ -430,6 +549,11 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("batchnorm", BATCHNORM)):
             if getattr(self, name) not in allowed:
                 raise FinetuneError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
+        if self.train_precision not in PRECISIONS:
+            raise FinetuneError(f"train_precision must be one of {', '.join(PRECISIONS)}, got "
+                                f"{self.train_precision!r}.")
+        if self.train_precision == "fp16" and device_type(self.device) == "cpu":
+            raise FinetuneError("train_precision='fp16' needs CUDA; on the CPU use 'bf16' or 'fp32' (or 'auto').")
         for name in ("epochs", "batch_size", "patience"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -441,9 +565,17 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         if float(self.lr) <= 0 or (self.head_lr is not None and float(self.head_lr) <= 0):
             raise FinetuneError(f"learning rates must be positive, got lr={self.lr!r}, head_lr={self.head_lr!r}.")
 
-    def _maps(self, X, rows) -> torch.Tensor:
-        batch = torch.from_numpy(np.ascontiguousarray(X[rows]))
-        return batch.to(torch.float32).reshape(len(rows), *self.map_shape_)
+    def _batch(self, maps: torch.Tensor, rows, device: torch.device, precision: str,
+               flip: torch.Tensor | None = None) -> torch.Tensor:
+        return _feed(maps, np.asarray(rows, dtype=np.int64), self.map_shape_, device, _DTYPES[precision],
+                     memory_format(device, precision), flip)
+
+    def _precision_on(self, device: torch.device) -> str:
+        """The precision of passes on ``device``: the training's there, the device's own choice elsewhere."""
+        precision = self.precision_
+        if precision == "fp32" or device.type == self.device_.type:
+            return precision
+        return resolve_precision("auto", device)
 
     def _check_X(self, X) -> np.ndarray:
         X = np.asarray(X)
@@ -451,7 +583,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
             X = X.reshape(len(X), -1)
         if X.ndim != 2 or X.dtype.kind != "f":
             raise FinetuneError(f"X must be float maps of shape (n_samples, C*H*W), got {X.dtype} of shape {X.shape}.")
-        return X
+        return X if X.dtype in (np.float16, np.float32, np.float64) else X.astype(np.float32)
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -504,6 +636,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
                                           random_state=self.random_state)
             train, val = np.sort(train), np.sort(val)
         self.device_ = resolve_device(self.device)
+        self.precision_ = resolve_precision(self.train_precision, self.device_)
         tail, n_features = build_tail(backbone, self.layer)
         devices = [self.device_.index or 0] if self.device_.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -520,9 +653,9 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
                     module.eval()
 
     def _train(self, net: _Net, X, y_index, train, val) -> None:
-        device = self.device_
-        cuda = device.type == "cuda"
-        net.to(device)
+        device, precision = self.device_, self.precision_
+        maps = _as_tensor(X)
+        _prepare(net, device, precision)
         head_lr = float(self.head_lr) if self.head_lr is not None else 10 * float(self.lr)
         groups = [{"params": list(net.tail.parameters()), "lr": float(self.lr)},
                   {"params": list(net.head.parameters()), "lr": head_lr}]
@@ -536,7 +669,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         steps_per_epoch = len(train) // batch_size if drop_last else 1
         total = steps_per_epoch * int(self.epochs)
         loss_fn = nn.CrossEntropyLoss(label_smoothing=float(self.label_smoothing))
-        scaler = torch.amp.GradScaler("cuda") if cuda else None
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         generator = torch.Generator().manual_seed(int(self.random_state))
         targets = torch.from_numpy(y_index.astype(np.int64))
         bn_rows = np.sort(np.random.default_rng(int(self.random_state)).permutation(train)[:_BN_SAMPLES])
@@ -552,32 +685,21 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
             for b in range(steps_per_epoch if drop_last else 1):
                 rows = order[b * batch_size:(b + 1) * batch_size] if drop_last else order
                 rows = np.sort(rows)
-                x = self._maps(X, rows)
-                if self.flip:
-                    mirror = torch.rand(len(rows), generator=generator) < 0.5
-                    x[mirror] = x[mirror].flip(3)
-                x, target = x.to(device, non_blocking=True), targets[rows].to(device, non_blocking=True)
+                mirror = torch.rand(len(rows), generator=generator) < 0.5 if self.flip else None
+                x = self._batch(maps, rows, device, precision, mirror)
+                target = targets[rows].to(device, non_blocking=True)
                 for group, lr in zip(optimizer.param_groups, base):
                     group["lr"] = lr * _lr_factor(self.schedule, step, total)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-                    loss = loss_fn(net(x), target)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                losses += float(loss.detach()) * len(rows)
+                loss = _train_step(net, optimizer, loss_fn, x, target, device, precision, scaler)
+                losses += float(loss) * len(rows)
                 seen += len(rows)
                 step += 1
             if self.batchnorm == "train":
-                self._recompute_batchnorm(net, X, bn_rows)
+                self._recompute_batchnorm(net, maps, bn_rows)
             record = {"epoch": epoch, "train_loss": losses / max(1, seen), "val_accuracy": None, "val_loss": None,
                       "lr": optimizer.param_groups[0]["lr"]}
             if len(val):
-                logits = self._logits(net, X, val)
+                logits = self._logits(net, maps, val)
                 record["val_accuracy"] = float((logits.argmax(1).numpy() == y_index[val]).mean())
                 record["val_loss"] = float(nn.functional.cross_entropy(logits, targets[val]))
             record["seconds"] = time.perf_counter() - start
@@ -598,10 +720,11 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
             net.load_state_dict(best_state)
         else:
             self.best_epoch_ = len(self.history_)
+        _swap_depthwise(net, False)
         self.train_seconds_ = time.perf_counter() - start_all
         self.net_ = net.to("cpu").eval()
 
-    def _recompute_batchnorm(self, net: nn.Module, X, rows) -> None:
+    def _recompute_batchnorm(self, net: nn.Module, maps: torch.Tensor, rows) -> None:
         """Set the tail's BatchNorm running statistics to their average over the maps ``rows``.
 
         With a few hundred steps the exponential running average still remembers ImageNet's
@@ -614,6 +737,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         if not norms:
             return
         device = next(net.parameters()).device
+        precision = self._precision_on(device)
         momenta = [m.momentum for m in norms]
         was_training = net.training
         try:
@@ -621,11 +745,11 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
                 module.reset_running_stats()
                 module.momentum = None  # cumulative average over the batches below
             net.train()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            with torch.no_grad(), autocast(device, precision):
                 for b in range(0, len(rows), int(self.batch_size)):
                     chunk = rows[b:b + int(self.batch_size)]
                     if len(chunk) > 1:
-                        net.tail(self._maps(X, chunk).to(device))
+                        net.tail(self._batch(maps, chunk, device, precision))
         finally:
             for module, momentum in zip(norms, momenta):
                 module.momentum = momentum
@@ -633,15 +757,17 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
 
     # -- prediction ------------------------------------------------------------------------
 
-    def _logits(self, net: nn.Module, X, rows) -> torch.Tensor:
+    def _logits(self, net: nn.Module, maps: torch.Tensor, rows) -> torch.Tensor:
         device = next(net.parameters()).device
+        precision = self._precision_on(device)
         was_training = net.training
         net.eval()
         out = []
         try:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+            with torch.inference_mode(), autocast(device, precision):
                 for b in range(0, len(rows), _PREDICT_BATCH):
-                    out.append(net(self._maps(X, rows[b:b + _PREDICT_BATCH]).to(device)).float().cpu())
+                    x = self._batch(maps, rows[b:b + _PREDICT_BATCH], device, precision)
+                    out.append(net(x).float().cpu())
         finally:
             net.train(was_training)
         return torch.cat(out) if out else torch.empty(0, len(self.classes_))
@@ -662,7 +788,7 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
         if X.shape[1] != self.n_features_in_:
             raise FinetuneError(f"X has {X.shape[1]} columns; this model was trained on maps of "
                                 f"{self.n_features_in_} values ({'x'.join(map(str, self.map_shape_))}).")
-        logits = self._logits(self.net_, X, np.arange(len(X)))
+        logits = self._logits(self.net_, _as_tensor(X), np.arange(len(X)))
         return torch.softmax(logits, dim=1).numpy()
 
     def predict(self, X) -> np.ndarray:
@@ -672,6 +798,11 @@ class TailClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self) -> dict:
         # on_epoch may be a closure (a printer): it is for the fitting run only, not for the model file.
         return {**self.__dict__, "on_epoch": None}
+
+    def __setstate__(self, state):
+        # A model saved before train_precision existed trained and predicted in float32 (on the CPU).
+        fitted = {"precision_": "fp32"} if "net_" in state else {}
+        super().__setstate__({"train_precision": "fp32", **fitted, **state})
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -690,6 +821,26 @@ def read_maps(result, layer: str, *, block: int = _READ_BLOCK) -> np.ndarray:
     for start in range(0, len(keys), block):
         out[start:start + block] = result.store.read(keys[start:start + block], layer, "map")
     return out
+
+
+def extract_maps(source, options: ExtractOptions, *, from_layer: str, stop=None):
+    """The frozen part of fine-tuning: the maps at ``from_layer`` of ``source``, through the store.
+
+    The extraction :func:`finetune` trains on (``options.for_maps``, resolved as a
+    :class:`~featx.transformers.CNNFeatures` resolves it, so a saved model finds the same store).
+
+    Returns
+    -------
+    result : featx.extraction.ExtractionResult
+        Read its maps with :func:`read_maps` and its labels with :func:`featx.extraction.kept_labels`.
+    features : CNNFeatures
+        The fitted transformer of those maps (what a fine-tuned model's ``features`` are).
+    """
+    loaded = load_backbone(options.backbone, weights=options.weights, lazy=True)
+    maps = options.for_maps(loaded, from_layer)
+    features = CNNFeatures.from_options(maps, prefetch="none").fit()
+    result = extract(source, maps.replace(device=features.device_, precision=features.precision_), stop=stop)
+    return result, features
 
 
 def finetune(
@@ -740,6 +891,7 @@ def finetune(
     report : dict
         ``frozen_seconds`` (the extraction: 0 computed images costs only hashing and a store
         lookup), ``n_computed``, ``n_from_store``, ``read_seconds``, ``train_seconds``,
+        ``train_precision`` (the resolved autocast of the training),
         ``history``, ``best_epoch``, ``val_accuracy`` (at the best epoch; None without a split),
         ``stopped_early``, ``skipped`` and ``store``.
 
@@ -772,9 +924,7 @@ def finetune(
     classifier = TailClassifier(loaded.name, weights=options.weights, layer=from_layer, device=options.device,
                                 random_state=random_state, on_epoch=on_epoch, **training.as_params())
     classifier._check_params()
-    maps = options.for_maps(loaded, from_layer)
-    features = CNNFeatures.from_options(maps, prefetch="none").fit()
-    result = extract(source, maps.replace(device=features.device_, precision=features.precision_), stop=stop)
+    result, features = extract_maps(source, options, from_layer=from_layer, stop=stop)
     y = kept_labels(result)
     start = time.perf_counter()
     X = read_maps(result, from_layer)
@@ -806,6 +956,7 @@ def finetune(
         "n_from_store": int(len(result.kept)) - min(result.n_computed, len(result.kept)),
         "read_seconds": read_seconds,
         "train_seconds": classifier.train_seconds_,
+        "train_precision": classifier.precision_,
         "history": classifier.history_,
         "best_epoch": classifier.best_epoch_,
         "val_accuracy": best["val_accuracy"],

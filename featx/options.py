@@ -287,6 +287,9 @@ class FinetuneOptions:
         Held-out share for early stopping (0: none).
     patience : int, default=5
         Epochs without a better validation accuracy before stopping.
+    train_precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+        Autocast of the tail's training (weights and optimizer stay float32): bf16 on CPUs that
+        compute it natively, fp16 on CUDA, fp32 elsewhere. Not the frozen part's ``precision``.
 
     Examples
     --------
@@ -307,6 +310,7 @@ class FinetuneOptions:
     dropout: float = 0.2
     val_split: float = 0.1
     patience: int = 5
+    train_precision: str = "auto"
 
     def replace(self, **changes) -> FinetuneOptions:
         return dataclasses.replace(self, **changes)

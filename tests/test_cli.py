@@ -702,6 +702,16 @@ def test_cli_finetune_then_predict_and_evaluate(tmp_path, capsys, monkeypatch):
     assert json.loads(capsys.readouterr().out)["n_training_images"] == 18  # finetune records its training images
 
 
+def test_cli_finetune_fp16_on_the_cpu_is_one_line_exit_1(tmp_path, capsys):
+    """Check that 'featx finetune --train-precision fp16' on the CPU fails in one line before extracting."""
+    train, _ = _split_folders(tmp_path)
+    assert main(["finetune", str(train), "--model", "featx_tiny_cnn", "--from", "stage1", "--device", "cpu", "--train-precision", "fp16",
+                 "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "ft.joblib")]) == 1
+    err = capsys.readouterr().err
+    assert "train_precision='fp16' needs CUDA" in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+
+
 def test_cli_finetune_from_pre_logits_is_one_line_exit_1(tmp_path, capsys):
     """Check that fine-tuning from pre_logits is refused in one line that points to 'featx fit'."""
     train, _ = _split_folders(tmp_path)

@@ -8,7 +8,7 @@ import torch
 
 from featx.backbones import Tap, load_backbone, run_taps
 from featx.exceptions import UnknownLayerError
-from featx.finetuning import FinetuneError, TailClassifier, build_tail, finetune, read_maps
+from featx.finetuning import FinetuneError, TailClassifier, build_tail, finetune, memory_format, read_maps
 from featx.images import open_source
 from featx.models import evaluate_model, load_model, predict, save_model
 
@@ -177,6 +177,77 @@ def test_tailclassifier_pickles_without_callback(maps):
     copy = pickle.loads(pickle.dumps(clf))
     assert len(seen) == 1 and copy.on_epoch is None
     np.testing.assert_array_equal(copy.predict_proba(X), clf.predict_proba(X))
+
+
+def test_tailclassifier_bf16_channels_last_predicts_like_fp32(maps):
+    """Check that bf16 autocast on channels-last maps gives fp32's probabilities within bf16's rounding."""
+    import copy
+
+    X, y = maps
+    clf = _fit(X, y, epochs=2, train_precision="fp32")
+    fast = copy.deepcopy(clf)
+    fast.precision_ = "bf16"  # the same weights, predicted through the bf16 feed
+    assert memory_format(torch.device("cpu"), "bf16") == torch.channels_last
+    expected, got = clf.predict_proba(X), fast.predict_proba(X)
+    np.testing.assert_allclose(got, expected, atol=0.03)
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.95
+
+
+def test_tailclassifier_bf16_training_lowers_loss(maps):
+    """Check that training under bf16 autocast lowers the loss and keeps float32 weights."""
+    X, y = maps
+    clf = _fit(X, y, epochs=6, lr=1e-3, patience=10, train_precision="bf16")
+    losses = [r["train_loss"] for r in clf.history_]
+    assert clf.precision_ == "bf16" and losses[-1] < losses[0]
+    assert (clf.predict(X) == y).mean() >= 0.8
+    assert all(p.dtype == torch.float32 for p in clf.net_.parameters())
+
+
+def test_float32_depthwise_matches_fp32_gradients():
+    """Check that depthwise convolutions trained in float32 under bf16 autocast give fp32's loss and gradients
+    within bf16's rounding, and that unwrapping restores the module tree and its weights' names."""
+    import copy
+
+    from featx.finetuning import _Float32WhileTraining, _prepare, _swap_depthwise
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.BatchNorm2d(8),
+                              torch.nn.Conv2d(8, 4, 1), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    x, target = torch.randn(6, 8, 6, 6), torch.tensor([0, 1, 2, 0, 1, 2])
+    fast = _prepare(copy.deepcopy(net), torch.device("cpu"), "bf16")
+    assert isinstance(fast[0], _Float32WhileTraining) and not isinstance(fast[2], _Float32WhileTraining)
+    torch.nn.functional.cross_entropy(net(x), target).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(fast(x.to(torch.bfloat16, memory_format=torch.channels_last)), target)
+    loss.backward()
+    grad, expected = fast[0].conv.weight.grad, net[0].weight.grad
+    assert grad.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(grad.flatten(), expected.flatten(), dim=0) > 0.99
+    _swap_depthwise(fast, False)
+    assert isinstance(fast[0], torch.nn.Conv2d) and list(fast.state_dict()) == list(net.state_dict())
+
+
+def test_tailclassifier_unpickles_a_model_saved_before_train_precision(maps):
+    """Check that a classifier pickled before train_precision existed loads as fp32 and predicts as saved."""
+    import pickle
+
+    X, y = maps
+    clf = _fit(X, y, epochs=1, train_precision="fp32")
+    state = {k: v for k, v in clf.__getstate__().items() if k not in ("train_precision", "precision_")}
+    old = TailClassifier.__new__(TailClassifier)
+    old.__setstate__(state)
+    old = pickle.loads(pickle.dumps(old))
+    assert old.train_precision == "fp32" and old.precision_ == "fp32"
+    np.testing.assert_array_equal(old.predict_proba(X), clf.predict_proba(X))
+
+
+@pytest.mark.parametrize(("options", "match"), [(dict(train_precision="fp16"), "train_precision='fp16' needs CUDA"),
+                                                (dict(train_precision="int8"), "train_precision must be one of")])
+def test_tailclassifier_bad_train_precision_raises(maps, options, match):
+    """Check that fp16 training on the CPU and an unknown precision are refused with the choices."""
+    X, y = maps
+    with pytest.raises(FinetuneError, match=match):
+        _fit(X, y, **options)
 
 
 # --------------------------------------------------------------------------- finetune() and model files

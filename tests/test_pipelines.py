@@ -128,3 +128,33 @@ def test_grid_search_ratio_prints_each_figure_and_ratio(capsys):
     report = json.loads(out[out.index("{"):])
     assert report["alone"]["ratio"] == report["alone"]["grid_s"] / report["alone"]["extract_s"] > 0
     assert report["busy"]["best_params"]["cnnfeatures__layer"] in ("stage1", "stage2", "pre_logits")
+
+
+FINETUNE_BENCH = Path(__file__).resolve().parents[1] / "pipelines" / "finetune_bench.py"
+
+
+def test_finetune_bench_times_each_variant_and_the_ratio(png_folder, tmp_path):
+    """Check that finetune_bench.py runs featx finetune of an 'old' checkout (here: this one), of this one and
+    the plain loop on the same cached maps, and reports their epoch seconds, ratios and accuracies as JSON."""
+    cache = tmp_path / "cache"
+    done = run_script(FINETUNE_BENCH, str(png_folder), "--val", str(png_folder), "--model", TINY, "--from", "stage1",
+                      "--epochs", "2", "--batch-size", "8", "--val-split", "0.34", "--old", str(FINETUNE_BENCH.parents[1]), "--cache",
+                      str(cache), "--json", cache=cache, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    rows = report["rows"]
+    assert list(rows) == ["old", "featx", "featx-fp32", "plain"]
+    assert rows["featx-fp32"]["train_precision"] == "fp32"
+    for row in rows.values():
+        assert len(row["epoch_seconds"]) == 2 and row["epoch_median"] > 0 and 0 <= row["val_accuracy"] <= 1
+        assert row["speedup_vs_old"] == pytest.approx(rows["old"]["epoch_median"] / row["epoch_median"])
+    assert rows["old"]["n_computed"] == 18 and rows["featx"]["n_computed"] == 0  # the maps are extracted once
+
+
+def test_finetune_bench_refuses_old_without_a_checkout(capsys):
+    """Check that asking for the 'old' variant without --old exits 2 with the variants named."""
+    module = load_script(FINETUNE_BENCH)
+    with pytest.raises(SystemExit) as exc:
+        module.main(["data", "--variants", "old,featx"])
+    assert exc.value.code == 2
+    assert "'old' needs --old PATH" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from featx.cli.arguments import (
 )
 from featx.cli.interrupts import interrupted, interruptible
 from featx.cli.output import print_json, report_skipped
-from featx.options import FinetuneOptions
+from featx.options import PRECISIONS, FinetuneOptions
 
 __all__ = ["COMMANDS", "add_training_options", "finetune_options"]
 
@@ -61,6 +61,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                    help="held-out fraction for early stopping (default: %(default)s)")
     g.add_argument("--patience", type=int, default=TRAINING.patience,
                    help="epochs without improvement before stopping (default: %(default)s)")
+    g.add_argument("--train-precision", choices=PRECISIONS, default=TRAINING.train_precision,
+                   help="autocast of the training: bf16 on CPUs that compute it natively, fp16 on CUDA, else "
+                        "fp32 (default: %(default)s)")
 
 
 def finetune_options(args: argparse.Namespace) -> FinetuneOptions:
@@ -118,7 +121,7 @@ def cmd_finetune(args) -> int:
           + (" (stopped early)" if report["stopped_early"] else "")
           + f", best epoch {report['best_epoch']}"
           + ("" if val is None else f", val accuracy {val:.4f}")
-          + f": {report['train_seconds']:.1f} s")
+          + f": {report['train_seconds']:.1f} s ({report['train_precision']})")
     print(f"store: {report['store']}")
     print(f"{model.describe()}\nsaved to {args.output}")
     return 0
