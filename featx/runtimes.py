@@ -137,20 +137,25 @@ def machine(precision: str) -> dict:
             "precision": precision}
 
 
-def memory_folder() -> Path:
-    """The folder the runtime memory and the ONNX exports go in: ``runtimes`` in the cache folder.
+def memory_folder(store=None) -> Path:
+    """The folder the runtime memory and the ONNX exports go in: ``runtimes`` in the cache folder in use.
 
     Like the layer tables (``<cache folder>/layers``), it belongs to the machine, not to one
-    store: ``$FEATX_CACHE/runtimes``, or ``./cache/runtimes``.
+    store: ``runtimes`` in the folder of ``store`` when it names one (a folder, or an ``.h5``
+    file's folder), else in :func:`~featx.paths.default_cache_dir` (``$FEATX_CACHE/runtimes``, or
+    ``./cache/runtimes``). So a run on a given store writes nothing elsewhere.
 
     Examples
     --------
     >>> import os
     >>> from unittest import mock
     >>> with mock.patch.dict(os.environ, {"FEATX_CACHE": "/data/cache"}):
-    ...     memory_folder().as_posix()
-    '/data/cache/runtimes'
+    ...     memory_folder().as_posix(), memory_folder("/runs/a/store.h5").as_posix()
+    ('/data/cache/runtimes', '/runs/a/runtimes')
     """
+    if isinstance(store, (str, os.PathLike)):
+        folder = Path(store)
+        return (folder.parent if folder.suffix == ".h5" else folder) / "runtimes"
     return default_cache_dir() / "runtimes"
 
 
@@ -385,7 +390,7 @@ def memory_path(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch
     """
     key = {**_network_key(backbone, taps, batch), **machine(options.precision),
            "tolerance": list(TOLERANCES.get(options.precision, TOLERANCES["fp32"]))}  # another bound: verify again
-    return memory_folder() / f"{_file_stem(backbone, key)}.json", key
+    return memory_folder(options.store) / f"{_file_stem(backbone, key)}.json", key
 
 
 def export_path(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch: int) -> Path:
@@ -394,7 +399,7 @@ def export_path(backbone, taps: Sequence[Tap], options: ExtractOptions, *, batch
     import torch
 
     key = {**_network_key(backbone, taps, batch), "torch": torch.__version__}
-    return memory_folder() / f"{_file_stem(backbone, key)}.onnx"
+    return memory_folder(options.store) / f"{_file_stem(backbone, key)}.onnx"
 
 
 def _network_key(backbone, taps: Sequence[Tap], batch: int) -> dict:
@@ -427,7 +432,10 @@ def select_runner(backbone, taps: Sequence[Tap], options: ExtractOptions, *, bat
         announce = f"{backbone.name}:{choice.runtime}:{choice.path}"
         if announce not in _ANNOUNCED:
             _ANNOUNCED.add(announce)
-            logger.info("runtime auto: %s for %s: %s", choice.runtime, backbone.name, choice.reason)
+            # Said on the terminal when auto chose by measuring the runtimes; eager torch kept for a
+            # short run, or with no other runtime installed, is the plain default and stays quiet.
+            level = logging.INFO if choice.runtime != "torch" or set(choice.figures) != {"torch"} else logging.DEBUG
+            logger.log(level, "runtime auto: %s for %s: %s", choice.runtime, backbone.name, choice.reason)
         if choice.runtime == "torch":
             return None
         try:

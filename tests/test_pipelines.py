@@ -158,3 +158,31 @@ def test_finetune_bench_refuses_old_without_a_checkout(capsys):
         module.main(["data", "--variants", "old,featx"])
     assert exc.value.code == 2
     assert "'old' needs --old PATH" in capsys.readouterr().err
+
+
+ACCURACY = Path(__file__).resolve().parents[1] / "pipelines" / "accuracy.py"
+
+
+def test_accuracy_pipeline_scores_old_and_new_defaults_on_a_held_out_part(tmp_path, capsys):
+    """Check that accuracy.py fits each method on the training part only and scores it once on the held-out part."""
+    arrays, labels = make_images(n_per_class=18, n_classes=3, seed=3)
+    data = tmp_path / "data"
+    for i, (array, label) in enumerate(zip(arrays, labels)):
+        split = "val" if i % 3 == 0 else "train"  # 12 train and 6 val images per class
+        (data / "neu_steel" / split / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(data / "neu_steel" / split / label / f"{i:02d}.png")
+    accuracy = load_script(ACCURACY)
+    out = tmp_path / "accuracy.json"
+    assert accuracy.main(["--rows", "neu_steel@5,neu_steel@10", "--methods", "old,new", "--model", TINY,
+                          "--data", str(data), "--cache", str(tmp_path / "c"), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["data"], r["method"], r["n_train"], r["n_test"]) for r in rows] == [
+        ("neu_steel@5", "old", 15, 18), ("neu_steel@5", "new", 15, 18),
+        ("neu_steel@10", "old", 30, 18), ("neu_steel@10", "new", 30, 18)]
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and row["se"] == pytest.approx((row["accuracy"] * (1 - row["accuracy"]) / 18) ** 0.5)
+    assert rows[0]["chosen"] == "pre_logits/avg" and rows[1]["chosen"].endswith("/avg")
+    printed = capsys.readouterr()
+    assert "neu_steel@10" in printed.out and "skipping clothing_small" in printed.err
+    with pytest.raises(SystemExit):
+        accuracy.main(["--methods", "old,best"])

@@ -1,8 +1,6 @@
 import json
 import logging
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,7 +89,7 @@ def test_choose_measures_remembers_and_reuses_the_memory(tmp_path, fake_runtime,
     backbone, taps, options = _setup(tmp_path)
     fake_runtime["factory"] = _eager_runner
     first = runtimes.choose(backbone, taps, options, batch=4, n_images=40, measure_min_seconds=0)
-    assert first.path.parent == Path(os.environ["FEATX_CACHE"]) / "runtimes" and first.path.exists()
+    assert first.path.parent == tmp_path / "runtimes" and first.path.exists()  # beside the store
     stored = json.loads(first.path.read_text())
     assert stored["key"]["backbone"] == TINY and stored["key"]["precision"] == "fp32"
     assert stored["figures"]["onnxruntime"]["verified"] and "measured every runtime on one batch of 4" in first.reason
@@ -202,9 +200,11 @@ def test_every_runtime_matches_eager_within_the_tolerance(images, shared_cache, 
 
 
 def test_memory_folder_is_in_the_cache_folder(tmp_path, monkeypatch):
-    """Check that the memory sits in the cache folder, beside the layer tables, whatever the store."""
+    """Check that the memory sits in the cache folder in use: the store's folder when it names one, else $FEATX_CACHE."""
     monkeypatch.setenv("FEATX_CACHE", str(tmp_path / "cache"))
-    assert runtimes.memory_folder() == tmp_path / "cache" / "runtimes"
+    assert runtimes.memory_folder() == runtimes.memory_folder(True) == tmp_path / "cache" / "runtimes"
+    assert runtimes.memory_folder(tmp_path / "runs") == tmp_path / "runs" / "runtimes"
+    assert runtimes.memory_folder(str(tmp_path / "runs" / "s-1.h5")) == tmp_path / "runs" / "runtimes"
 
 
 def test_select_runner_runs_eager_when_a_remembered_runtime_cannot_be_set_up(tmp_path, fake_runtime, monkeypatch):
