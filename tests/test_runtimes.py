@@ -52,7 +52,7 @@ def fake_runtime(monkeypatch):
     """One candidate runtime, 'onnxruntime', replaced by a runner made by the test (no export)."""
     made = {}
 
-    def prepare_fake(runtime, module, taps, example, precision, onnx_file):
+    def prepare_fake(runtime, module, taps, example, onnx_file):
         made["calls"] = made.get("calls", 0) + 1
         return made["factory"](module, taps)
 
@@ -177,7 +177,11 @@ def shared_cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_runtime_matches_eager_within_the_tolerance(images, shared_cache, monkeypatch, precision):
-    """Check that every installed runtime's features agree with eager fp32 within TOLERANCES[precision]."""
+    """Check that every installed runtime's features agree with eager fp32 within TOLERANCES[precision].
+
+    ONNX Runtime and OpenVINO compute in fp32 at every precision, so they must meet the fp32 bound
+    even at bf16 (OpenVINO's bf16 inference moved the digits layer table beyond issue 7's 0.01).
+    """
     arrays, _ = images
     monkeypatch.setenv("FEATX_CACHE", str(shared_cache))
     backbone = load_backbone(TINY)
@@ -193,10 +197,11 @@ def test_every_runtime_matches_eager_within_the_tolerance(images, shared_cache, 
         warnings.simplefilter("ignore", UserWarning)  # the exporter's own deprecation notes
         for setting in settings:
             features = extract(arrays, precision=precision, **common, **setting)
+            bound = (least_cosine, most_error) if setting["runtime"] == "torch" else runtimes.TOLERANCES["fp32"]
             for key in reference:
                 cosine, error = runtimes.feature_agreement([torch.from_numpy(features[key])],
                                                            [torch.from_numpy(reference[key])])
-                assert cosine >= least_cosine and error <= most_error, (setting, key, cosine, error)
+                assert cosine >= bound[0] and error <= bound[1], (setting, key, cosine, error)
 
 
 def test_memory_folder_is_in_the_cache_folder(tmp_path, monkeypatch):
