@@ -274,9 +274,7 @@ def fit_model(
             "weights": "+".join(part.weights_ for part in parts),
             "dtype": options.dtype,
             "tta": options.tta,
-            "selection": None if selection is None else {
-                "rule": selection.rule, "chosen": selection.chosen, "best": selection.best,
-                "estimate": selection.estimate, "bias": selection.bias, "table": selection.table},
+            "selection": None if selection is None else selection.to_dict(),
         },
     )
     return model, result

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -36,6 +36,9 @@ from featx.progress import Progress
 __all__ = ["SIMPLEST", "Selection", "bootstrap_estimate", "evaluate_auto", "layer_preference", "one_standard_error",
            "select_layer"]
 
+#: :func:`select_layer` repeats its cross-validation REPEATS times below REPEAT_BELOW images, so that small
+#: data gives enough folds to measure its noise.
+REPEATS, REPEAT_BELOW = 3, 500
 RULE = ("the simplest candidate within one standard error of the best (paired over the same folds); "
         "the estimate scores the rule itself by a bootstrap over the folds")
 
@@ -60,6 +63,9 @@ class Selection:
         ``within`` (whether the gap is within one standard error) and ``chosen``.
     rule : str
         The rule, in words.
+    head, cv, repeats : str, int, int or None
+        How :func:`select_layer` scored the candidates (the head with its default parameters,
+        ``cv``-fold stratified CV repeated ``repeats`` times); None from :func:`one_standard_error`.
     """
 
     chosen: str
@@ -68,6 +74,30 @@ class Selection:
     bias: float
     table: list = field(default_factory=list)
     rule: str = RULE
+    head: str | None = None
+    cv: int | None = None
+    repeats: int | None = None
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (what a model's ``info`` and ``--json`` keep); ``Selection(**d)`` reads it back."""
+        return asdict(self)
+
+    def scored_by(self) -> str:
+        """How the candidates were scored, in words.
+
+        Examples
+        --------
+        >>> Selection("a", "a", 0.9, 0.0, [{"n_folds": 9}] * 7, head="logreg", cv=3, repeats=3).scored_by()
+        '7 feature sets scored by logreg with its default parameters on 9 stratified folds (3-fold CV repeated 3 times, as below 500 images)'
+        """
+        folds = self.table[0]["n_folds"] if self.table else 0
+        how = f" by {self.head} with its default parameters" if self.head else ""
+        sets = f"{len(self.table)} feature set{'' if len(self.table) == 1 else 's'}"
+        if self.cv is None:
+            return f"{sets} scored{how} on {folds} folds"
+        repeated = (f"repeated {self.repeats} times, as below {REPEAT_BELOW} images" if (self.repeats or 1) > 1 else
+                    f"not repeated, as from {REPEAT_BELOW} images")
+        return f"{sets} scored{how} on {folds} stratified folds ({self.cv}-fold CV {repeated})"
 
 
 def _scores(fold_scores: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
@@ -80,18 +110,22 @@ def _scores(fold_scores: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]
     return scores
 
 
-def _choose(matrix: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
-    """The rule on a ``(candidates, folds)`` matrix whose rows are in preference order.
+def _choose(rows: Sequence[np.ndarray]) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """The rule on the candidates' fold scores ``rows``, in preference order: the one place it is written.
 
-    Returns ``(chosen, best, gaps, standard errors, within)``.
+    Returns ``(chosen, best, gaps, standard errors, within)``. A candidate scored on as many folds
+    as the best is compared pair by pair (the standard error of the paired differences); one
+    scored on another count of folds, with the best's own standard error.
     """
-    means = matrix.mean(axis=1)
+    means = np.array([row.mean() for row in rows])
     best = int(np.argmax(means))  # the first of equal means: the preferred
-    n = matrix.shape[1]
-    if n > 1:
-        se = np.std(matrix[best] - matrix, axis=1, ddof=1) / math.sqrt(n)
-    else:
-        se = np.zeros(len(matrix))
+    top = rows[best]
+    se = np.zeros(len(rows))
+    for i, row in enumerate(rows):
+        if row.size == top.size and row.size > 1:
+            se[i] = np.std(top - row, ddof=1) / math.sqrt(row.size)
+        elif top.size > 1:
+            se[i] = np.std(top, ddof=1) / math.sqrt(top.size)
     gaps = means[best] - means
     within = gaps <= se + 1e-12
     return int(np.argmax(within)), best, gaps, se, within
@@ -127,8 +161,6 @@ def bootstrap_estimate(fold_scores: Mapping[str, Sequence[float]], preference: S
     its own mean, far below the luckiest candidate's.
 
     >>> import numpy as np
-
-from featx.exceptions import FeatxError
     >>> rng = np.random.default_rng(1)
     >>> folds = {f"c{i}": 0.8 + rng.normal(0, 0.06, size=10) for i in range(30)}
     >>> round(float(np.mean(folds["c0"])), 3), round(float(max(np.mean(v) for v in folds.values())), 3)
@@ -143,7 +175,7 @@ from featx.exceptions import FeatxError
     order = [name for name in order if scores[name].size == k]
     matrix = np.array([scores[name] for name in order])
     if k < 3:
-        return float(matrix[_choose(matrix)[0]].mean())
+        return float(matrix[_choose(list(matrix))[0]].mean())
     rng = np.random.default_rng(random_state)
     values = []
     for _ in range(n_boot):
@@ -151,7 +183,7 @@ from featx.exceptions import FeatxError
         left = np.setdiff1d(np.arange(k), drawn)
         if left.size == 0:
             continue
-        chosen = _choose(matrix[:, drawn])[0]
+        chosen = _choose(list(matrix[:, drawn]))[0]
         values.append(matrix[chosen, left].mean())
     return float(np.mean(values))
 
@@ -192,24 +224,12 @@ def one_standard_error(fold_scores: Mapping[str, Sequence[float]],
     """
     scores = _scores(fold_scores)
     order = _order(scores, preference)
-    means = {name: float(np.mean(scores[name])) for name in order}
-    best = max(order, key=lambda name: (means[name], -order.index(name)))
-    top = scores[best]
-    rows = []
-    for name in order:
-        values = scores[name]
-        gap = means[best] - means[name]
-        if values.size == top.size and values.size > 1:
-            se = float(np.std(top - values, ddof=1) / math.sqrt(values.size))
-        elif top.size > 1:
-            se = float(np.std(top, ddof=1) / math.sqrt(top.size))
-        else:
-            se = 0.0
-        rows.append({"name": name, "mean": means[name], "std": float(np.std(values)), "n_folds": int(values.size),
-                     "gap": gap, "se": se, "within": bool(gap <= se + 1e-12), "chosen": False})
-    chosen = next(row["name"] for row in rows if row["within"])
-    for row in rows:
-        row["chosen"] = row["name"] == chosen
+    chosen, best, gaps, se, within = _choose([scores[name] for name in order])
+    rows = [{"name": name, "mean": float(np.mean(scores[name])), "std": float(np.std(scores[name])),
+             "n_folds": int(scores[name].size), "gap": float(gaps[i]), "se": float(se[i]), "within": bool(within[i]),
+             "chosen": i == chosen} for i, name in enumerate(order)]
+    chosen, best = order[chosen], order[best]
+    means = {row["name"]: row["mean"] for row in rows}
     estimate = bootstrap_estimate(scores, order, random_state=random_state)
     return Selection(chosen=chosen, best=best, estimate=estimate, bias=means[chosen] - estimate, table=rows)
 
@@ -248,12 +268,13 @@ def select_layer(candidates: dict[str, np.ndarray], y, *, head: str = "logreg", 
     from featx.heads import evaluate  # scikit-learn: this module stays light for warm runs
 
     y = np.asarray(y)
-    repeats = 3 if len(y) < 500 else 1
+    repeats = REPEATS if len(y) < REPEAT_BELOW else 1
     folds = {
         name: evaluate(X, y, head=head, cv=cv, repeats=repeats, tune=False, random_state=random_state)["fold_accuracy"]
         for name, X in candidates.items()
     }
-    return one_standard_error(folds, layer_preference(candidates), random_state=random_state)
+    selection = one_standard_error(folds, layer_preference(candidates), random_state=random_state)
+    return replace(selection, head=head, cv=cv, repeats=repeats)
 
 
 def layer_preference(candidates: dict[str, np.ndarray]) -> list[str]:

@@ -72,3 +72,20 @@ def test_one_standard_error_rejects_bad_scores(scores, match):
     """Check that empty or non-finite fold scores fail with what was expected."""
     with pytest.raises(ValueError, match=match):
         one_standard_error(scores)
+
+
+def test_select_layer_says_how_it_scored_the_candidates():
+    """Check that select_layer keeps its head, folds and repeats, says them in words, and survives to_dict."""
+    from featx.selection import Selection, select_layer
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b"], 15)
+    candidates = {"stage2/avg": rng.normal(size=(30, 4)) + 3 * (y == "a")[:, None],
+                  "pre_logits/avg": rng.normal(size=(30, 4))}
+    choice = select_layer(candidates, y, cv=3)
+    assert (choice.head, choice.cv, choice.repeats) == ("logreg", 3, 3)
+    assert choice.table[0]["n_folds"] == 9
+    assert choice.scored_by() == ("2 feature sets scored by logreg with its default parameters on 9 stratified "
+                                  "folds (3-fold CV repeated 3 times, as below 500 images)")
+    assert Selection(**choice.to_dict()) == choice
+    assert one_standard_error({"a": [0.9, 0.8]}).scored_by() == "1 feature set scored on 2 folds"

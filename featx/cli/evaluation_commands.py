@@ -80,14 +80,12 @@ def cmd_cv_auto(args, source, options: ExtractOptions) -> int:
                      "accuracy_mean": report["accuracy_mean"], "accuracy_std": report["accuracy_std"],
                      "balanced_accuracy": report["balanced_accuracy"], "chosen_per_fold": report["chosen_per_fold"],
                      "n_images": report["n_samples"], "cv": report["cv"], "fit_time": report["fit_time"],
-                     "selection": {"rule": selection.rule, "chosen": selection.chosen, "best": selection.best,
-                                   "estimate": selection.estimate, "bias": selection.bias, "table": selection.table}})
+                     "selection": selection.to_dict()})
     if args.json:
         print_json(rows)
         return 0
     for row, selection in zip(rows, selections):
-        print(f"{row['head']}: {len(candidates)} feature sets scored with default parameters on "
-              f"{selection.table[0]['n_folds']} stratified folds of all {row['n_images']} images:")
+        print(f"{row['head']}: {selection.scored_by()}, on all {row['n_images']} images:")
         print(format_selection(selection))
         print()
     print(format_table(rows, ["model", "layer", "chosen_layer", "pooling", "head", "accuracy_mean", "accuracy_std"]))

@@ -110,10 +110,9 @@ def cmd_fit(args) -> int:
                          on_skipped=lambda skipped, n: report_skipped(skipped, n, data=args.data))
     selection = model.info["selection"]
     if selection is not None:
-        print(f"--layers auto: {len(selection['table'])} feature sets scored by {args.head} with its default "
-              f"parameters, {selection['table'][0]['n_folds']} stratified folds ({inner_cv}-fold CV, repeated "
-              f"below 500 images):")
-        print(format_selection(Selection(**selection)))
+        selection = Selection(**selection)
+        print(f"--layers auto: {selection.scored_by()}:")
+        print(format_selection(selection))
     save_model(model, args.output)
     print(f"{model.describe()}; chosen {model.info['chosen_params']}")
     print(_cv_score_line(model.info))
