@@ -41,7 +41,7 @@ from featx.devices import check_resolved, resolve
 from featx.exceptions import FeatxError, RayUnavailableError
 from featx.loop import Batch, iter_batches, prepare
 from featx.options import ExtractOptions
-from featx.progress import show_progress
+from featx.progress import Progress
 
 __all__ = ["RayEngine", "joblib_on_ray", "require_ray", "ray_session"]
 
@@ -265,12 +265,8 @@ class RayEngine:
                                      num_workers=num_workers, progress=False)
             shared = ray.put(backbone)
             actors = [actor.remote(shared, requests, remote) for _ in range(n_workers)]
-            bar = None
-            if show_progress(options.progress):
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name} on {n_workers} Ray workers",
-                           leave=False)
+            bar = Progress(len(indices), enabled=options.progress, unit="img",
+                           desc=f"{backbone.name} on {n_workers} Ray workers")
             try:
                 pool = ActorPool(actors)
                 for block in blocks:  # the pool submits when an actor is free: one block's pixels per actor
@@ -283,15 +279,13 @@ class RayEngine:
                             raise exc.cause from None
                         raise
                     positions, features, skipped = results
-                    if bar is not None:
-                        bar.update(len(positions) + len(skipped))
+                    bar.advance(len(positions) + len(skipped))
                     yield Batch(
                         indices=np.asarray(positions, dtype=np.int64),
                         features={by_key[key]: value for key, value in features.items()},
                         skipped=skipped,
                     )
             finally:
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 for worker in actors:
                     ray.kill(worker)

@@ -26,7 +26,7 @@ from featx.options import ExtractOptions
 from featx.featuresets import parse_blocks
 from featx.paths import split_names
 from featx.pooling import check_pooling, pool_each
-from featx.progress import show_progress
+from featx.progress import Progress
 from featx.runtimes import select_runner
 
 if TYPE_CHECKING:
@@ -140,11 +140,7 @@ def iter_batches(
     taps = list(dict.fromkeys(r.tap for r in requests))
     full = batch_size * (2 if tta == "hflip" else 1)  # the batch the network sees
     runner = select_runner(backbone, taps, options, batch=full, n_images=len(indices) * (full // batch_size))
-    bar = None
-    if show_progress(progress):
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(indices), unit="img", desc=f"{backbone.name}", leave=False)
+    bar = Progress(len(indices), enabled=progress, unit="img", desc=backbone.name)
     try:
         start = time.perf_counter()  # the first hand-over includes starting the decoding processes
         loaded_batches = iter(loader)
@@ -198,13 +194,11 @@ def iter_batches(
             else:
                 seconds = {"decode": loaded.decode_seconds, "handover": max(0.0, waited - loaded.decode_seconds)}
             seconds["network"] = time.perf_counter() - handed_over
-            if bar is not None:
-                bar.update(len(batch_indices) + len(skipped))
+            bar.advance(len(batch_indices) + len(skipped))
             yield Batch(indices=batch_indices.numpy(), features=features, skipped=skipped, seconds=seconds)
             start = time.perf_counter()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def prepare(backbone: Backbone, device: torch.device) -> Backbone:
