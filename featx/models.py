@@ -34,7 +34,7 @@ from featx.extraction import extract, join_features, kept_labels, require_kept
 from featx.options import CACHED, DEFAULT_MAX_PIXELS, ExtractOptions
 from featx.paths import split_names
 from featx.heads import fit_head, score_predictions
-from featx.selection import select_layer
+from featx.selection import auto_poolings, feature_sets, select_layer
 from featx.images import ImageSource, describe, open_source
 from featx.progress import Progress
 from featx.transformers import CNNFeatures
@@ -193,7 +193,7 @@ def fit_model(
         grid fits and naming what it tunes (``tune stage4/spp logreg``), when
         ``options.progress`` says so (by default on a terminal only; never with ``progress=False``).
         ``layers="auto"`` chooses the layer and pooling (among every layer and the given poolings,
-        from one extraction) by :func:`featx.selection.select_layer` with ``inner_cv`` folds:
+        avg and spp for the default one: :func:`featx.selection.auto_poolings`; from one extraction) by :func:`featx.selection.select_layer` with ``inner_cv`` folds:
         the simplest feature set within one standard error of the best; ``model.info["selection"]``
         keeps the table it chose from and the estimate of that choice.
     on_skipped : callable, optional
@@ -232,9 +232,9 @@ def fit_model(
                              "pass layers= for several backbones, or fit one backbone at a time.")
         # Every layer from one extraction, the choice by the one-standard-error rule, then the
         # chosen block of the same extraction: nothing is extracted twice.
-        result = extract(source, options.replace(layers="all"))
+        result = extract(source, options.replace(layers="all", pooling=auto_poolings(options.pooling)))
         _check_extracted([result], source, on_skipped)
-        candidates = {request.key: result[request.key] for request in result.requests}
+        candidates = feature_sets(result, names[0])
         selection = select_layer(candidates, kept_labels(result), head=head, cv=inner_cv, random_state=random_state)
         layer, pooling = selection.chosen.split("/")
         options = options.replace(layers=layer, pooling=pooling)

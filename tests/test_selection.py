@@ -89,3 +89,17 @@ def test_select_layer_says_how_it_scored_the_candidates():
                                   "folds (3-fold CV repeated 3 times, as below 500 images)")
     assert Selection(**choice.to_dict()) == choice
     assert one_standard_error({"a": [0.9, 0.8]}).scored_by() == "1 feature set scored on 2 folds"
+
+
+def test_feature_sets_weigh_avg_and_spp_of_every_map_and_a_vector_once(tmp_path):
+    """Check that layers='auto' candidates are avg and spp of every spatial layer, and one pooling of a vector layer."""
+    from featx.extraction import extract
+    from featx.selection import auto_poolings, feature_sets
+
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    result = extract(images, backbone="featx_tiny_cnn", layers="all", pooling=auto_poolings("avg"), device="cpu",
+                     store=tmp_path)
+    names = list(feature_sets(result, "featx_tiny_cnn"))
+    assert "stage1/avg" in names and "stage1/spp" in names
+    assert "pre_logits/avg" in names and "pre_logits/spp" not in names
+    assert auto_poolings(["max"]) == ("max",)

@@ -56,7 +56,8 @@ OPTIONS: dict[str, tuple[str, dict]] = {
         "or stage4/spp+pre_logits/avg with a pooling per layer) (default: %(default)s)",
     }),
     "pooling": ("--pool", {"default": DEFAULTS.pooling,
-                           "help": "comma-separated: avg, max, avgmax, spp (default: %(default)s)"}),
+                           "help": "comma-separated: avg, max, avgmax, spp (default: avg; with --layers auto "
+                                   "the candidates are avg and spp of every layer)"}),
     "batch_size": ("--batch-size", {"type": int, "default": DEFAULTS.batch_size,
                                     "help": "images per forward pass (default: %(default)s)"}),
     "device": ("--device", {"default": DEFAULTS.device,

@@ -21,7 +21,7 @@ from featx.cli.arguments import (
 )
 from featx.cli.output import format_selection, format_table, print_json, report_skipped
 from featx.compare import best_row, compare_layers, write_comparison
-from featx.selection import evaluate_auto, select_layer
+from featx.selection import auto_poolings, evaluate_auto, feature_sets, select_layer
 from featx.distributed import joblib_on_ray
 from featx.extraction import extract, kept_labels, require_kept
 from featx.options import ExtractOptions, FinetuneOptions
@@ -34,10 +34,11 @@ CV_COLUMNS = ["model", "layer", "pooling", "head", "dim", "accuracy_mean", "accu
 
 def auto_candidates(source, options: ExtractOptions, data: str | None = None):
     """Every (layer, pooling) feature set of DATA for --layers auto, from one extraction."""
-    result = extract(source, options.replace(layers="all"))
+    result = extract(source, options.replace(layers="all", pooling=auto_poolings(options.pooling)))
     report_skipped(result.skipped, len(result.keys), data=data)
     require_kept(result, "cross-validate")
-    candidates = {r.key: result[r.key] for r in result.requests}
+    backbone = options.backbone if isinstance(options.backbone, str) else options.backbone.name
+    candidates = feature_sets(result, backbone)
     return candidates, kept_labels(result), result
 
 
