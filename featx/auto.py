@@ -21,8 +21,13 @@ How the budget is spent:
   in the budget; as candidates run cheapest first, the search stops at the first that does not.
   The cheapest candidate always runs, so that there is a model, even when its estimate alone
   exceeds the budget; its row says so.
-- The winner (highest mean CV accuracy; the earlier, cheaper one on a tie) is refitted on all
-  the data (:func:`featx.models.fit_model`: its head's C and gamma tuned by inner CV).
+- With the default feature sets, the first candidate is ``featx fit``'s own choice for the data
+  (:func:`default_candidate`: every layer of the first backbone under avg and spp, chosen by
+  the one-standard-error rule, as ``--layers auto`` does).
+- The winner is the first candidate within one standard error of the best mean CV accuracy
+  (:func:`featx.selection.one_standard_error`), ``featx fit``'s choice first, then in the order
+  the search ran them (cheapest first); it is refitted on all the data
+  (:func:`featx.models.fit_model`: its head's C and gamma tuned by inner CV).
 
 The search only ever sees the source it is given: there is no argument for held-out data.
 Features come from (and go to) the feature store, and cross-validation reports are kept beside
@@ -577,6 +582,32 @@ def frozen_candidates(backbones, feature_sets, ttas, heads, *, concat_backbones:
     return candidates
 
 
+def default_candidate(search: Search, backbone: str, head: str, tta: str | None) -> FrozenCandidate:
+    """What ``featx fit`` (``--layers auto``) chooses for the search's data, as a candidate of the search.
+
+    Every layer of ``backbone`` under :data:`featx.selection.AUTO_POOLINGS`, in the search's one
+    extraction of that backbone, chosen by :func:`featx.selection.select_layer` with ``head`` and
+    the search's ``inner_cv`` folds, as :func:`featx.models.fit_model` does: the same choice
+    (the default grid of feature sets does not hold every layer: on flowers5 at 30 images per
+    class ``featx fit`` took ``stage5/avg``, 0.674 held out, which ``--auto`` could not choose;
+    it took ``efficientnet_lite1 stage5/spp``, 0.657).
+    """
+    from featx.backbones import resolve_layers
+    from featx.selection import AUTO_POOLINGS, feature_sets, select_layer
+
+    pairs = [(alias, pooling) for alias, _ in resolve_layers(backbone, "all") for pooling in AUTO_POOLINGS]
+    search.needs.setdefault((backbone, tta), {}).update(dict.fromkeys(pairs))
+    result = search.extraction(backbone, tta)
+    wanted = {f"{layer}/{pooling}" for layer, pooling in pairs}
+    blocks = {key: X for key, X in feature_sets(result, backbone).items() if key in wanted}
+    selection = select_layer(blocks, kept_labels(result), head=head, cv=search.inner_cv,
+                             random_state=search.random_state)
+    layer, pooling = selection.chosen.split("/")
+    candidate = FrozenCandidate((backbone,), ((layer, pooling),), tta, head)
+    search.register(candidate)
+    return candidate
+
+
 def finetune_candidates(source, backbones, finetune, *, epochs: int = 10,
                         device="auto") -> tuple[dict | None, list[FinetuneCandidate]]:
     """The fine-tuning candidates of a search, and the advisor's report when it was asked.
@@ -722,6 +753,13 @@ def auto_fit(
     search = Search(source, options, cv=cv, inner_cv=inner_cv, random_state=random_state)
     search.on_skipped = on_skipped
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
+    default = None
+    if frozen and split_names(feature_sets) == list(DEFAULT_FEATURE_SETS):
+        # featx fit's own answer first: the search moves away from it only for more than the noise.
+        for candidate in frozen:  # so that the one extraction of the first backbone holds what all need
+            search.register(candidate)
+        default = default_candidate(search, split_names(backbones)[0], frozen[0].head, frozen[0].tta)
+        frozen = [default, *(c for c in frozen if c.name != default.name)]
     advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs,
                                         device=search.options.device)
     for candidate in [*frozen, *tuned]:
@@ -800,11 +838,13 @@ def auto_fit(
     finally:
         bar.close()
         search.progress = None
-    # The winner's curse: choose the cheapest candidate within one standard error of the best, in
-    # the order the search ran them (cheapest estimate first), and estimate the rule itself.
+    # The winner's curse: choose the first candidate within one standard error of the best, featx
+    # fit's own choice first, then in the order the search ran them (cheapest estimate first), and
+    # estimate the rule itself.
     ran = [r for r in rows.values() if r["accuracy_mean"] is not None]
+    preference = ([default.name] if default is not None else []) + [r["configuration"] for r in ran]
     selection = one_standard_error({r["configuration"]: r["fold_accuracy"] or [r["accuracy_mean"]] for r in ran},
-                                   [r["configuration"] for r in ran], random_state=random_state)
+                                   preference, random_state=random_state)
     best = rows[selection.chosen]
     winner = next(c for c in [*frozen, *tuned, *extra_candidates] if c.name == best["configuration"])
     model = winner.refit(search)

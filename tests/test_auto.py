@@ -301,3 +301,24 @@ def test_cli_fit_auto_reports_skipped_images_before_the_search(tmp_path, capsys)
     assert lines.count("featx: warning: skipped 2 of 14 images:") == 1
     scores = [i for i, line in enumerate(lines) if "tta=none logreg: accuracy" in line]
     assert len(scores) == 2 and lines.index("featx: warning: skipped 2 of 14 images:") < scores[0]
+
+
+def test_auto_fit_starts_from_the_choice_of_featx_fit(source, tmp_path, monkeypatch):
+    """Check that with the default feature sets the search scores featx fit's --layers auto choice and prefers it."""
+    from featx import auto
+    from featx.models import fit_model
+
+    model, _ = fit_model(source, backbone=TINY, layers="auto", store=tmp_path, device="cpu", progress=False)
+    chosen = model.info["selection"]["chosen"]
+    grid = ("pre_logits/avg", "stage2/avg")
+    monkeypatch.setattr(auto, "DEFAULT_FEATURE_SETS", grid)
+    result = auto_fit(source, budget="10m", feature_sets=grid, ttas="none", heads="logreg", store=tmp_path,
+                      concat_backbones=False, **OPTIONS)
+    default = f"{TINY} {chosen} tta=none logreg"
+    assert default in [row["configuration"] for row in result.leaderboard]
+    assert result.selection.table[0]["name"] == default  # first in the rule's order
+    if result.selection.table[0]["within"]:
+        assert result.selection.chosen == default
+    plain = auto_fit(source, budget="10m", feature_sets=["stage2/avg"], ttas="none", heads="logreg", store=tmp_path,
+                     concat_backbones=False, **OPTIONS)
+    assert [row["configuration"] for row in plain.leaderboard] == [f"{TINY} stage2/avg tta=none logreg"]

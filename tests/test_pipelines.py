@@ -186,3 +186,28 @@ def test_accuracy_pipeline_scores_old_and_new_defaults_on_a_held_out_part(tmp_pa
     assert "neu_steel@10" in printed.out and "skipping clothing_small" in printed.err
     with pytest.raises(SystemExit):
         accuracy.main(["--methods", "old,best"])
+
+
+FEATURE_VARIANTS = Path(__file__).resolve().parents[1] / "pipelines" / "feature_variants.py"
+
+
+@pytest.mark.weights
+def test_feature_variants_scores_every_variant_on_the_held_out_part(tmp_path, capsys):
+    """Check that feature_variants.py scores each variant once on a row's held-out part and marks the row's best."""
+    arrays, labels = make_images(n_per_class=12, n_classes=3, seed=4)
+    data = tmp_path / "data"
+    for i, (array, label) in enumerate(zip(arrays, labels)):
+        split = "val" if i % 3 == 0 else "train"  # 8 train and 4 val images per class
+        (data / "neu_steel" / split / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(data / "neu_steel" / split / label / f"{i:02d}.png")
+    variants = load_script(FEATURE_VARIANTS)
+    out = tmp_path / "variants.json"
+    assert variants.main(["--rows", "neu_steel@5", "--data", str(data), "--cache", str(tmp_path / "c"),
+                          "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())["neu_steel@5"]
+    assert list(scores) == list(variants.VARIANTS)
+    for score in scores.values():
+        assert 0 <= score["accuracy"] <= 1
+        assert score["se"] == pytest.approx((score["accuracy"] * (1 - score["accuracy"]) / 12) ** 0.5)
+    printed = capsys.readouterr().out
+    assert "neu_steel@5" in printed and "*" in printed and "stage5 power+l2" in printed
