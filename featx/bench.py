@@ -285,8 +285,10 @@ def run_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 25
         ``featx_compile_seconds`` (the warm-up extraction of one batch), ``compiled_speedup_vs_naive``
         and ``compiled_fraction_of_compiled_limit``; with ``runtime="auto"``, ``auto_runtime``,
         ``auto_reason``, ``auto_figures`` (per runtime: ``images_per_s``, ``cosine``, ``error``,
-        ``prepare_seconds``, ``verified``, ``problem``) and ``auto_images_per_s`` (featx's extraction
-        with auto's choice).
+        ``prepare_seconds``, ``verified``, ``problem``), ``auto_images_per_s`` (featx's extraction
+        with auto's choice: featx's default), ``auto_speedup_vs_naive``,
+        ``auto_loop_limit_images_per_s`` (1 / (1/auto's model-only rate + 1/decode only)) and
+        ``auto_fraction_of_loop_limit``.
     """
     options = ExtractOptions.merge(options, settings, aliases={"model": "backbone"}, where="run_bench")
     resolved = resolve(options)
@@ -345,8 +347,14 @@ def run_bench(folder=None, options: ExtractOptions | None = None, *, n: int = 25
                 out(f"    {ours_auto['images_per_s']:.1f} images/s")
     extra = {}
     if runtime == "auto":
+        auto_rate = ours_auto["images_per_s"] if auto["runtime"] != "torch" else ours["images_per_s"]
+        # The default's own limit: its runtime's model-only rate (auto's measurement) sharing the cores with decoding.
+        auto_model = (auto["figures"][auto["runtime"]]["images_per_s"] if auto["runtime"] != "torch"
+                      else limit["images_per_s"])
+        auto_limit = loop_limit(auto_model, decoding["images_per_s"])
         extra = {"auto_runtime": auto["runtime"], "auto_reason": auto["reason"], "auto_figures": auto["figures"],
-                 "auto_images_per_s": ours_auto["images_per_s"] if auto["runtime"] != "torch" else ours["images_per_s"]}
+                 "auto_images_per_s": auto_rate, "auto_speedup_vs_naive": auto_rate / naive["images_per_s"],
+                 "auto_loop_limit_images_per_s": auto_limit, "auto_fraction_of_loop_limit": auto_rate / auto_limit}
     if runtime == "onnxruntime":
         extra |= {"onnx_images_per_s": ours_onnx["images_per_s"], "onnx_export_seconds": ours_onnx["prepare_seconds"],
                  "onnx_peak_rss_mb": ours_onnx["peak_rss_mb"], "model_only_onnx_images_per_s": limit_onnx["images_per_s"],

@@ -87,6 +87,9 @@ def test_run_bench_auto_reports_the_choice_and_its_figures(tmp_path):
     assert {"torch", "onnxruntime"} <= set(figures) and figures["onnxruntime"]["verified"]
     assert figures["torch"]["images_per_s"] > 0 and figures["onnxruntime"]["cosine"] >= 0.9999
     assert report["auto_runtime"] in figures and report["auto_images_per_s"] > 0
+    assert report["auto_speedup_vs_naive"] == pytest.approx(report["auto_images_per_s"] / report["naive_images_per_s"])
+    assert report["auto_fraction_of_loop_limit"] == pytest.approx(
+        report["auto_images_per_s"] / report["auto_loop_limit_images_per_s"])
     assert any(line.startswith(f"    auto chose {report['auto_runtime']}: ") for line in lines)
     assert "measured every runtime on one batch of 2" in report["auto_reason"]
 
@@ -113,3 +116,14 @@ def test_cli_bench_busy_prints_each_setting(tmp_path, capsys, monkeypatch):
                  "--n", "2"]) == 0
     out = capsys.readouterr().out
     assert "threads=auto" in out and "threads=None" in out and "best / default (threads=auto)" in out
+
+
+@pytest.mark.slow
+def test_cli_bench_summary_reports_the_default_runtime(tmp_path, capsys):
+    """Check that 'featx bench DIR' (runtime auto, the default) sums up featx's default, not only eager torch."""
+    folder = make_jpegs(tmp_path / "imgs", 4)
+    assert main(["bench", str(folder), "--model", "featx_tiny_cnn", "--batch-size", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    default = next(line for line in out.splitlines() if line.startswith("  featx's default (runtime auto: "))
+    assert "x the naive loop" in default and "of its own loop limit" in default
+    assert "; eager torch: speedup vs naive" in out

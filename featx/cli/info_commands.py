@@ -218,7 +218,14 @@ def cmd_bench(args) -> int:
             if "auto_runtime" in report
             else ""
         )
-        + f"  decoder {report['decoder']}; "
+        + (
+            f"  featx's default (runtime auto: {report['auto_runtime']}): {report['auto_speedup_vs_naive']:.2f}x the "
+            f"naive loop, {100 * report['auto_fraction_of_loop_limit']:.0f}% of its own loop limit "
+            f"({report['auto_loop_limit_images_per_s']:.1f} images/s)\n"
+            if "auto_runtime" in report
+            else ""
+        )
+        + f"  decoder {report['decoder']}; eager torch: "
         f"speedup vs naive {report['speedup_vs_naive']:.2f}x, "
         f"{100 * report['fraction_of_model_limit']:.0f}% of the model-only limit, "
         f"{100 * report['fraction_of_loop_limit']:.0f}% of the loop's own limit"
