@@ -598,8 +598,10 @@ def default_candidate(search: Search, backbone: str, head: str, tta: str | None)
     pairs = [(alias, pooling) for alias, _ in resolve_layers(backbone, "all") for pooling in AUTO_POOLINGS]
     search.needs.setdefault((backbone, tta), {}).update(dict.fromkeys(pairs))
     result = search.extraction(backbone, tta)
-    wanted = {f"{layer}/{pooling}" for layer, pooling in pairs}
-    blocks = {key: X for key, X in feature_sets(result, backbone).items() if key in wanted}
+    available = feature_sets(result, backbone)
+    # Shallow to deep, as layers="all" extracts them: layer_preference reads the depth from this order
+    # (the search's extraction lists first the layers its other candidates asked for).
+    blocks = {key: available[key] for key in (f"{layer}/{pooling}" for layer, pooling in pairs) if key in available}
     selection = select_layer(blocks, kept_labels(result), head=head, cv=search.inner_cv,
                              random_state=search.random_state)
     layer, pooling = selection.chosen.split("/")

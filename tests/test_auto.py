@@ -322,3 +322,23 @@ def test_auto_fit_starts_from_the_choice_of_featx_fit(source, tmp_path, monkeypa
     plain = auto_fit(source, budget="10m", feature_sets=["stage2/avg"], ttas="none", heads="logreg", store=tmp_path,
                      concat_backbones=False, **OPTIONS)
     assert [row["configuration"] for row in plain.leaderboard] == [f"{TINY} stage2/avg tta=none logreg"]
+
+
+def test_default_candidate_weighs_the_layers_shallow_to_deep(source, tmp_path, monkeypatch):
+    """Check that default_candidate hands select_layer every layer under avg and spp in depth order, whatever the
+    search registered first (layer_preference reads the depth from that order)."""
+    from featx import auto, selection
+
+    seen, original = {}, selection.select_layer
+
+    def select(blocks, y, **kwargs):
+        seen["names"] = list(blocks)
+        return original(blocks, y, **kwargs)
+
+    monkeypatch.setattr(selection, "select_layer", select)
+    search = Search(source, store=tmp_path, cv=3, inner_cv=3, random_state=0, device="cpu")
+    search.register(FrozenCandidate((TINY,), (("pre_logits", "avg"), ("stage2", "spp")), None, "logreg"))
+    candidate = auto.default_candidate(search, TINY, "logreg", None)
+    assert seen["names"] == ["stem/avg", "stem/spp", "stage1/avg", "stage1/spp", "stage2/avg", "stage2/spp",
+                             "stage3/avg", "stage3/spp", "pre_logits/avg"]
+    assert candidate.backbones == (TINY,) and f"{candidate.pairs[0][0]}/{candidate.pairs[0][1]}" in seen["names"]
