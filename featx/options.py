@@ -281,7 +281,9 @@ class FinetuneOptions:
     label_smoothing : float, default=0.1
     flip : bool, default=True
         Random horizontal flips of the maps while training.
-    batchnorm : {"train", "frozen"}, default="train"
+    batchnorm : {"auto", "frozen", "train"}, default="auto"
+        ImageNet's running statistics (frozen) or batch statistics while training (train); auto:
+        frozen for pretrained weights, train for a random-init network.
     dropout : float, default=0.2
     val_split : float, default=0.1
         Held-out share for early stopping (0: none).
@@ -306,7 +308,7 @@ class FinetuneOptions:
     schedule: str = "cosine"
     label_smoothing: float = 0.1
     flip: bool = True
-    batchnorm: str = "train"
+    batchnorm: str = "auto"
     dropout: float = 0.2
     val_split: float = 0.1
     patience: int = 5

@@ -129,12 +129,35 @@ def test_tailclassifier_options_train(maps, options):
         assert clf.history_[0]["val_accuracy"] is None and clf.best_epoch_ == 2
 
 
+def test_tailclassifier_batchnorm_auto_freezes_pretrained_statistics_only(maps):
+    """Check that batchnorm='auto' trains the statistics of a random-init network and freezes pretrained ones."""
+    X, y = maps
+    assert _fit(X, y, epochs=1).batchnorm_ == "train"  # the tiny backbone is random-init
+    assert _fit(X, y, epochs=1, batchnorm="frozen").batchnorm_ == "frozen"
+
+
+@pytest.mark.weights
+def test_tailclassifier_batchnorm_auto_is_frozen_for_imagenet_weights():
+    """Check that batchnorm='auto' keeps the ImageNet statistics of efficientnet_lite0's trained blocks."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 320 * 7 * 7)).astype(np.float32)  # stage5 maps of 12 images
+    y = np.repeat(["a", "b"], 6)
+    backbone = load_backbone("efficientnet_lite0")
+    before = build_tail(backbone, "stage5")[0].state_dict()
+    clf = TailClassifier("efficientnet_lite0", layer="stage5", epochs=1, batch_size=6, val_split=0, device="cpu",
+                         random_state=0).fit(X, y)
+    after = clf.net_.tail.state_dict()
+    assert clf.batchnorm_ == "frozen"
+    stats = [k for k in before if k.endswith("running_var")]
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+
+
 def test_tailclassifier_frozen_batchnorm_keeps_running_statistics(maps):
     """Check that batchnorm='frozen' leaves the tail's BatchNorm running statistics as ImageNet (here: init) left them."""
     X, y = maps
     before = build_tail(load_backbone(TINY), "stage1")[0].state_dict()
     after = _fit(X, y, epochs=1, batchnorm="frozen").net_.tail.state_dict()
-    trained = _fit(X, y, epochs=1).net_.tail.state_dict()
+    trained = _fit(X, y, epochs=1, batchnorm="train").net_.tail.state_dict()
     stats = [k for k in before if k.endswith("running_mean")]
     assert stats and all(torch.equal(before[k], after[k]) for k in stats)
     assert not all(torch.equal(before[k], trained[k]) for k in stats)
@@ -144,7 +167,7 @@ def test_tailclassifier_frozen_batchnorm_keeps_running_statistics(maps):
     ("options", "match"),
     [(dict(optimizer="adam"), "optimizer must be one of adamw, sgd"), (dict(epochs=0), "epochs must be a positive"),
      (dict(val_split=1.5), r"val_split must lie in \[0, 1\)"), (dict(lr=-1), "learning rates must be positive"),
-     (dict(batchnorm="off"), "batchnorm must be one of train, frozen")],
+     (dict(batchnorm="off"), "batchnorm must be one of auto, frozen, train")],
 )
 def test_tailclassifier_bad_options_raise(maps, options, match):
     """Check that bad training options raise FinetuneError naming the option and the allowed values."""

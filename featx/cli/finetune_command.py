@@ -54,8 +54,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                    help="learning-rate decay (default: %(default)s)")
     g.add_argument("--label-smoothing", type=float, default=TRAINING.label_smoothing, help="(default: %(default)s)")
     g.add_argument("--no-flip", action="store_true", help="no horizontal flips of the cached maps")
-    g.add_argument("--batchnorm", choices=("train", "frozen"), default=TRAINING.batchnorm,
-                   help="BatchNorm in the trained blocks: batch statistics or ImageNet's (default: %(default)s)")
+    g.add_argument("--batchnorm", choices=("auto", "frozen", "train"), default=TRAINING.batchnorm,
+                   help="BatchNorm in the trained blocks: ImageNet's running statistics (frozen) or batch statistics "
+                        "recomputed after each epoch (train); auto: frozen for pretrained weights, train for "
+                        "--weights none (default: %(default)s)")
     g.add_argument("--dropout", type=float, default=TRAINING.dropout, help="before the new head (default: %(default)s)")
     g.add_argument("--val-split", type=float, default=TRAINING.val_split,
                    help="held-out fraction for early stopping (default: %(default)s)")
