@@ -198,6 +198,9 @@ def onnx_taps(module, taps: Sequence[Tap], example: torch.Tensor, *, threads: in
     if key not in prepared:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        # No spinning between calls: the decoding threads need the cores then (as OMP_WAIT_POLICY=PASSIVE
+        # for torch, featx.threads); measured 57.0 against 55.4 and 52.4 against 50.8 images/s end to end.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(onnx_model(module, taps, example, onnx_file=onnx_file), options,
                                                providers=["CPUExecutionProvider"])
 
