@@ -755,16 +755,16 @@ def auto_fit(
     search = Search(source, options, cv=cv, inner_cv=inner_cv, random_state=random_state)
     search.on_skipped = on_skipped
     frozen = frozen_candidates(backbones, feature_sets, ttas, heads, concat_backbones=concat_backbones)
+    for candidate in frozen:  # before any extraction, so that one pass per backbone holds what all need
+        search.register(candidate)
     default = None
     if frozen and split_names(feature_sets) == list(DEFAULT_FEATURE_SETS):
         # featx fit's own answer first: the search moves away from it only for more than the noise.
-        for candidate in frozen:  # so that the one extraction of the first backbone holds what all need
-            search.register(candidate)
         default = default_candidate(search, split_names(backbones)[0], frozen[0].head, frozen[0].tta)
         frozen = [default, *(c for c in frozen if c.name != default.name)]
     advice, tuned = finetune_candidates(source, backbones, finetune, epochs=finetune_epochs,
                                         device=search.options.device)
-    for candidate in [*frozen, *tuned]:
+    for candidate in tuned:
         search.register(candidate)
     head_list = list(dict.fromkeys(c.head for c in frozen))
     first_head = head_list[0] if head_list else None

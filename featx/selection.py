@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from featx.exceptions import FeatxError
+from featx.paths import split_names
 from featx.progress import Progress
 
 __all__ = ["AUTO_POOLINGS", "SIMPLEST", "Selection", "auto_poolings", "bootstrap_estimate", "evaluate_auto",
@@ -250,11 +251,8 @@ def auto_poolings(pooling) -> tuple[str, ...]:
     """
     from featx.options import ExtractOptions
 
-    def as_tuple(value) -> tuple[str, ...]:
-        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
-
-    names = as_tuple(pooling)
-    return AUTO_POOLINGS if names == as_tuple(ExtractOptions().pooling) else names
+    names = tuple(split_names(pooling))
+    return AUTO_POOLINGS if names == tuple(split_names(ExtractOptions().pooling)) else names
 
 
 def feature_sets(result, backbone: str) -> dict[str, np.ndarray]:
