@@ -425,20 +425,19 @@ def busy_neighbour(folder, *, model: str = ExtractOptions.backbone, settle_s: fl
 def _environment(**changes):
     """``os.environ`` with ``changes`` (None removes a name) for the block; the child processes
     started inside it inherit them."""
+    def apply(values: dict) -> None:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
     saved = {name: os.environ.get(name) for name in changes}
     try:
-        for name, value in changes.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        apply(changes)
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        apply(saved)
 
 
 def _label(threads) -> str:

@@ -163,14 +163,20 @@ def test_finetune_bench_refuses_old_without_a_checkout(capsys):
 ACCURACY = Path(__file__).resolve().parents[1] / "pipelines" / "accuracy.py"
 
 
-def test_accuracy_pipeline_scores_old_and_new_defaults_on_a_held_out_part(tmp_path, capsys):
-    """Check that accuracy.py fits each method on the training part only and scores it once on the held-out part."""
-    arrays, labels = make_images(n_per_class=18, n_classes=3, seed=3)
+def _neu_steel_folders(tmp_path, *, n_per_class: int, seed: int) -> Path:
+    """A stand-in for ../shared/data: neu_steel/{train,val}/<class>/ of 3 classes, every third image in val."""
+    arrays, labels = make_images(n_per_class=n_per_class, n_classes=3, seed=seed)
     data = tmp_path / "data"
     for i, (array, label) in enumerate(zip(arrays, labels)):
-        split = "val" if i % 3 == 0 else "train"  # 12 train and 6 val images per class
+        split = "val" if i % 3 == 0 else "train"
         (data / "neu_steel" / split / label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(array).save(data / "neu_steel" / split / label / f"{i:02d}.png")
+    return data
+
+
+def test_accuracy_pipeline_scores_old_and_new_defaults_on_a_held_out_part(tmp_path, capsys):
+    """Check that accuracy.py fits each method on the training part only and scores it once on the held-out part."""
+    data = _neu_steel_folders(tmp_path, n_per_class=18, seed=3)  # 12 train and 6 val images per class
     accuracy = load_script(ACCURACY)
     out = tmp_path / "accuracy.json"
     assert accuracy.main(["--rows", "neu_steel@5,neu_steel@10", "--methods", "old,new", "--model", TINY,
@@ -194,12 +200,7 @@ FEATURE_VARIANTS = Path(__file__).resolve().parents[1] / "pipelines" / "feature_
 @pytest.mark.weights
 def test_feature_variants_scores_every_variant_on_the_held_out_part(tmp_path, capsys):
     """Check that feature_variants.py scores each variant once on a row's held-out part and marks the row's best."""
-    arrays, labels = make_images(n_per_class=12, n_classes=3, seed=4)
-    data = tmp_path / "data"
-    for i, (array, label) in enumerate(zip(arrays, labels)):
-        split = "val" if i % 3 == 0 else "train"  # 8 train and 4 val images per class
-        (data / "neu_steel" / split / label).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(array).save(data / "neu_steel" / split / label / f"{i:02d}.png")
+    data = _neu_steel_folders(tmp_path, n_per_class=12, seed=4)  # 8 train and 4 val images per class
     variants = load_script(FEATURE_VARIANTS)
     out = tmp_path / "variants.json"
     assert variants.main(["--rows", "neu_steel@5", "--data", str(data), "--cache", str(tmp_path / "c"),
